@@ -1,0 +1,207 @@
+"""Sink anatomy: structure derived from a :class:`~circuits.measure.SinkMeasurement`.
+
+Nothing here runs a model. Each function reads the per-sequence statistics and returns a tidy
+pandas table, so the same numbers feed the CLI, the reports and the notebooks.
+
+* :func:`primary_sink_layers` — where the first token actually receives attention.
+* :func:`secondary_sinks` — Wong et al.'s hidden-state rule (|cos(h_t, h_0)| > 0.9), with
+  creation layer, lifetime, class and the attention the token really receives.
+* :func:`massive_activations` — residual dimensions far above the median (Sun et al.).
+* :func:`sink_window` — Wong et al.'s optional "sink clipper" layer window.
+
+Class thresholds. The authors' code labels a flagged token *secondary* when
+``4 < lifetime < L - 15`` and *primary-like* when ``lifetime >= L - 15`` (else *noise*), for
+models of L ≈ 40-64 layers. A 30-layer model cannot use those constants, so
+:meth:`SecondaryThresholds.for_depth` scales both by ``L / 48`` (48: the middle of the authors'
+depth range) and rounds half up: 30 layers → ``3 < lifetime < 21``; 18 layers → ``2 < lifetime < 12``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import pandas as pd
+
+from circuits.measure import SinkMeasurement, nanmean
+
+REFERENCE_DEPTH = 48
+
+
+def _round_half_up(x: float) -> int:
+    return int(math.floor(x + 0.5))
+
+
+@dataclass(frozen=True)
+class SecondaryThresholds:
+    """Wong et al.'s detection and class thresholds (see the module docstring)."""
+
+    cos: float = 0.9
+    min_lifetime: int = 4  # secondary needs lifetime > min_lifetime
+    primary_margin: int = 15  # primary-like when lifetime >= n_layers - primary_margin
+
+    @classmethod
+    def for_depth(cls, n_layers: int, cos: float = 0.9) -> "SecondaryThresholds":
+        scale = n_layers / REFERENCE_DEPTH
+        return cls(cos=cos, min_lifetime=max(1, _round_half_up(4 * scale)), primary_margin=max(1, _round_half_up(15 * scale)))
+
+    def classify(self, lifetime: int, n_layers: int) -> str:
+        if lifetime >= n_layers - self.primary_margin:
+            return "primary-like"
+        if lifetime > self.min_lifetime:
+            return "secondary"
+        return "noise"
+
+
+def sink_window(meas: SinkMeasurement, sequence: int) -> tuple[int, int]:
+    """Wong et al.'s layer window for one sequence: [start, stop) over layers.
+
+    From the layer after the largest increase of ||h_0^l|| to the layer after the largest
+    decrease that comes later. Falls back to all layers when the norm never decreases.
+    """
+    norms = meas.resid_norm[sequence, :, 0]
+    diffs = np.diff(norms)
+    if len(diffs) == 0:
+        return 0, meas.n_layers
+    rise = int(np.argmax(diffs))
+    start = rise + 1
+    later = diffs[rise + 1 :]
+    if len(later) == 0 or later.min() >= 0:
+        return start, meas.n_layers
+    stop = rise + 1 + int(np.argmin(later)) + 1
+    return start, stop + 1
+
+
+def secondary_sinks(
+    meas: SinkMeasurement,
+    thresholds: SecondaryThresholds | None = None,
+    *,
+    use_window: bool = False,
+    include_noise: bool = False,
+) -> pd.DataFrame:
+    """Tokens whose hidden state aligns with the first token's, per Wong et al.
+
+    A token t > 0 is flagged at layer l when |cos(h_t^l, h_0^l)| > ``thresholds.cos``. Its
+    lifetime is the number of flagged layers, its creation layer the first one. ``peak_score``
+    is its largest sink score over the flagged layers, and ``score_ratio`` that score over the
+    median sink score of the sequence's other non-first tokens at the same layer: the check
+    science.md asks for on models where the hidden-state rule alone is not discriminative.
+
+    Returns one row per flagged token: sequence, position, token, start_layer, lifetime, kind,
+    peak_score, peak_layer, score_ratio, max_abs_cos.
+    """
+    th = thresholds or SecondaryThresholds.for_depth(meas.n_layers)
+    rows = []
+    n_layers = meas.n_layers
+    for s in range(meas.n_sequences):
+        length = int(meas.lengths[s])
+        cos = np.abs(meas.cos_to_first[s, :, 1:length])  # [L, t-1]
+        flagged = cos > th.cos
+        if use_window:
+            lo, hi = sink_window(meas, s)
+            outside = np.ones(n_layers, dtype=bool)
+            outside[lo:hi] = False
+            flagged[outside] = False
+        scores = meas.sink_score[s, :, 1:length]
+        with np.errstate(all="ignore"):
+            median_other = np.nanmedian(np.where(np.isnan(scores), np.nan, scores), axis=1)  # [L]
+        for j in np.flatnonzero(flagged.any(axis=0)):
+            layers = np.flatnonzero(flagged[:, j])
+            lifetime = int(len(layers))
+            kind = th.classify(lifetime, n_layers)
+            if kind == "noise" and not include_noise:
+                continue
+            sc = scores[layers, j]
+            if np.all(np.isnan(sc)):
+                peak, peak_layer, ratio = float("nan"), -1, float("nan")
+            else:
+                k = int(np.nanargmax(sc))
+                peak, peak_layer = float(sc[k]), int(layers[k])
+                med = median_other[peak_layer]
+                ratio = float(peak / med) if med and med > 0 else float("nan")
+            position = j + 1
+            rows.append(
+                dict(
+                    sequence=s, position=int(position), token=meas.tokens[s][position], start_layer=int(layers[0]),
+                    lifetime=lifetime, kind=kind, peak_score=peak, peak_layer=peak_layer, score_ratio=ratio,
+                    max_abs_cos=float(cos[layers, j].max()),
+                )
+            )
+    columns = ["sequence", "position", "token", "start_layer", "lifetime", "kind", "peak_score", "peak_layer", "score_ratio", "max_abs_cos"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def primary_sink_layers(meas: SinkMeasurement, eps: float = 0.3, min_share: float = 0.5) -> pd.DataFrame:
+    """Per layer: the first token's mean sink score and the share of heads with alpha_0 > eps.
+
+    ``holds_sink`` marks the layers where that share, over heads and sequences, is at least
+    ``min_share``.
+    """
+    alpha0 = meas.alpha[:, :, :, 0]  # [N, L, H]
+    share = (alpha0 > eps).mean(axis=(0, 2))
+    score = nanmean(meas.sink_score[:, :, 0], axis=0)
+    return pd.DataFrame(
+        {
+            "layer": np.arange(meas.n_layers),
+            "primary_sink_score": score,
+            "mean_alpha0": alpha0.mean(axis=(0, 2)),
+            "head_share_alpha0_gt_eps": share,
+            "holds_sink": share >= min_share,
+        }
+    )
+
+
+def massive_activations(meas: SinkMeasurement, *, min_value: float = 100.0, min_ratio: float = 1000.0) -> pd.DataFrame:
+    """Every (sequence, layer, position, dim) whose |value| ≥ min_value and ≥ min_ratio × median.
+
+    Defaults follow Sun et al. (2024): magnitude above 100 and around 1,000 times the median
+    |activation| of the layer's residual stream in that sequence.
+    """
+    vals = meas.top_values  # [N, L, T, K]
+    ratio = np.abs(vals) / meas.median_abs[:, :, None, None]
+    with np.errstate(invalid="ignore"):
+        hit = (np.abs(vals) >= min_value) & (ratio >= min_ratio)
+    s, l, t, k = np.nonzero(hit)
+    frame = pd.DataFrame(
+        {
+            "sequence": s,
+            "layer": l,
+            "position": t,
+            "token": [meas.tokens[a][b] for a, b in zip(s, t)],
+            "dim": meas.top_dims[s, l, t, k],
+            "value": vals[s, l, t, k],
+            "median_abs": meas.median_abs[s, l],
+            "ratio": ratio[s, l, t, k],
+        }
+    )
+    return frame
+
+
+def massive_dimensions(meas: SinkMeasurement, **kwargs) -> pd.DataFrame:
+    """Summary of :func:`massive_activations` by residual dimension.
+
+    One row per dim: the layers where it is massive, the largest |value| and its ratio to the
+    median, and the share of its occurrences that sit at position 0.
+    """
+    occ = massive_activations(meas, **kwargs)
+    if occ.empty:
+        return pd.DataFrame(columns=["dim", "first_layer", "last_layer", "max_abs_value", "max_ratio", "share_at_position_0", "n_occurrences"])
+    occ = occ.assign(abs_value=occ["value"].abs(), at_first=occ["position"] == 0)
+    return (
+        occ.groupby("dim")
+        .agg(
+            first_layer=("layer", "min"),
+            last_layer=("layer", "max"),
+            max_abs_value=("abs_value", "max"),
+            max_ratio=("ratio", "max"),
+            share_at_position_0=("at_first", "mean"),
+            n_occurrences=("value", "size"),
+        )
+        .reset_index()
+        .sort_values("max_abs_value", ascending=False, ignore_index=True)
+    )
+
+
+def thresholds_dict(th: SecondaryThresholds) -> dict:
+    return asdict(th)

@@ -1,0 +1,406 @@
+"""Streaming sink statistics: one forward pass with hooks, reduced inside the hooks.
+
+Why streaming: a full attention cache of a 30-layer model on 100 × 64 tokens is fine, on
+8 × 2048 tokens it is 9 GB. Each hook here turns one layer's pattern or residual into small
+per-sequence statistics and drops the tensor, so memory beyond one layer's pattern grows as
+sequences × layers × heads × positions.
+
+Definitions (see ``shared/science.md``; positions are 0-based everywhere in sinkscope, so the
+papers' "Sink_1" is position 0 here):
+
+* ``alpha[l, h, k]`` (Gu et al.): the mean attention key ``k`` receives from the queries that
+  can see it, ``k`` included: ``sum_{t=k}^{T-1} A[t, k] / (T - k)``.
+* ``Sink_k^eps``: the indicator ``alpha[l, h, k] > eps``, thresholded per sequence and then
+  averaged over sequences, layers and heads, in percent (:meth:`SinkMeasurement.sink_rate`).
+* sink score of token ``k`` at layer ``l`` (Wong et al., as documented in science.md): the
+  attention ``k`` receives, averaged over heads and over the strictly later queries ``t > k``.
+  Self-attention is left out: it is not attention "sunk" into ``k`` and it would make the
+  first token's score 1 by construction at ``t = 0``. The last token has no later query: NaN.
+* residual norms, cosine to the first token's residual (the primary-sink direction), and the
+  top-|value| residual dimensions per position with the per-layer median |value|.
+
+Padding: batches are right-padded (:mod:`circuits.probes`), so a real query never attends to a
+pad key; pad queries are excluded from every sum and pad positions hold NaN.
+
+The measurement never knows which intervention ran: extra hooks are passed in and registered
+before the measurement's own, so the statistics see the intervened activations.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from jaxtyping import Float
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from circuits.probes import TokenBatch
+
+Hook = tuple[str, Callable]
+HookSource = Sequence[Hook] | Callable[[TokenBatch], Sequence[Hook]]
+
+TOP_DIMS = 4  # residual dimensions kept per (layer, position), by |value|
+
+
+def nanmean(a: np.ndarray, axis=None) -> np.ndarray:
+    """np.nanmean without the warning for all-NaN slices (positions no sequence reaches)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmean(a, axis=axis)
+
+
+def _nan(shape) -> np.ndarray:
+    return np.full(shape, np.nan, dtype=np.float32)
+
+
+@dataclass
+class SinkMeasurement:
+    """Per-sequence sink statistics of one set of runs. Arrays are NaN at pad positions.
+
+    Shapes: N sequences, L layers, H heads, T = longest sequence, D = d_model, K = TOP_DIMS.
+    """
+
+    model: str
+    prepend_bos: bool
+    token_ids: list[list[int]]
+    tokens: list[list[str]]
+    lengths: np.ndarray  # [N]
+    alpha: np.ndarray  # [N, L, H, T]
+    sink_score: np.ndarray  # [N, L, T]
+    resid_norm: np.ndarray  # [N, L, T]
+    cos_to_first: np.ndarray  # [N, L, T]
+    first_resid: np.ndarray  # [N, L, D]: h_0^l, the primary-sink direction per layer
+    top_dims: np.ndarray  # [N, L, T, K] int
+    top_values: np.ndarray  # [N, L, T, K] signed values of those dims
+    median_abs: np.ndarray  # [N, L] median |h| over the sequence's positions and dims
+    next_token_loss: np.ndarray  # [N, T]: -log p(token t+1 | ..t); NaN at the last/pad positions
+    metadata: dict = field(default_factory=dict)
+
+    @property
+    def n_sequences(self) -> int:
+        return self.alpha.shape[0]
+
+    @property
+    def n_layers(self) -> int:
+        return self.alpha.shape[1]
+
+    @property
+    def n_heads(self) -> int:
+        return self.alpha.shape[2]
+
+    @property
+    def n_positions(self) -> int:
+        return self.alpha.shape[3]
+
+    def alpha_mean(self) -> np.ndarray:
+        """alpha[l, h, k] averaged over the sequences that have position k: [L, H, T]."""
+        return nanmean(self.alpha, axis=0)
+
+    def sink_indicator(self, eps: float = 0.3) -> np.ndarray:
+        """Per sequence, the share of (layer, head) pairs with alpha > eps at each key: [N, T]."""
+        with np.errstate(invalid="ignore"):
+            hit = (self.alpha > eps).astype(np.float32)
+        hit[np.isnan(self.alpha)] = np.nan
+        return nanmean(hit, axis=(1, 2))
+
+    def sink_rate(self, eps: float = 0.3) -> np.ndarray:
+        """Sink_k^eps in percent for every position k (0-based): [T]."""
+        return 100.0 * nanmean(self.sink_indicator(eps), axis=0)
+
+    def sink_score_mean(self) -> np.ndarray:
+        """Sink score averaged over sequences: [L, T]."""
+        return nanmean(self.sink_score, axis=0)
+
+    def primary_sink_mass(self) -> np.ndarray:
+        """Per sequence and layer, the sink score of position 0: [N, L]."""
+        return self.sink_score[:, :, 0]
+
+    def select(self, index: Sequence[int]) -> "SinkMeasurement":
+        """The same measurement restricted to some sequences."""
+        idx = list(index)
+        pick = lambda a: a[idx]  # noqa: E731
+        return SinkMeasurement(
+            self.model, self.prepend_bos, [self.token_ids[i] for i in idx], [self.tokens[i] for i in idx],
+            pick(self.lengths), pick(self.alpha), pick(self.sink_score), pick(self.resid_norm),
+            pick(self.cos_to_first), pick(self.first_resid), pick(self.top_dims), pick(self.top_values),
+            pick(self.median_abs), pick(self.next_token_loss), dict(self.metadata),
+        )
+
+    def to_frame(self):
+        """Tidy table: one row per (sequence, layer, position) with sink score, norm and cosine."""
+        import pandas as pd
+
+        n, layers, t = self.sink_score.shape
+        seq, layer, pos = np.meshgrid(np.arange(n), np.arange(layers), np.arange(t), indexing="ij")
+        frame = pd.DataFrame(
+            {
+                "sequence": seq.ravel(),
+                "layer": layer.ravel(),
+                "position": pos.ravel(),
+                "sink_score": self.sink_score.ravel(),
+                "resid_norm": self.resid_norm.ravel(),
+                "cos_to_first": self.cos_to_first.ravel(),
+            }
+        )
+        valid = pos.ravel() < self.lengths[seq.ravel()]
+        return frame[valid].reset_index(drop=True)
+
+
+class SinkMeter:
+    """Builds measurement hooks for one batch at a time and accumulates their statistics.
+
+    Usage (what :func:`measure` does)::
+
+        meter = SinkMeter(model)
+        for sub in batches:
+            meter.begin(sub)
+            logits = model.run_with_hooks(sub.tokens, fwd_hooks=[*other_hooks, *meter.hooks()])
+            meter.end(logits)
+        result = meter.result()
+
+    Any forward driver that fires the standard hook points can feed it (for example the
+    prefix-reuse driver in :mod:`interventions.forward`).
+    """
+
+    def __init__(self, model, *, model_name: str | None = None):
+        self.n_layers = int(model.cfg.n_layers)
+        self.n_heads = int(model.cfg.n_heads)
+        self.d_model = int(model.cfg.d_model)
+        info = getattr(model, "_sinkscope_info", {})
+        self.model_name = model_name or info.get("name") or str(getattr(model.cfg, "model_name", "?"))
+        self._parts: list[dict[str, np.ndarray]] = []
+        self._batches: list[TokenBatch] = []
+        self._current: TokenBatch | None = None
+        self._stats: dict[str, np.ndarray] = {}
+
+    # -- per batch -------------------------------------------------------------------------
+    def begin(self, batch: TokenBatch) -> None:
+        b, t = batch.tokens.shape
+        lay, h = self.n_layers, self.n_heads
+        self._current = batch
+        self._stats = {
+            "alpha": _nan((b, lay, h, t)),
+            "sink_score": _nan((b, lay, t)),
+            "resid_norm": _nan((b, lay, t)),
+            "cos_to_first": _nan((b, lay, t)),
+            "first_resid": _nan((b, lay, self.d_model)),
+            "top_dims": np.full((b, lay, t, TOP_DIMS), -1, dtype=np.int32),
+            "top_values": _nan((b, lay, t, TOP_DIMS)),
+            "median_abs": _nan((b, lay)),
+            "next_token_loss": _nan((b, t)),
+        }
+
+    def hooks(self) -> list[Hook]:
+        """Forward hooks for every layer's attention pattern and block output."""
+        out: list[Hook] = []
+        for layer in range(self.n_layers):
+            out.append((f"blocks.{layer}.attn.hook_pattern", self._pattern_hook(layer)))
+            out.append((f"blocks.{layer}.hook_resid_post", self._resid_hook(layer)))
+        return out
+
+    def end(self, logits: Float[Tensor, "batch pos vocab"] | None) -> None:
+        assert self._current is not None, "end() without begin()"
+        if logits is not None:
+            self._stats["next_token_loss"] = next_token_loss(logits, self._current).numpy()
+        self._parts.append(self._stats)
+        self._batches.append(self._current)
+        self._current, self._stats = None, {}
+
+    # -- hooks ---------------------------------------------------------------------------
+    def _lengths(self, device) -> Tensor:
+        return self._current.lengths.to(device)
+
+    def _pattern_hook(self, layer: int):
+        def hook(pattern: Float[Tensor, "batch head query key"], hook):
+            alpha, score = attention_received(pattern.detach().float(), self._lengths(pattern.device))
+            self._stats["alpha"][:, layer, :, : alpha.shape[-1]] = alpha.cpu().numpy()
+            self._stats["sink_score"][:, layer, : score.shape[-1]] = score.cpu().numpy()
+
+        return hook
+
+    def _resid_hook(self, layer: int):
+        def hook(resid: Float[Tensor, "batch pos d_model"], hook):
+            stats = residual_statistics(resid.detach().float(), self._lengths(resid.device))
+            t = resid.shape[1]
+            for key, value in stats.items():
+                target = self._stats[key]
+                if key in ("first_resid", "median_abs"):
+                    target[:, layer] = value.cpu().numpy()
+                else:
+                    target[:, layer, :t] = value.cpu().numpy()
+
+        return hook
+
+    # -- result ----------------------------------------------------------------------------
+    def result(self, metadata: dict | None = None) -> SinkMeasurement:
+        if not self._parts:
+            raise ValueError("no batch was measured")
+        width = max(b.tokens.shape[1] for b in self._batches)
+
+        def cat(key: str, pos_axis: int | None) -> np.ndarray:
+            arrays = []
+            for part in self._parts:
+                a = part[key]
+                if pos_axis is not None and a.shape[pos_axis] < width:
+                    pad = [(0, 0)] * a.ndim
+                    pad[pos_axis] = (0, width - a.shape[pos_axis])
+                    a = np.pad(a, pad, constant_values=-1 if a.dtype.kind == "i" else np.nan)
+                arrays.append(a)
+            return np.concatenate(arrays, axis=0)
+
+        first = self._batches[0]
+        return SinkMeasurement(
+            model=self.model_name,
+            prepend_bos=first.prepend_bos,
+            token_ids=[ids for b in self._batches for ids in b.token_ids],
+            tokens=[s for b in self._batches for s in b.str_tokens],
+            lengths=np.concatenate([b.lengths.numpy() for b in self._batches]),
+            alpha=cat("alpha", 3),
+            sink_score=cat("sink_score", 2),
+            resid_norm=cat("resid_norm", 2),
+            cos_to_first=cat("cos_to_first", 2),
+            first_resid=cat("first_resid", None),
+            top_dims=cat("top_dims", 2),
+            top_values=cat("top_values", 2),
+            median_abs=cat("median_abs", None),
+            next_token_loss=cat("next_token_loss", 1),
+            metadata=dict(metadata or {}),
+        )
+
+
+# ------------------------------------------------------------------------- pure reductions
+
+
+def attention_received(
+    pattern: Float[Tensor, "batch head query key"], lengths: Tensor
+) -> tuple[Float[Tensor, "batch head key"], Float[Tensor, "batch key"]]:
+    """alpha (queries t >= k) and the head-averaged sink score (queries t > k) of every key.
+
+    Pad queries (t >= length) are excluded; keys at pad positions, and the sink score of the
+    last real token (no later query), are NaN.
+    """
+    b, h, t, _ = pattern.shape
+    pos = torch.arange(t, device=pattern.device)
+    valid_q = (pos[None, :] < lengths[:, None]).to(pattern.dtype)  # [b, t]
+    received = (pattern * valid_q[:, None, :, None]).sum(dim=2)  # [b, h, k]
+    self_attn = pattern.diagonal(dim1=-2, dim2=-1) * valid_q[:, None, :]  # [b, h, k]
+    n_queries = (lengths[:, None] - pos[None, :]).to(pattern.dtype)  # t >= k: [b, k]
+    alpha = received / n_queries[:, None, :]
+    alpha = torch.where(n_queries[:, None, :] > 0, alpha, torch.nan)
+    later = n_queries - 1
+    score = (received - self_attn).mean(dim=1) / later
+    score = torch.where(later > 0, score, torch.nan)
+    return alpha, score
+
+
+def residual_statistics(resid: Float[Tensor, "batch pos d_model"], lengths: Tensor) -> dict[str, Tensor]:
+    """Norms, cosine to position 0, top-|value| dimensions and the median |value| of a block output."""
+    b, t, d = resid.shape
+    valid = torch.arange(t, device=resid.device)[None, :] < lengths[:, None]
+    norm = resid.norm(dim=-1)
+    first = resid[:, 0, :]
+    cos = torch.nn.functional.cosine_similarity(resid, first[:, None, :], dim=-1)
+    top = resid.abs().topk(min(TOP_DIMS, d), dim=-1)
+    values = resid.gather(-1, top.indices)
+    medians = torch.stack([resid[i, : int(lengths[i])].abs().median() for i in range(b)])
+    nan = torch.tensor(torch.nan, device=resid.device)
+    return {
+        "resid_norm": torch.where(valid, norm, nan),
+        "cos_to_first": torch.where(valid, cos, nan),
+        "first_resid": first,
+        "top_dims": torch.where(valid[..., None], top.indices, -1).int(),
+        "top_values": torch.where(valid[..., None], values, nan),
+        "median_abs": medians,
+    }
+
+
+def next_token_loss(logits: Float[Tensor, "batch pos vocab"], batch: TokenBatch) -> Float[Tensor, "batch pos"]:
+    """-log p(token[t+1]) at each position t; NaN where t+1 is not a real token."""
+    logp = torch.log_softmax(logits.detach().float(), dim=-1)
+    target = batch.tokens[:, 1:].to(logp.device)
+    nll = -logp[:, :-1].gather(-1, target[..., None])[..., 0]
+    t = batch.tokens.shape[1]
+    valid = torch.arange(1, t)[None, :] < batch.lengths[:, None]
+    out = torch.full((len(batch), t), torch.nan)
+    out[:, :-1] = torch.where(valid, nll.cpu(), torch.nan)
+    return out
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def iter_batches(batch: TokenBatch, batch_size: int):
+    """Sub-batches sorted by length, so little compute goes to padding."""
+    order = torch.argsort(batch.lengths, descending=True, stable=True).tolist()
+    for start in range(0, len(order), batch_size):
+        yield order[start : start + batch_size]
+
+
+@torch.no_grad()
+def measure(
+    model,
+    batch: TokenBatch,
+    *,
+    hooks: HookSource = (),
+    batch_size: int = 8,
+    progress: bool = True,
+    metadata: dict | None = None,
+) -> SinkMeasurement:
+    """Run ``model`` over ``batch`` once and return its sink statistics.
+
+    Args:
+        hooks: extra forward hooks (typically an intervention's), or a function of the
+            sub-batch that returns them. They run before the measurement hooks at every point.
+        batch_size: sequences per forward pass.
+        progress: show a tqdm bar over sub-batches.
+        metadata: stored on the result (model, BOS policy and versions are added).
+    """
+    if len(batch) == 0:
+        raise ValueError("empty batch")
+    meter = SinkMeter(model)
+    order_chunks = list(iter_batches(batch, batch_size))
+    inverse = np.argsort(np.concatenate(order_chunks))
+    for chunk in tqdm(order_chunks, desc="measuring", unit="batch", disable=not progress or len(order_chunks) < 2):
+        sub = batch.select(chunk)
+        meter.begin(sub)
+        extra = list(hooks(sub) if callable(hooks) else hooks)
+        logits = model.run_with_hooks(sub.tokens, fwd_hooks=[*extra, *meter.hooks()], return_type="logits")
+        meter.end(logits)
+    result = meter.result(metadata={**provenance(model, batch), **(metadata or {})})
+    return result.select(inverse.tolist())
+
+
+def provenance(model, batch: TokenBatch | None = None) -> dict:
+    """Model, BOS policy, versions and seed-free settings stored with every result."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def ver(pkg: str) -> str:
+        try:
+            return version(pkg)
+        except PackageNotFoundError:
+            return "not installed"
+
+    info = dict(getattr(model, "_sinkscope_info", {}))
+    out = {
+        "model": info.get("name", str(getattr(model.cfg, "model_name", "?"))),
+        "model_source": info.get("source"),
+        "n_layers": int(model.cfg.n_layers),
+        "n_heads": int(model.cfg.n_heads),
+        "dtype": str(model.cfg.dtype),
+        "versions": {p: ver(p) for p in ("torch", "transformers", "transformer-lens", "sinkscope")},
+        "positions": "0-based (the papers' Sink_1 is position 0)",
+    }
+    if batch is not None:
+        out["prepend_bos"] = batch.prepend_bos
+    return out
+
+
+def isfinite_or_none(x: float) -> float | None:
+    """JSON has no NaN: map it to null."""
+    return None if x is None or (isinstance(x, float) and math.isnan(x)) else float(x)
