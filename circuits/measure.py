@@ -287,9 +287,11 @@ def attention_received(
     """
     b, h, t, _ = pattern.shape
     pos = torch.arange(t, device=pattern.device)
-    valid_q = (pos[None, :] < lengths[:, None]).to(pattern.dtype)  # [b, t]
-    received = (pattern * valid_q[:, None, :, None]).sum(dim=2)  # [b, h, k]
-    self_attn = pattern.diagonal(dim1=-2, dim2=-1) * valid_q[:, None, :]  # [b, h, k]
+    valid_q = pos[None, :] < lengths[:, None]  # [b, t]
+    # where, not a product: a NaN/inf in a pad query row must not leak into real keys
+    pattern = torch.where(valid_q[:, None, :, None], pattern, 0.0)
+    received = pattern.sum(dim=2)  # [b, h, k]
+    self_attn = pattern.diagonal(dim1=-2, dim2=-1)  # [b, h, k]
     n_queries = (lengths[:, None] - pos[None, :]).to(pattern.dtype)  # t >= k: [b, k]
     alpha = received / n_queries[:, None, :]
     alpha = torch.where(n_queries[:, None, :] > 0, alpha, torch.nan)

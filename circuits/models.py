@@ -227,6 +227,13 @@ def model_info(model) -> dict:
     return dict(getattr(model, "_sinkscope_info", {"name": getattr(model.cfg, "model_name", "?")}))
 
 
+def _quiet_transformers() -> None:
+    """Loading progress bars would bury sinkscope's own one-line messages."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def load_model(name: str = DEFAULT_MODEL, *, dtype: torch.dtype = torch.float32, device: str = "cpu"):
     """Load a model by registry name, local HF folder or HF id, as a raw-mode TransformerBridge.
 
@@ -236,6 +243,7 @@ def load_model(name: str = DEFAULT_MODEL, *, dtype: torch.dtype = torch.float32,
     """
     if not isinstance(name, str) or not name.strip():
         raise UnknownModelError("a model name is required; see `sinkscope models`")
+    _quiet_transformers()
     if name in TINY_MODELS:
         return tiny_model(name[5:], dtype=dtype, device=device)  # type: ignore[arg-type]
     if name in PACKAGED:
@@ -270,18 +278,37 @@ def load_model(name: str = DEFAULT_MODEL, *, dtype: torch.dtype = torch.float32,
 def _load_hub_model(hub_id: str, dtype: torch.dtype, device: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(hub_id)
-        hf_model = AutoModelForCausalLM.from_pretrained(hub_id, dtype=dtype).to(device).eval()
-    except OSError as exc:
-        known = ", ".join([*PACKAGED, *TINY_MODELS])
-        raise UnknownModelError(
-            f"cannot load {hub_id!r} from the Hugging Face hub (no network, or no such model); "
-            f"offline names: {known}"
-        ) from exc
+    known = ", ".join([*PACKAGED, *TINY_MODELS])
+    try:  # the local HF cache first: no network needed for a model fetched before
+        tokenizer = AutoTokenizer.from_pretrained(hub_id, local_files_only=True)
+        hf_model = AutoModelForCausalLM.from_pretrained(hub_id, dtype=dtype, local_files_only=True)
+    except OSError:
+        if os.environ.get("HF_HUB_OFFLINE") or not _hub_reachable():
+            raise UnknownModelError(
+                f"{hub_id!r} is not in the local Hugging Face cache and the hub cannot be reached; "
+                f"offline names: {known}"
+            ) from None
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(hub_id)
+            hf_model = AutoModelForCausalLM.from_pretrained(hub_id, dtype=dtype)
+        except OSError as exc:
+            raise UnknownModelError(f"cannot load {hub_id!r} from the Hugging Face hub: {exc}") from exc
+    hf_model = hf_model.to(device).eval()
     bridge = _bridge(hf_model, tokenizer, hub_id, dtype, device)
     bridge._sinkscope_info = {"name": hub_id, "source": "huggingface hub", "native_bos": _tokenizer_adds_bos(tokenizer)}
     return bridge
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """One quick TCP connect instead of transformers' minute of retries when offline."""
+    import socket
+
+    host = os.environ.get("HF_ENDPOINT", "https://huggingface.co").split("://")[-1].split("/")[0]
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
 
 
 def _tokenizer_adds_bos(tokenizer) -> bool:

@@ -56,6 +56,21 @@ class TokenBatch:
         return TokenBatch(self.tokens[idx, :width], lengths, self.prepend_bos, [self.str_tokens[i] for i in idx])
 
 
+def check_texts(texts: str | Sequence[str], max_tokens: int | None = None) -> list[str]:
+    """The model-independent checks of :func:`tokenize`, cheap enough to run before loading."""
+    if isinstance(texts, str):
+        texts = [texts]
+    texts = list(texts)
+    if not texts:
+        raise TokenizationError("no texts given")
+    for i, text in enumerate(texts):
+        if not isinstance(text, str) or not text.strip():
+            raise TokenizationError(f"text {i} is empty")
+    if max_tokens is not None and max_tokens <= 0:
+        raise TokenizationError(f"max_tokens must be positive, got {max_tokens}")
+    return texts
+
+
 def default_prepend_bos(model) -> bool:
     """The model's native policy: what its own Hugging Face tokenizer does."""
     return bool(getattr(model, "_sinkscope_info", {}).get("native_bos", True))
@@ -79,13 +94,7 @@ def tokenize(
         TokenizationError: an empty text, ``max_tokens <= 0``, or a sequence longer than the
             model's context (``model.cfg.n_ctx``) after truncation.
     """
-    if isinstance(texts, str):
-        texts = [texts]
-    texts = list(texts)
-    if not texts:
-        raise TokenizationError("no texts given")
-    if max_tokens is not None and max_tokens <= 0:
-        raise TokenizationError(f"max_tokens must be positive, got {max_tokens}")
+    texts = check_texts(texts, max_tokens)
     if prepend_bos is None:
         prepend_bos = default_prepend_bos(model)
     tokenizer = model.tokenizer
@@ -94,8 +103,6 @@ def tokenize(
         raise TokenizationError("prepend_bos=True but this tokenizer has no BOS token")
     rows: list[list[int]] = []
     for i, text in enumerate(texts):
-        if not text or not text.strip():
-            raise TokenizationError(f"text {i} is empty")
         ids = tokenizer(text, add_special_tokens=False).input_ids
         if prepend_bos:
             ids = [bos, *ids]

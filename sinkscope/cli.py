@@ -1,0 +1,165 @@
+"""The ``sinkscope`` command: a thin layer that parses, calls one library function, writes.
+
+Every subcommand is a pair: ``_add_<name>(subparsers)`` declares its arguments and
+``_run_<name>(args)`` does the work. Bad input (an unknown model, an empty text, a broken file,
+a bad intervention spec, ...) becomes one line on stderr and exit code 2, never a traceback;
+outputs go through :func:`sinkscope.output.atomic_output_dir`, so a failed run leaves nothing
+half-written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+EXIT_BAD_INPUT = 2
+
+
+class CLIError(Exception):
+    """A problem with what the user asked for; printed as one line, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, no usage block
+        raise CLIError(message)
+
+
+def _texts(args) -> list[str]:
+    from circuits.probes import check_texts, read_prompts_file
+
+    texts = read_prompts_file(args.prompts) if args.prompts is not None else list(args.text)
+    return check_texts(texts, args.max_tokens)
+
+
+def _add_input_args(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--text", nargs="+", metavar="STR", help="one or more texts")
+    src.add_argument("--prompts", metavar="FILE", help="a file of prompts (blank-line separated, or a JSON list)")
+    p.add_argument("--max-tokens", type=int, default=None, metavar="N", help="truncate each sequence to N tokens")
+    p.add_argument("--prepend-bos", action=argparse.BooleanOptionalAction, default=None,
+                   help="prepend the BOS token (default: what the model's own tokenizer does)")
+    p.add_argument("--batch-size", type=int, default=8, metavar="B")
+
+
+# --------------------------------------------------------------------------- models
+
+
+def _add_models(sub) -> None:
+    sub.add_parser("models", help="list model names and whether each is ready offline")
+
+
+def _run_models(args) -> int:
+    from circuits.models import list_models
+
+    for row in list_models():
+        state = "ready offline" if row.ready_offline else f"NOT INSTALLED: {row.problem}"
+        cache = " (cached)" if row.cached else ""
+        print(f"{row.name:14s} {state}{cache}  {row.description}")
+    print("also: any Hugging Face model id TransformerLens supports (needs the hub), or a local HF folder")
+    return 0
+
+
+# --------------------------------------------------------------------------- measure
+
+
+def _add_measure(sub) -> None:
+    p = sub.add_parser("measure", help="measure attention sinks; writes sinks.json and figures")
+    p.add_argument("--model", default="smollm2-135m")
+    _add_input_args(p)
+    p.add_argument("--eps", type=float, default=0.3, help="threshold of Sink_k^eps (default 0.3)")
+    p.add_argument("--out", required=True, type=Path)
+
+
+def _run_measure(args) -> int:
+    from circuits.models import load_model
+    from circuits.probes import tokenize
+    from circuits.measure import measure
+    from sinkscope.jobs import write_measure_outputs
+    from sinkscope.output import atomic_output_dir
+
+    if not 0 < args.eps < 1:
+        raise CLIError(f"--eps must be between 0 and 1, got {args.eps}")
+    texts = _texts(args)
+    model = load_model(args.model)
+    batch = tokenize(model, texts, prepend_bos=args.prepend_bos, max_tokens=args.max_tokens)
+    meas = measure(model, batch, batch_size=args.batch_size, metadata={"max_tokens": args.max_tokens})
+    with atomic_output_dir(args.out) as folder:
+        doc = write_measure_outputs(meas, folder, eps=args.eps)
+    fr = doc["sink_rate"]["first_token"]
+    print(f"{meas.model}: Sink_1^{args.eps} = {fr['value']:.1f} % over {meas.n_sequences} sequences; "
+          f"{len(doc['secondary'])} secondary-sink candidates; wrote {args.out}/sinks.json")
+    return 0
+
+
+# --------------------------------------------------------------------------- demo
+
+
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="the main job: measure smollm2-135m on the built-in probes, write a report")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--n", type=int, default=100, help="number of probe passages (default 100)")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--prepend-bos", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--eps", type=float, default=0.3)
+    p.add_argument("--out", type=Path, default=Path("sinkscope-out"))
+
+
+def _run_demo(args) -> int:
+    from circuits.models import load_model
+    from sinkscope.jobs import run_demo
+    from sinkscope.output import atomic_output_dir
+
+    if args.n <= 0:
+        raise CLIError(f"--n must be positive, got {args.n}")
+    model = load_model(args.model)
+    with atomic_output_dir(args.out) as folder:
+        doc = run_demo(model, folder, n=args.n, max_tokens=args.max_tokens, eps=args.eps, prepend_bos=args.prepend_bos)
+    fr = doc["sink_rate"]["first_token"]
+    print(f"{doc['model']}: Sink_1^{args.eps} = {fr['value']:.1f} %; report: {args.out}/report.md")
+    return 0
+
+
+COMMANDS = {
+    "models": (_add_models, _run_models),
+    "measure": (_add_measure, _run_measure),
+    "demo": (_add_demo, _run_demo),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="sinkscope", description="Causal, mechanistic study of attention sinks.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for add, _ in COMMANDS.values():
+        add(sub)
+    return parser
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from circuits.models import ModelError
+    from circuits.probes import TokenizationError
+
+    errors: list[type[BaseException]] = [CLIError, ModelError, TokenizationError]
+    try:
+        from interventions.base import InterventionError
+
+        errors.append(InterventionError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        return COMMANDS[args.command][1](args)
+    except _user_errors() as exc:
+        print(f"sinkscope: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("sinkscope: interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
