@@ -217,6 +217,11 @@ def _bridge(hf_model, tokenizer, name: str, dtype: torch.dtype, device: str):
 
     if not getattr(hf_model.config, "architectures", None):
         hf_model.config.architectures = [type(hf_model).__name__]
+    # TransformerLens reloads the tokenizer from disk with add_bos_token=True unless it is
+    # already set: that doubles the load time (seconds for Gemma's 262k vocabulary) and
+    # sinkscope never relies on the tokenizer adding BOS (see circuits.probes).
+    tokenizer.init_kwargs.setdefault("add_bos_token", True)
+    tokenizer.init_kwargs.setdefault("name_or_path", getattr(tokenizer, "name_or_path", "") or "sinkscope")
     bridge = TransformerBridge.boot_transformers(name, hf_model=hf_model, tokenizer=tokenizer, dtype=dtype, device=device)
     bridge.eval()
     return bridge

@@ -1,0 +1,41 @@
+"""Shared fixtures: real packaged models are loaded once per session (from the safetensors
+cache; the first run of a fresh machine dequantizes them, 30-100 s)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    from circuits.models import load_model
+
+    return load_model("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def gemma3():
+    from circuits.models import load_model
+
+    return load_model("gemma3-270m")
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any attempt to open a network connection fails the test loudly."""
+    import socket
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"network access attempted: {args[1:] if len(args) > 1 else args}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    yield

