@@ -1,0 +1,116 @@
+"""The CLI: bad input gets one line and exit code 2, good input writes sinks.json and figures atomically."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sinkscope.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """The real console entry point, in a subprocess (exit code and stderr as a user sees them)."""
+    return subprocess.run(
+        [sys.executable, "-m", "sinkscope.cli", *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+        env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
+    )
+
+
+def _bad(tmp_path, capsys, *args):
+    out = tmp_path / "out"
+    code = main([*args, "--out", str(out)]) if "--out" not in args else main(list(args))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and err[0].startswith("sinkscope: error: "), err
+    assert "Traceback" not in err[0]
+    assert not out.exists(), "nothing may be written on bad input"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")], "no staging folder left"
+    return err[0]
+
+
+def test_empty_text(tmp_path, capsys):
+    assert "text 0 is empty" in _bad(tmp_path, capsys, "measure", "--model", "tiny-llama", "--text", "  ")
+
+
+def test_text_longer_than_context(tmp_path, capsys):
+    msg = _bad(tmp_path, capsys, "measure", "--model", "tiny-llama", "--text", "x" * 400)
+    assert "more than the model's context of 128" in msg
+
+
+@pytest.mark.parametrize("value", ["0", "-3"])
+def test_nonpositive_max_tokens(tmp_path, capsys, value):
+    assert "max_tokens must be positive" in _bad(tmp_path, capsys, "measure", "--model", "tiny-llama", "--text", "hi", "--max-tokens", value)
+
+
+def test_misspelt_model_name(tmp_path, capsys):
+    msg = _bad(tmp_path, capsys, "measure", "--model", "smolm2-135m", "--text", "hi")
+    assert "unknown model 'smolm2-135m'" in msg and "smollm2-135m" in msg
+
+
+def test_unreadable_prompts_file(tmp_path, capsys):
+    missing = tmp_path / "nope.txt"
+    assert "cannot read prompts file" in _bad(tmp_path, capsys, "measure", "--model", "tiny-llama", "--prompts", str(missing))
+    binary = tmp_path / "binary.txt"
+    binary.write_bytes(b"\xff\xfe\x00\x81" * 10)
+    assert "cannot read prompts file" in _bad(tmp_path, capsys, "measure", "--model", "tiny-llama", "--prompts", str(binary))
+
+
+def test_argument_errors_are_one_line_too(tmp_path, capsys):
+    assert "--max-tokens" in _bad(tmp_path, capsys, "measure", "--model", "tiny-llama", "--text", "hi", "--max-tokens", "many")
+    assert "--eps" in _bad(tmp_path, capsys, "measure", "--model", "tiny-llama", "--text", "hi", "--eps", "1.5")
+
+
+def test_subprocess_exit_code_and_single_stderr_line(tmp_path):
+    proc = run_cli("measure", "--model", "nosuchmodel", "--text", "hi", "--out", str(tmp_path / "o"))
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
+    assert proc.stderr.startswith("sinkscope: error: unknown model")
+
+
+def test_measure_writes_the_documented_schema(tmp_path, capsys):
+    out = tmp_path / "out"
+    code = main(["measure", "--model", "tiny-gemma3", "--text", "A first short text here.", "And a second, longer text that pads the first one.",
+                 "--prepend-bos", "--out", str(out)])
+    assert code == 0
+    doc = json.loads((out / "sinks.json").read_text())
+    for key in ("model", "prepend_bos", "token_ids", "tokens", "alpha", "sink_rate", "secondary", "versions"):
+        assert key in doc
+    assert doc["model"] == "tiny-gemma3" and doc["prepend_bos"] is True
+    assert [ids[0] for ids in doc["token_ids"]] == [256, 256]  # BOS first, as asked
+    n_layers, n_heads, width = 4, 4, max(len(t) for t in doc["token_ids"])
+    assert len(doc["alpha"]) == n_layers and len(doc["alpha"][0]) == n_heads and len(doc["alpha"][0][0]) == width
+    assert doc["sink_rate"]["eps"] == 0.3 and len(doc["sink_rate"]["per_position"]) == width
+    assert set(doc["versions"]) == {"torch", "transformers", "transformer-lens", "sinkscope"}
+    for row in doc["secondary"]:
+        assert {"sequence", "position", "token", "start_layer", "lifetime", "kind", "peak_score"} <= set(row)
+    for png in ("sink_score_heatmap.png", "primary_sink_mass.png", "secondary_sinks.png"):
+        assert (out / png).stat().st_size > 1000
+
+
+def test_failure_mid_job_leaves_previous_output_untouched(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out"
+    assert main(["measure", "--model", "tiny-llama", "--text", "first run", "--out", str(out)]) == 0
+    before = (out / "sinks.json").read_bytes()
+    import sinkscope.jobs as jobs
+
+    def explode(*a, **k):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(jobs, "write_figures", explode)
+    with pytest.raises(RuntimeError):
+        main(["measure", "--model", "tiny-llama", "--text", "second run", "--out", str(out)])
+    assert (out / "sinks.json").read_bytes() == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+def test_models_lists_names_and_offline_status(capsys):
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert "smollm2-135m" in out and "gemma3-270m" in out and "ready offline" in out
