@@ -139,3 +139,118 @@ def save(fig, path: str | Path) -> Path:
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+# --------------------------------------------------------------------------- intervention effects
+
+
+def _significant(rows: pd.DataFrame) -> pd.Series:
+    """Cells whose bootstrap CI of the delta excludes 0."""
+    return (rows["ci_low"] > 0) | (rows["ci_high"] < 0)
+
+
+def sink_delta_heatmap(
+    frame: pd.DataFrame,
+    *,
+    tokens: list[str] | None = None,
+    target_positions: list[int] | tuple[int, ...] | None = None,
+    title: str | None = None,
+):
+    """Change of the sink score (intervened − clean, mean over sequences) per layer × position.
+
+    Reads the ``sink_score`` rows of an effect table (:attr:`interventions.effect.Effect.frame`
+    or one item of a sweep). Diverging colour map centred on 0 with symmetric limits; a dot
+    marks cells whose 95 % bootstrap CI excludes 0; triangles above the map mark the target
+    positions. ``tokens`` (one sequence's tokens) label the positions when given.
+    """
+    rows = frame[frame["metric"] == "sink_score"]
+    if rows.empty:
+        raise ValueError("the table has no sink_score rows")
+    delta = rows.pivot(index="layer", columns="position", values="delta").sort_index().sort_index(axis=1)
+    layers = delta.index.to_numpy(int)
+    positions = delta.columns.to_numpy(int)
+    data = delta.to_numpy(float)
+    finite = np.abs(data[np.isfinite(data)])
+    lim = float(finite.max()) if finite.size and finite.max() > 0 else 1e-12
+    with style():
+        width = min(18, 3.5 + 0.16 * len(positions))
+        fig, ax = plt.subplots(figsize=(width, 0.2 * len(layers) + 2.8))
+        im = ax.imshow(data, aspect="auto", cmap=DIVERGING, vmin=-lim, vmax=lim, interpolation="nearest")
+        sig = rows[_significant(rows)]
+        col = {p: i for i, p in enumerate(positions)}
+        row = {l: i for i, l in enumerate(layers)}
+        if not sig.empty:
+            ax.scatter([col[int(p)] for p in sig["position"]], [row[int(l)] for l in sig["layer"]], s=4, c="#1b1b1b",
+                       marker="o", linewidths=0, label="95 % CI excludes 0")
+        from matplotlib.patches import Rectangle
+
+        marked = [p for p in (target_positions or ()) if p in col]
+        for i, p in enumerate(marked):
+            ax.add_patch(Rectangle((col[p] - 0.5, -0.5), 1, len(layers), fill=False, edgecolor="#d95f0e", lw=1.2,
+                                   label="target position" if i == 0 else None))
+        if not sig.empty or marked:
+            ax.legend(loc="upper right", fontsize=6, framealpha=0.8)
+        step = max(1, int(np.ceil(len(positions) / 64)))
+        idx = np.arange(0, len(positions), step)
+        ax.set_xticks(idx)
+        if tokens is not None:
+            labels = [f"{token_label(tokens[positions[i]])} ({positions[i]})" if positions[i] < len(tokens) else str(positions[i]) for i in idx]
+        else:
+            labels = [str(positions[i]) for i in idx]
+        ax.set_xticklabels(labels, rotation=90, fontsize=6)
+        ystep = max(1, int(np.ceil(len(layers) / 40)))
+        ax.set_yticks(np.arange(0, len(layers), ystep))
+        ax.set_yticklabels([str(layers[i]) for i in range(0, len(layers), ystep)], fontsize=7)
+        ax.set_xlabel("position (0-based)" + (" and token of sequence 0" if tokens is not None else ""))
+        ax.set_ylabel("layer")
+        ax.grid(False)
+        fig.colorbar(im, ax=ax, label="Δ sink score (intervened − clean)")
+        n = int(rows["n"].max())
+        ax.set_title(title or f"Change of the sink score by layer and position (mean over {n} sequences)")
+    return fig
+
+
+def dose_response(
+    frame: pd.DataFrame,
+    *,
+    x: str = "iv_strength",
+    metric: str = "target_sink_score",
+    side_effect: str | None = "kl",
+    title: str | None = None,
+):
+    """Delta of ``metric`` against a swept value ``x``, with its 95 % bootstrap CI as a band.
+
+    Reads a sweep table (:func:`interventions.sweep.sweep`): one ``metric`` row per item. A
+    second panel shows the ``side_effect`` metric (default the KL divergence of the next-token
+    distributions) the same way. A log x axis is used when ``x`` is positive and spans more than
+    a factor of 50.
+    """
+    if x not in frame.columns:
+        raise ValueError(f"the table has no column {x!r}; columns: {', '.join(map(str, frame.columns))}")
+    metrics = [metric] + ([side_effect] if side_effect else [])
+    labels = {
+        "target_sink_score": "Δ sink score of the target",
+        "kl": "KL(clean ‖ intervened) (nats / token)",
+        "next_token_loss": "Δ next-token loss (nats)",
+    }
+    with style():
+        fig, axes = plt.subplots(1, len(metrics), figsize=(4.8 * len(metrics) + 0.6, 3.4), squeeze=False)
+        for ax, name in zip(axes[0], metrics):
+            rows = frame[frame["metric"] == name].sort_values(x)
+            if rows.empty:
+                raise ValueError(f"the table has no {name!r} rows")
+            xs = rows[x].to_numpy(float)
+            ax.fill_between(xs, rows["ci_low"].to_numpy(float), rows["ci_high"].to_numpy(float), color="#9a9a9a",
+                            alpha=0.35, lw=0, label="95 % bootstrap CI")
+            ax.plot(xs, rows["delta"].to_numpy(float), marker="o", ms=3.5, color="#1b1b1b", label="mean over sequences")
+            ax.axhline(0, color="#5e5e5e", lw=0.8, ls="--")
+            if (xs > 0).all() and xs.max() / xs.min() > 50:
+                ax.set_xscale("log")
+            ax.set_xlabel(x.removeprefix("iv_"))
+            ax.set_ylabel(labels.get(name, f"Δ {name}"))
+            ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 4))
+            ax.legend(loc="best", fontsize=7)
+        spec = frame["spec"].iloc[0] if "spec" in frame.columns and len(frame) else ""
+        fig.suptitle(title or f"Dose-response ({spec.split(':')[0]})" if spec else title or "Dose-response")
+        fig.tight_layout(w_pad=2.5)
+    return fig

@@ -120,10 +120,142 @@ def _run_demo(args) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- pre-training lab
+
+
+def _add_pretrain(sub) -> None:
+    from sinkscope.lab.cli import add_pretrain
+
+    add_pretrain(sub)
+
+
+def _run_pretrain(args) -> int:
+    from sinkscope.lab.cli import run_pretrain
+
+    return run_pretrain(args, CLIError)
+
+
+def _add_lab_compare(sub) -> None:
+    from sinkscope.lab.cli import add_lab_compare
+
+    add_lab_compare(sub)
+
+
+def _run_lab_compare(args) -> int:
+    from sinkscope.lab.cli import run_lab_compare
+
+    return run_lab_compare(args, CLIError)
+
+
+# --------------------------------------------------------------------------- reproduce
+
+
+def _add_reproduce(sub) -> None:
+    p = sub.add_parser("reproduce", help="run every paper analysis (Wong, Li, Gu et al.) on a model; writes report.md")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--size", choices=("full", "ci"), default="full",
+                   help="full: 1,024-token traces, about 15 min per model on 2 cores; ci: a small smoke-test setting")
+    p.add_argument("--checkpoints", type=Path, default=None, metavar="DIR",
+                   help="also compare Sink_1^eps of every HF checkpoint folder under DIR (default $SINKSCOPE_CHECKPOINTS)")
+
+
+def _run_reproduce(args) -> int:
+    from sinkscope.output import atomic_output_dir
+    from sinkscope.reproduce import reproduce
+
+    with atomic_output_dir(args.out) as folder:  # the model is loaded inside, so its load time is reported
+        doc = reproduce(args.model, folder, size=args.size, checkpoints=args.checkpoints)
+    counts = {v: sum(c["verdict"] == v for c in doc["claims"]) for v in ("holds", "partly holds", "does not hold")}
+    print(f"{doc['model']}: {len(doc['claims'])} claims: " + ", ".join(f"{n} {v}" for v, n in counts.items())
+          + f"; {doc['timings_s']['total'] / 60:.1f} min, peak {doc['peak_memory_mb'] / 1024:.2f} GB; report: {args.out}/report.md")
+    return 0
+
+
+# --------------------------------------------------------------------------- intervene
+
+
+def _add_intervene(sub) -> None:
+    p = sub.add_parser(
+        "intervene",
+        help="measure an intervention's effect on the sinks (clean vs intervened); writes effect.json and figures",
+    )
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--intervention", required=True, metavar="SPEC",
+                   help="an intervention spec, e.g. 'ablate-mlp:layer=3,positions=5' or 'amplify-variance:layer=2,positions=7,factor=4'")
+    p.add_argument("--control", choices=["random", "position", "layer", "direction"], default=None,
+                   help="add an equal-budget random control (seeded): 'random' moves the intervention to a random non-sink "
+                        "position, another layer or a random direction, whichever it allows; the others force one")
+    _add_input_args(p)
+    p.add_argument("--strengths", nargs="+", type=float, metavar="S",
+                   help="also sweep the intervention's strength over these values and draw a dose-response curve")
+    p.add_argument("--eps", type=float, default=0.3, help="threshold of Sink_k^eps (default 0.3)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap and of the random control")
+    p.add_argument("--n-resamples", type=int, default=2000, metavar="N", help="bootstrap resamples (default 2000)")
+    p.add_argument("--out", required=True, type=Path)
+
+
+def _run_intervene(args) -> int:
+    import math
+
+    from circuits import plots
+    from circuits.models import load_model
+    from circuits.probes import tokenize
+    from interventions.effect import EffectError, measure_effect
+    from interventions.registry import parse_spec
+    from interventions.sweep import sweep
+    from sinkscope.output import atomic_output_dir, write_json
+
+    if not 0 < args.eps < 1:
+        raise CLIError(f"--eps must be between 0 and 1, got {args.eps}")
+    if args.n_resamples < 1:
+        raise CLIError(f"--n-resamples must be positive, got {args.n_resamples}")
+    if args.batch_size < 1:
+        raise CLIError(f"--batch-size must be positive, got {args.batch_size}")
+    strengths = list(args.strengths or [])
+    bad = [s for s in strengths if not math.isfinite(s)]
+    if bad:
+        raise CLIError(f"--strengths must be finite numbers, got {bad[0]}")
+    texts = _texts(args)
+    intervention = parse_spec(args.intervention)
+    for s in strengths:  # every variant is checked before the model is loaded
+        intervention.with_strength(s)
+    model = load_model(args.model)
+    batch = tokenize(model, texts, prepend_bos=args.prepend_bos, max_tokens=args.max_tokens)
+    settings = dict(eps=args.eps, batch_size=args.batch_size, n_resamples=args.n_resamples, seed=args.seed)
+    try:
+        effect = measure_effect(model, batch, intervention, control=args.control, progress=True,
+                                metadata={"max_tokens": args.max_tokens}, **settings)
+        with atomic_output_dir(args.out) as folder:
+            doc = effect.to_json()
+            tokens = effect.clean.tokens[0] if effect.clean.n_sequences == 1 else None
+            title = f"{effect.clean.model}: {effect.intervention}: change of the sink score (n={effect.clean.n_sequences})"
+            plots.save(plots.sink_delta_heatmap(effect.frame, tokens=tokens, target_positions=effect.target.positions,
+                                                title=title), folder / "sink_delta_heatmap.png")
+            if strengths:
+                result = sweep(model, batch, intervention, {"strength": strengths}, folder / "sweep", format="csv",
+                               progress=True, **settings)
+                plots.save(plots.dose_response(result.frame, title=f"{effect.clean.model}: dose-response of {effect.intervention}"),
+                           folder / "dose_response.png")
+                curve = result.frame[result.frame["metric"].isin(["target_sink_score", "next_token_loss", "kl"])]
+                keep = ["iv_strength", "spec", "metric", "n", "clean", "intervened", "delta", "ci_low", "ci_high"]
+                doc["dose_response"] = curve[keep].astype(object).where(curve[keep].notna(), None).to_dict(orient="records")
+            write_json(folder / "effect.json", doc)
+    except EffectError as exc:
+        raise CLIError(str(exc)) from exc
+    t = effect.summary["target_sink_score"]
+    kl = effect.summary["kl"]["delta"]
+    print(f"{effect.clean.model}: {effect.intervention}: target sink score {t['clean']:.4f} -> {t['intervened']:.4f} "
+          f"(delta {t['delta']:+.4f}, 95% CI {t['ci95'][0]:+.4f}..{t['ci95'][1]:+.4f}); KL {kl:.4g} nats/token; "
+          f"wrote {args.out}/effect.json")
+    return 0
+
+
 COMMANDS = {
     "models": (_add_models, _run_models),
     "measure": (_add_measure, _run_measure),
     "demo": (_add_demo, _run_demo),
+    "intervene": (_add_intervene, _run_intervene),
 }
 
 
