@@ -37,7 +37,6 @@ is scored at its *own* target: planting at p is compared with planting at a rand
 from __future__ import annotations
 
 import dataclasses
-import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Literal, Mapping, Sequence

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from cli_helpers import expect_bad_input
 from sinkscope.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,15 +25,7 @@ def run_cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
 
 
 def _bad(tmp_path, capsys, *args):
-    out = tmp_path / "out"
-    code = main([*args, "--out", str(out)]) if "--out" not in args else main(list(args))
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2
-    assert len(err) == 1 and err[0].startswith("sinkscope: error: "), err
-    assert "Traceback" not in err[0]
-    assert not out.exists(), "nothing may be written on bad input"
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")], "no staging folder left"
-    return err[0]
+    return expect_bad_input(capsys, tmp_path, list(args))
 
 
 def test_empty_text(tmp_path, capsys):

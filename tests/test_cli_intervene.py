@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
+from cli_helpers import expect_bad_input
 from sinkscope.cli import main
 
 TEXTS = ["The cat sat on the mat, and then it slept.", "A quick brown fox jumps over the lazy dog!",
@@ -14,24 +14,8 @@ TEXTS = ["The cat sat on the mat, and then it slept.", "A quick brown fox jumps 
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _bad(tmp_path, capsys, *args) -> str:
-    out = tmp_path / "out"
-    code = main(["intervene", "--model", "tiny-llama", *args, "--out", str(out)])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2
-    assert len(err) == 1 and err[0].startswith("sinkscope: error: "), err
-    assert "Traceback" not in err[0]
-    assert not out.exists(), "nothing may be written on bad input"
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")], "no staging folder left"
-    return err[0]
+    return expect_bad_input(capsys, tmp_path, ["intervene", "--model", "tiny-llama", *args])
 
 
 def test_writes_effect_json_and_heatmap(tmp_path, capsys):

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 pytestmark = pytest.mark.real
 
@@ -28,7 +27,6 @@ N_SEQ, N_TOKENS = 8, 64
 def batch(smollm2):
     from circuits.probes import probe_texts, tokenize
 
-    torch.set_num_threads(1)
     return tokenize(smollm2, probe_texts(N_SEQ), prepend_bos=False, max_tokens=N_TOKENS)
 
 

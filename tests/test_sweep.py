@@ -10,7 +10,6 @@ from contextlib import contextmanager
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 from circuits.measure import SinkMeasurement
 from circuits.models import tiny_model
@@ -28,14 +27,6 @@ TEXTS = [
 ]
 ATOL = 1e-5
 VALUES = ["clean", "intervened", "delta", "ci_low", "ci_high", "n"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
