@@ -204,6 +204,14 @@ def _dequantize_to_cache(spec: PackagedModel, target: Path) -> None:
 def _load_hf_folder(folder: Path, dtype: torch.dtype, device: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if (folder / "sinkscope_lab.json").is_file():  # a pre-training lab checkpoint: its own attention
+        from sinkscope.lab.variants import load_hf_folder
+
+        try:
+            model, tokenizer = load_hf_folder(folder, dtype)
+        except (OSError, ValueError, KeyError, EOFError, RuntimeError) as exc:
+            raise CorruptModelError(f"cannot load the lab checkpoint {folder}: {exc}") from exc
+        return model.to(device).eval(), tokenizer
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
@@ -272,6 +280,10 @@ def load_model(name: str = DEFAULT_MODEL, *, dtype: torch.dtype = torch.float32,
             raise CorruptModelError(f"{path} is not a Hugging Face model folder (no config.json)")
         hf_model, tokenizer = _load_hf_folder(path, dtype, device)
         bridge = _bridge(hf_model, tokenizer, str(path), dtype, device)
+        if (path / "sinkscope_lab.json").is_file():
+            from sinkscope.lab.variants import attach_to_bridge
+
+            attach_to_bridge(bridge, hf_model)
         bridge._sinkscope_info = {"name": str(path), "source": "local folder", "native_bos": _tokenizer_adds_bos(tokenizer)}
         return bridge
     if "/" in name and not name.startswith((".", "/")):

@@ -256,6 +256,8 @@ COMMANDS = {
     "measure": (_add_measure, _run_measure),
     "demo": (_add_demo, _run_demo),
     "intervene": (_add_intervene, _run_intervene),
+    "pretrain": (_add_pretrain, _run_pretrain),
+    "lab-compare": (_add_lab_compare, _run_lab_compare),
 }
 
 

