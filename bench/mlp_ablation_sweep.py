@@ -141,7 +141,7 @@ def main() -> None:
         "rss_gb_before_a": rss_before,
         "versions": {"torch": torch.__version__},
     }
-    print(json.dumps(result, indent=1))
+    print(json.dumps(result, indent=1), flush=True)
     print(f"(a) sweep {seconds['a']:.1f} s | (b) TL run_with_cache {seconds.get('b', float('nan')):.1f} s | "
           f"(c) nnsight {seconds.get('c', float('nan')):.1f} s | (d) 31 HF forwards {seconds['d']:.1f} s")
     print(f"(a)/(d) = {result['a_over_d']:.2f} (target <= 0.6); (b)/(a) = {result['b_over_a']:.1f}x (target >= 3); "

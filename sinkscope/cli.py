@@ -258,6 +258,7 @@ COMMANDS = {
     "intervene": (_add_intervene, _run_intervene),
     "pretrain": (_add_pretrain, _run_pretrain),
     "lab-compare": (_add_lab_compare, _run_lab_compare),
+    "reproduce": (_add_reproduce, _run_reproduce),
 }
 
 
