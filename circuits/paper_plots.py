@@ -1,7 +1,8 @@
 """Figures of the paper reproductions (Wong, Li, Gu et al.), in the shared style of
 :mod:`circuits.plots`.
 
-Every function takes tidy tables (from :mod:`circuits.analyses`, :mod:`circuits.anatomy` or
+Every figure uses matplotlib's constrained layout, so labels fit whatever saves it. Every
+function takes tidy tables (from :mod:`circuits.analyses`, :mod:`circuits.anatomy` or
 :mod:`sinkscope.reproduce`) and returns a matplotlib ``Figure``; nothing here computes a
 statistic beyond picking columns. Grey-printable: lines differ in marker and dash as well as
 colour, colour maps are :data:`circuits.plots.SEQUENTIAL` / :data:`circuits.plots.DIVERGING`.
@@ -55,7 +56,7 @@ def long_heatmap(meas, sequence: int = 0, *, zoom: int = 96, title: str | None =
     zoom = min(zoom, length)
     vmax = float(np.nanmax(data))
     with style():
-        fig, axes = plt.subplots(2, 1, figsize=(13, 0.2 * meas.n_layers + 5), gridspec_kw=dict(height_ratios=[1, 1.25]))
+        fig, axes = plt.subplots(2, 1, layout="constrained", figsize=(13, 0.2 * meas.n_layers + 5), gridspec_kw=dict(height_ratios=[1, 1.25]))
         ax = axes[0]
         im = ax.imshow(np.clip(data, 1e-3, None), aspect="auto", cmap=SEQUENTIAL, norm=LogNorm(1e-3, max(vmax, 2e-3)), interpolation="nearest")
         ax.set_xlabel("position (0-based)")
@@ -79,7 +80,7 @@ def primary_vs_secondary(layers: pd.DataFrame, *, title: str | None = None):
     that layer (right axis, bars). ``layers`` has columns layer, primary_sink_score,
     live_secondary."""
     with style():
-        fig, ax = plt.subplots(figsize=(7, 3.4))
+        fig, ax = plt.subplots(layout="constrained", figsize=(7, 3.4))
         ax2 = ax.twinx()
         ax2.bar(layers["layer"], layers["live_secondary"], color="#c8c8c8", width=0.8, label="secondary sinks alive", zorder=0)
         ax2.set_ylabel("secondary sinks alive at the layer (count)")
@@ -101,7 +102,7 @@ def mlp_site_cosines(table: pd.DataFrame, sites: tuple[str, ...], baseline: dict
     """|cos| of each MLP sub-output with the first token's at the creation layer, one box per
     site, with the median over ordinary tokens at the same layers (diamonds)."""
     with style():
-        fig, ax = plt.subplots(figsize=(7, 3.4))
+        fig, ax = plt.subplots(layout="constrained", figsize=(7, 3.4))
         data = [np.abs(table[f"cos_{s}"].dropna().to_numpy()) for s in sites]
         if len(table):
             ax.boxplot(data, tick_labels=list(sites), showfliers=False, patch_artist=True,
@@ -126,7 +127,7 @@ def mlp_site_cosines(table: pd.DataFrame, sites: tuple[str, ...], baseline: dict
 def norm_scatter(table: pd.DataFrame, corr_score: dict, corr_life: dict, *, title: str | None = None):
     """L2 norm of the aligning MLP output against the sink score and against the lifetime."""
     with style():
-        fig, axes = plt.subplots(1, 2, figsize=(8, 3.3))
+        fig, axes = plt.subplots(1, 2, layout="constrained", figsize=(8, 3.3))
         for ax, col, corr, label in (
             (axes[0], "peak_score", corr_score, "peak sink score (mean attention received)"),
             (axes[1], "lifetime", corr_life, "lifetime (layers)"),
@@ -143,7 +144,7 @@ def dose_response(frame: pd.DataFrame, *, title: str | None = None):
     """Norm-rescaling dose response: ``frame`` has factor, score_ratio (relative to clean) and
     lifetime_ratio columns."""
     with style():
-        fig, ax = plt.subplots(figsize=(5.5, 3.4))
+        fig, ax = plt.subplots(layout="constrained", figsize=(5.5, 3.4))
         ax.plot(frame["factor"], frame["score_ratio"], **_series(0), label="sink score (relative to clean)")
         ax.plot(frame["factor"], frame["lifetime_ratio"], **_series(1), label="lifetime (relative to clean)")
         ax.axhline(1, color="#9a9a9a", lw=0.8)
@@ -161,7 +162,7 @@ def dose_response(frame: pd.DataFrame, *, title: str | None = None):
 def variance_by_layer(frame: pd.DataFrame, *, title: str | None = None):
     """Attention-output variance and norm per layer, the first token against the rest."""
     with style():
-        fig, axes = plt.subplots(1, 2, figsize=(9, 3.3))
+        fig, axes = plt.subplots(1, 2, layout="constrained", figsize=(9, 3.3))
         for ax, key, label in ((axes[0], "z_var", "variance of head outputs (hook_z)"), (axes[1], "out_norm", "L2 norm of the attention output")):
             ax.plot(frame["layer"], frame[f"{key}_first"], **_series(0), label="first token (position 0)")
             ax.plot(frame["layer"], frame[f"{key}_rest"], **_series(1), label="other tokens (median)")
@@ -180,7 +181,7 @@ def super_neuron_plot(table: pd.DataFrame, massive_dims: set[int] | None = None,
     massive_dims = massive_dims or set()
     shown = table.sort_values("ratio", ascending=False).head(top).iloc[::-1]
     with style():
-        fig, ax = plt.subplots(figsize=(6.5, 0.25 * max(len(shown), 4) + 1.2))
+        fig, ax = plt.subplots(layout="constrained", figsize=(6.5, 0.25 * max(len(shown), 4) + 1.2))
         if shown.empty:
             ax.text(0.5, 0.5, "no super neuron found", ha="center", va="center", transform=ax.transAxes)
         else:
@@ -200,7 +201,7 @@ def planting_plot(frame: pd.DataFrame, *, title: str | None = None):
     """Sink score by layer of the planted position under each condition. ``frame``: layer,
     condition, score."""
     with style():
-        fig, ax = plt.subplots(figsize=(7, 3.4))
+        fig, ax = plt.subplots(layout="constrained", figsize=(7, 3.4))
         for i, (cond, sub) in enumerate(frame.groupby("condition", sort=False)):
             ax.plot(sub["layer"], sub["score"], **_series(i), label=cond)
         ax.set_xlabel("layer")
@@ -217,7 +218,7 @@ def planting_plot(frame: pd.DataFrame, *, title: str | None = None):
 def sink_rate_vs_eps(frame: pd.DataFrame, *, title: str | None = None):
     """Sink_1^eps (percent) against eps, one line per model. ``frame``: model, eps, sink_rate."""
     with style():
-        fig, ax = plt.subplots(figsize=(5.5, 3.4))
+        fig, ax = plt.subplots(layout="constrained", figsize=(5.5, 3.4))
         for i, (model, sub) in enumerate(frame.groupby("model", sort=False)):
             ax.plot(sub["eps"], sub["sink_rate"], **_series(i), label=model)
         ax.set_xlabel("threshold eps")
@@ -232,7 +233,7 @@ def kv_norms_plot(frame: pd.DataFrame, *, title: str | None = None):
     """Key and value norm of the first token over the other tokens' per layer, with the
     attention it receives and the share of head outputs its value makes."""
     with style():
-        fig, axes = plt.subplots(1, 2, figsize=(9, 3.3))
+        fig, axes = plt.subplots(1, 2, layout="constrained", figsize=(9, 3.3))
         ax = axes[0]
         ax.plot(frame["layer"], frame["k_ratio"], **_series(0), label="key norm ratio")
         ax.plot(frame["layer"], frame["v_ratio"], **_series(1), label="value norm ratio")
@@ -256,10 +257,11 @@ def keybias_effect_plot(frame: pd.DataFrame, *, title: str | None = None):
     """KL(clean ‖ intervened) per intervention, log scale."""
     frame = frame[frame["intervention"] != "clean"]
     with style():
-        fig, ax = plt.subplots(figsize=(6, 0.45 * len(frame) + 1.3))
+        fig, ax = plt.subplots(layout="constrained", figsize=(7.5, 0.45 * len(frame) + 1.3))
         ax.barh(range(len(frame)), frame["kl"].clip(lower=1e-6), color="#9a9a9a", edgecolor="#1b1b1b")
         ax.set_yticks(range(len(frame)), frame["intervention"], fontsize=7)
         ax.set_xscale("log")
+        ax.set_xlim(right=frame["kl"].max() * 40)  # room for the labels inside the axes
         ax.set_xlabel("KL(clean ‖ intervened), nats per token")
         for i, (kl, dl) in enumerate(zip(frame["kl"], frame["delta_loss"])):
             ax.text(max(kl, 1e-6), i, f"  {kl:.3g} nats, Δloss {dl:+.3f}", va="center", fontsize=7)

@@ -740,6 +740,30 @@ def reproduce(
     return json.loads(json.dumps(to_jsonable(doc)))
 
 
+def redraw(folder: str | Path) -> list[Path]:
+    """Re-render, from a report's ``numbers.json``, every figure that is a pure function of its
+    tables (after a change of figure style; no model is run, no number changes). The heat map,
+    sink levels, MLP-site and norm-scatter figures need per-token data that ``numbers.json``
+    does not keep and are left as they are."""
+    folder = Path(folder)
+    doc = json.loads((folder / "numbers.json").read_text(encoding="utf-8"))
+    name, frame = doc["model"], pd.DataFrame
+    massive = frame(doc["li"]["massive_dimensions"])
+    first_dims = set(massive.loc[massive["share_at_position_0"] >= 0.5, "dim"].astype(int)) if len(massive) else set()
+    figures = {
+        "wong_primary_per_layer": paper_plots.primary_vs_secondary(frame(doc["wong"]["layers"]), title=f"{name}: primary sink and live secondary sinks per layer"),
+        "li_variance": paper_plots.variance_by_layer(frame(doc["li"]["variance"]), title=f"{name}: attention outputs, first token vs the rest"),
+        "li_super_neurons": paper_plots.super_neuron_plot(frame(doc["li"]["super_neurons"]), first_dims, title=f"{name}: super neurons (down-projection inputs)"),
+        "li_planting": paper_plots.planting_plot(frame(doc["li"]["planting"]), title=f"{name}: sink score of the planted position {doc['settings']['plant_position']}"),
+        "gu_sink_rate_eps": paper_plots.sink_rate_vs_eps(frame(doc["gu"]["sink_rates"])),
+        "gu_kv_norms": paper_plots.kv_norms_plot(frame(doc["gu"]["kv_norms"]), title=f"{name}: key and value norms of the first token"),
+        "gu_keybias": paper_plots.keybias_effect_plot(frame(doc["gu"]["keybias"]), title=f"{name}: zero the sink's value vs drop its attention"),
+    }
+    if doc["wong"]["dose_response"]:
+        figures["wong_dose_response"] = paper_plots.dose_response(frame(doc["wong"]["dose_response"]), title=f"{name}: norm rescaling of sink-aligned MLP outputs")
+    return [plots.save(fig, folder / f"{key}.png") for key, fig in figures.items()]
+
+
 def claims_table(claims: list[dict]) -> str:
     lines = ["| paper | claim | verdict | measured |", "|:--|:--|:--|:--|"]
     for c in claims:
@@ -775,4 +799,4 @@ def render(doc: dict, rep: Report, meas) -> str:
     return "\n".join(head + rep.sections)
 
 
-__all__ = ["SIZES", "Settings", "reproduce", "md_table", "claims_table", "offline_models"]
+__all__ = ["SIZES", "Settings", "reproduce", "redraw", "md_table", "claims_table", "offline_models"]
