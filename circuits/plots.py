@@ -136,7 +136,8 @@ def secondary_sinks_plot(table: pd.DataFrame, n_layers: int, *, title: str | Non
 def save(fig, path: str | Path) -> Path:
     """Save and close (figures are never left open in long runs)."""
     path = Path(path)
-    fig.savefig(path)
+    with style():  # savefig reads bbox and dpi from the rc parameters in force when it runs
+        fig.savefig(path)
     plt.close(fig)
     return path
 

@@ -47,7 +47,9 @@ from interventions.base import Compose, Intervention, InterventionError
 KINDS: dict[str, type[Intervention]] = {}
 
 _KIND_RE = re.compile(r"^[a-z][a-z0-9]*(-[a-z0-9]+)*$")
-_BUILTIN_MODULES = ("interventions.mlp", "interventions.attention", "interventions.residual")
+_BUILTIN_MODULES = (
+    "interventions.mlp", "interventions.attention", "interventions.residual", "interventions.keybias", "interventions.recipes",
+)
 _BARE_RE = re.compile(r"^[A-Za-z0-9_.\-/]+$")
 _INT_RE = re.compile(r"^[+-]?\d+$")
 _RANGE_RE = re.compile(r"^(\d+)-(\d+)$")
