@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from cli_helpers import expect_bad_input
+from helpers import expect_bad_input
 from sinkscope.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from cli_helpers import expect_bad_input
+from helpers import expect_bad_input
 from sinkscope.cli import main
 
 TEXTS = ["The cat sat on the mat, and then it slept.", "A quick brown fox jumps over the lazy dog!",

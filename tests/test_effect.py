@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -37,6 +36,7 @@ from interventions.effect import (
 )
 from interventions.mlp import AblateMLP, RescaleAlongSink
 from interventions.residual import AmplifyVariance
+from helpers import forward_counter
 
 TEXTS = [
     "The cat sat on the mat, and then it slept.",
@@ -61,22 +61,6 @@ def batch(llama):
 def ablated(llama, batch):
     """Zero-ablation of every MLP: a large, real change."""
     return measure_effect(llama, batch, AblateMLP(layers=(0, 1, 2, 3)), n_resamples=500)
-
-
-@contextmanager
-def forward_counter(model):
-    calls = []
-    original = model.forward
-
-    def counting(*args, **kwargs):
-        calls.append(1)
-        return original(*args, **kwargs)
-
-    model.forward = counting
-    try:
-        yield calls
-    finally:
-        del model.forward
 
 
 # --------------------------------------------------------------------------- identities

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from contextlib import contextmanager
 from typing import ClassVar
 
 import pytest
@@ -32,6 +31,7 @@ from interventions.base import (
 from interventions.mlp import AblateMLP, PatchActivation, PatchMLP, RescaleAlongSink
 from interventions.registry import KINDS, SpecError, known_kinds, parse_spec, register, spec, unregister
 from interventions.residual import AmplifyVariance
+from helpers import forward_counter
 
 TEXTS = [
     "The cat sat on the mat, and then it slept.",
@@ -64,23 +64,6 @@ def run(model, iv, batch, **kwargs):
             _, hooked = model.run_with_cache(batch.tokens)
     assert registered_hooks(model) == {}
     return hooked, clean
-
-
-@contextmanager
-def forward_counter(model):
-    """Counts every forward pass of ``model`` (run_with_hooks and __call__ both go through it)."""
-    calls = []
-    original = model.forward
-
-    def counting(*args, **kwargs):
-        calls.append(1)
-        return original(*args, **kwargs)
-
-    model.forward = counting
-    try:
-        yield calls
-    finally:
-        del model.forward
 
 
 def no_hooks_left(model) -> bool:

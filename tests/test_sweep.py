@@ -19,6 +19,7 @@ from interventions.effect import EffectError, measure_effect
 from interventions.mlp import AblateMLP
 from interventions.residual import AmplifyVariance
 from interventions.sweep import LAYER_FIELDS, OTHER_FIELDS, grid_items, sweep
+from helpers import Interrupt, forward_counter
 
 TEXTS = [
     "The cat sat on the mat, and then it slept.",
@@ -37,30 +38,6 @@ def llama():
 @pytest.fixture(scope="module")
 def batch(llama):
     return tokenize(llama, TEXTS)
-
-
-class Interrupt(Exception):
-    pass
-
-
-@contextmanager
-def forward_counter(model, raise_at: int | None = None):
-    """Counts model.forward calls (full forwards and run_from_layer both go through it);
-    raises :class:`Interrupt` on call number ``raise_at``."""
-    calls = []
-    original = model.forward
-
-    def counting(*args, **kwargs):
-        calls.append(1)
-        if raise_at is not None and len(calls) == raise_at:
-            raise Interrupt
-        return original(*args, **kwargs)
-
-    model.forward = counting
-    try:
-        yield calls
-    finally:
-        del model.forward
 
 
 @contextmanager

@@ -1,0 +1,45 @@
+"""Helpers shared by the tests: the CLI's bad-input contract and a forward-pass counter."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+
+from sinkscope.cli import main
+
+
+def expect_bad_input(capsys, tmp_path: Path, argv: list[str]) -> str:
+    """Run ``sinkscope argv --out tmp_path/out``: exit 2, one stderr line, nothing written."""
+    out = tmp_path / "out"
+    code = main([*argv, "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and err[0].startswith("sinkscope: error: "), err
+    assert "Traceback" not in err[0]
+    assert not out.exists(), "nothing may be written on bad input"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")], "no staging folder left"
+    return err[0]
+
+
+class Interrupt(Exception):
+    """Raised by :func:`forward_counter` to simulate an interruption."""
+
+
+@contextmanager
+def forward_counter(model, raise_at: int | None = None):
+    """Counts ``model.forward`` calls (run_with_hooks, __call__ and run_from_layer all go
+    through it); raises :class:`Interrupt` on call number ``raise_at``."""
+    calls = []
+    original = model.forward
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        if raise_at is not None and len(calls) == raise_at:
+            raise Interrupt
+        return original(*args, **kwargs)
+
+    model.forward = counting
+    try:
+        yield calls
+    finally:
+        del model.forward
