@@ -3,7 +3,8 @@
 One command, four ways of doing the same work, all in this process (so machine load affects
 them alike), reported as ratios:
 
-  (a) sinkscope's sweep (prefix reuse, statistics reduced in hooks, no unembedding needed);
+  (a) sinkscope's sweep (prefix reuse, statistics reduced in hooks, no unembedding needed,
+      no bootstrap CIs: like (b)-(d) it records the sink scores, nothing more);
   (b) a naive TransformerLens loop: ``run_with_cache`` of every attention pattern, once per
       intervention (plus the clean run), sink scores computed from the cache;
   (c) the same with nnsight on the plain HF model (eager attention, so weights are returned),
@@ -47,7 +48,7 @@ def run_a(model, batch, n_layers: int) -> float:
     with tempfile.TemporaryDirectory() as out:
         start = time.perf_counter()
         result = sweep(model, batch, "ablate-mlp:layer={layer}", {"layer": list(range(n_layers))}, out,
-                       side_effects=False, positions=None, n_resamples=1, batch_size=16, progress=False)
+                       side_effects=False, positions=None, n_resamples=0, batch_size=16, progress=False)
         seconds = time.perf_counter() - start
     rows = result.frame.query("metric == 'sink_score'")
     assert rows["layer"].nunique() == n_layers and rows["item"].nunique() == n_layers

@@ -391,7 +391,8 @@ def paired_bootstrap(
     Columns with fewer than :data:`MIN_SEQUENCES` values get NaN; columns whose values are all
     equal get a zero-width interval at that value (nothing varies to resample). Others use
     ``scipy.stats.bootstrap`` (BCa, ``rng=seed``), vectorised over columns that share the same
-    sequences, and the percentile method where BCa is undefined.
+    sequences, and the percentile method where BCa is undefined. ``n_resamples=0`` turns the
+    intervals off (all NaN): for exploratory sweeps where only the means are read.
     """
     from scipy import stats
 
@@ -400,6 +401,8 @@ def paired_bootstrap(
         data = data[:, None]
     n, c = data.shape
     low, high = np.full(c, np.nan), np.full(c, np.nan)
+    if n_resamples == 0:
+        return low, high
     valid = ~np.isnan(data)
     patterns, group = np.unique(valid.T, axis=0, return_inverse=True)
     for g, rows in enumerate(patterns):
@@ -672,7 +675,8 @@ def compare(
         summary["first_token_sink_rate"] = _summary_row(first.iloc[0], has_ctrl)
     settings = {
         "eps": eps, "confidence": confidence, "n_resamples": n_resamples, "seed": seed,
-        "bootstrap": "scipy.stats.bootstrap over sequences, paired (mean of per-sequence deltas), BCa",
+        "bootstrap": "off (n_resamples=0)" if n_resamples == 0 else
+        "scipy.stats.bootstrap over sequences, paired (mean of per-sequence deltas), BCa",
         "layers": sel_layers if layers is not None else "all", "positions": sel_pos if positions is not None else "all",
     }
     meta = {**(metadata or {}), "settings": {**(metadata or {}).get("settings", {}), **settings}}
@@ -726,8 +730,8 @@ def _check_settings(eps: float, confidence: float, n_resamples: int, batch_size:
         raise EffectError(f"eps must be between 0 and 1, got {eps!r}")
     if not (isinstance(confidence, (int, float)) and 0 < confidence < 1):
         raise EffectError(f"confidence must be between 0 and 1, got {confidence!r}")
-    if isinstance(n_resamples, bool) or not isinstance(n_resamples, int) or n_resamples < 1:
-        raise EffectError(f"n_resamples must be a positive integer, got {n_resamples!r}")
+    if isinstance(n_resamples, bool) or not isinstance(n_resamples, int) or n_resamples < 0:
+        raise EffectError(f"n_resamples must be a non-negative integer (0: no CIs), got {n_resamples!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise EffectError(f"batch_size must be a positive integer, got {batch_size!r}")
 
@@ -762,7 +766,8 @@ def measure_effect(
         eps: threshold of Sink_k^eps.
         layers, positions: restrict the per-cell rows of the frame (see :func:`compare`).
         batch_size: sequences per forward pass.
-        n_resamples, confidence, seed: the bootstrap, and the seed of the random control.
+        n_resamples, confidence, seed: the bootstrap (``n_resamples=0``: no CIs), and the seed of
+            the random control.
         flag_percent: Sink_k^eps (percent) from which a position counts as a sink and is never
             a random control position.
 

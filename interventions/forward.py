@@ -100,17 +100,24 @@ def capture_resid_pre(
     layers: Iterable[int],
     *,
     attention_mask: Int[Tensor, "batch pos"] | None = None,
-    return_logits: bool = False,
+    run: Literal["to_deepest", "all_blocks", "logits"] = "to_deepest",
 ) -> dict[int, Float[Tensor, "batch pos d_model"]] | tuple[
     Float[Tensor, "batch pos d_vocab"], dict[int, Float[Tensor, "batch pos d_model"]]
 ]:
     """Run the clean forward once and keep the residual entering each block in ``layers``.
 
-    Only the requested layers are stored (detached copies). Without ``return_logits`` the
-    forward stops at the deepest requested block, so blocks after it never run; with it the
-    full forward runs and ``(logits, residuals)`` is returned (the clean baseline of a sweep).
+    Only the requested layers are stored (detached copies). How far the forward goes:
+
+    * ``"to_deepest"``: it stops at the deepest requested block; blocks after it never run.
+    * ``"all_blocks"``: every block runs (so other hooks, such as a measurement, fire in all
+      of them), the final norm and unembedding do not.
+    * ``"logits"``: the full forward; ``(logits, residuals)`` is returned (the clean baseline
+      of a sweep that reports side effects).
+
     Negative layers count from the end; keys of the result are non-negative.
     """
+    if run not in ("to_deepest", "all_blocks", "logits"):
+        raise ValueError(f"run must be 'to_deepest', 'all_blocks' or 'logits', got {run!r}")
     idx = sorted({_layer_index(model, layer, "layer") for layer in layers})
     if not idx:
         raise ValueError("capture_resid_pre needs at least one layer")
@@ -125,16 +132,32 @@ def capture_resid_pre(
     kwargs: dict[str, Any] = {}
     if attention_mask is not None:
         kwargs["attention_mask"] = attention_mask
-    with model.hooks(fwd_hooks=[(resid_pre_hook(layer), make_hook(layer)) for layer in idx]):
-        if return_logits:
+    hooks = [(resid_pre_hook(layer), make_hook(layer)) for layer in idx]
+    if run == "all_blocks":
+        hooks.append(_end_after_last_block(model))
+    with model.hooks(fwd_hooks=hooks):
+        if run == "logits":
             logits = model.forward(tokens, return_type="logits", **kwargs)
         else:
-            model.forward(tokens, return_type=None, stop_at_layer=idx[-1], **kwargs)
+            model.forward(tokens, return_type=None, stop_at_layer=idx[-1] if run == "to_deepest" else None, **kwargs)
     missing = [layer for layer in idx if layer not in stored]
     if missing:  # a hook that did not fire is a bug, never a silent empty entry
         raise RuntimeError(f"resid_pre hooks did not fire for layers {missing}")
     result = {layer: stored[layer] for layer in idx}
-    return (logits, result) if return_logits else result
+    return (logits, result) if run == "logits" else result
+
+
+def _end_after_last_block(model) -> FwdHook:
+    """A hook that ends the forward on the last block's output, before the final norm.
+
+    It raises the bridge's own stop exception, which ``forward`` catches. Register it after
+    the caller's hooks on that point so they run first.
+    """
+
+    def stop(tensor: Tensor, hook: Any) -> None:
+        raise StopAtLayerException(tensor)
+
+    return (f"blocks.{n_blocks(model) - 1}.hook_out", stop)
 
 
 # --------------------------------------------------------------------------- run from layer
@@ -282,11 +305,8 @@ def run_from_layer(
         bridge_stop = stop  # the bridge's own stop: raises after blocks.{stop}.hook_in fired
     elif stop == n:
         # No block n to stop at: end the run on the last block's output, after the caller's
-        # hooks there (added last, so it runs last), with the bridge's own stop exception.
-        def _stop_after_last_block(tensor: Tensor, hook: Any) -> None:
-            raise StopAtLayerException(tensor)
-
-        hooks.append((f"blocks.{n - 1}.hook_out", _stop_after_last_block))
+        # hooks there (added last, so it runs last).
+        hooks.append(_end_after_last_block(model))
 
     with _skipped_blocks(model, start), model.hooks(fwd_hooks=hooks):
         out = model.forward(

@@ -384,12 +384,15 @@ class _Runner:
             meter.begin(sub)
             hooks = [*meter.hooks(), *first_token_resid_hooks(self.n_layers, firsts)]
             tokens = sub.tokens.to(device)
+            logits = None
             with model.hooks(fwd_hooks=hooks):
-                if starts:
-                    logits, resid = capture_resid_pre(model, tokens, starts, return_logits=True)
+                if starts and self.side_effects:
+                    logits, resid = capture_resid_pre(model, tokens, starts, run="logits")
+                elif starts:
+                    resid = capture_resid_pre(model, tokens, starts, run="all_blocks")
                 else:
                     logits, resid = model(tokens), {}
-            meter.end(logits)
+            meter.end(logits if self.side_effects else None)
             chunks.append(_CleanChunk(rows, sub, resid, firsts, logits if self.side_effects else None))
         return chunks, meter.result(self.meta).select(self.inverse)
 

@@ -191,7 +191,7 @@ def _add_intervene(sub) -> None:
                    help="also sweep the intervention's strength over these values and draw a dose-response curve")
     p.add_argument("--eps", type=float, default=0.3, help="threshold of Sink_k^eps (default 0.3)")
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap and of the random control")
-    p.add_argument("--n-resamples", type=int, default=2000, metavar="N", help="bootstrap resamples (default 2000)")
+    p.add_argument("--n-resamples", type=int, default=2000, metavar="N", help="bootstrap resamples (default 2000; 0 turns the CIs off)")
     p.add_argument("--out", required=True, type=Path)
 
 
@@ -208,8 +208,8 @@ def _run_intervene(args) -> int:
 
     if not 0 < args.eps < 1:
         raise CLIError(f"--eps must be between 0 and 1, got {args.eps}")
-    if args.n_resamples < 1:
-        raise CLIError(f"--n-resamples must be positive, got {args.n_resamples}")
+    if args.n_resamples < 0:
+        raise CLIError(f"--n-resamples must be 0 (no CIs) or positive, got {args.n_resamples}")
     if args.batch_size < 1:
         raise CLIError(f"--batch-size must be positive, got {args.batch_size}")
     strengths = list(args.strengths or [])

@@ -182,6 +182,8 @@ def test_bad_intervention_fails_before_any_forward_pass(llama, batch):
             measure_effect(llama, batch, "ablate-mlp:layer=1", control="position")
         with pytest.raises(EffectError, match="out of range"):
             measure_effect(llama, batch, "ablate-mlp:layer=1", positions=[999])
+        with pytest.raises(EffectError, match="n_resamples must be a non-negative integer"):
+            measure_effect(llama, batch, "ablate-mlp:layer=1", n_resamples=-1)
     assert calls == []
 
 
@@ -249,6 +251,8 @@ def test_paired_bootstrap_edge_cases():
     assert (lo2[0], hi2[0]) == (lo[0], hi[0])  # columns are independent of their neighbours
     lo, hi = paired_bootstrap(np.array([[1.0], [2.0]]))
     assert np.isnan(lo[0]) and np.isnan(hi[0])  # two sequences: no interval
+    lo, hi = paired_bootstrap(data, n_resamples=0)
+    assert np.isnan(lo).all() and np.isnan(hi).all()  # intervals turned off, even for the constant column
 
 
 # --------------------------------------------------------------------------- targets and moves

@@ -258,8 +258,30 @@ def test_capture_stores_only_requested_layers_and_stops_early(clean: Clean):
         assert torch.equal(tensor, cache[f"blocks.{layer}.hook_resid_pre"])
         assert not tensor.requires_grad
     with torch.no_grad():
-        logits, both = capture_resid_pre(model, clean.tokens, [1], return_logits=True)
+        logits, both = capture_resid_pre(model, clean.tokens, [1], run="logits")
     assert torch.equal(logits, clean.logits) and list(both) == [1]
+    assert_model_clean(model)
+
+
+def test_capture_all_blocks_runs_every_block_but_not_the_unembed(clean: Clean):
+    model, n = clean.model, clean.n
+    attn_calls, unembed_calls, last_out = [0] * n, [0], []
+    handles = [
+        block.attn.register_forward_pre_hook(lambda mod, args, i=i: attn_calls.__setitem__(i, attn_calls[i] + 1))
+        for i, block in enumerate(model.blocks)
+    ]
+    handles.append(model.unembed.register_forward_pre_hook(lambda mod, args: unembed_calls.__setitem__(0, 1)))
+    try:
+        # a caller's hook on the last block's output still fires (before the stop)
+        with torch.no_grad(), model.hooks(fwd_hooks=[(f"blocks.{n - 1}.hook_resid_post", lambda t, hook: last_out.append(t.clone()))]):
+            got = capture_resid_pre(model, clean.tokens, [1], run="all_blocks")
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert attn_calls == [1] * n and unembed_calls == [0] and len(last_out) == 1
+    assert torch.equal(got[1], clean.resid[1])
+    with pytest.raises(ValueError, match="run must be"):
+        capture_resid_pre(model, clean.tokens, [1], run="everything")
     assert_model_clean(model)
 
 
@@ -367,7 +389,7 @@ def _check_real(model, start_layers, width: int = 48, atol: float = 1e-4):
     tokens = right_padded(model, REAL_TEXTS, width=width)
     assert tokens.shape == (2, width)
     with torch.no_grad():
-        full, resid = capture_resid_pre(model, tokens, start_layers, return_logits=True)
+        full, resid = capture_resid_pre(model, tokens, start_layers, run="logits")
         for start in start_layers:
             logits = run_from_layer(model, resid[start], start)
             assert (logits - full).abs().max().item() <= atol, start

@@ -255,6 +255,20 @@ def test_residual_statistics_median_convention_for_an_even_count():
     assert stats["median_abs"][0].item() == 2.0
 
 
+def test_residual_statistics_agree_with_torch_reference_reductions():
+    # the fast paths (selection for the median, cosine from the norms) against torch's own
+    # reductions, on random blocks with odd and even counts and a padded sequence
+    gen = torch.Generator().manual_seed(0)
+    resid = torch.randn(3, 7, 5, generator=gen) * torch.tensor([1.0, 50.0, 0.01])[:, None, None]
+    lengths = torch.tensor([7, 4, 1])
+    stats = residual_statistics(resid, lengths)
+    expected_median = [resid[i, : int(n)].abs().median().item() for i, n in enumerate(lengths)]
+    np.testing.assert_array_equal(stats["median_abs"].numpy(), np.array(expected_median, dtype=np.float32))
+    cos = torch.nn.functional.cosine_similarity(resid, resid[:, :1], dim=-1)
+    for i, n in enumerate(lengths.tolist()):
+        np.testing.assert_allclose(stats["cos_to_first"][i, :n].numpy(), cos[i, :n].numpy(), atol=1e-6)
+
+
 # ============================================================================ next_token_loss
 
 
