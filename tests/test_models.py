@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -101,6 +102,7 @@ def test_first_load_dequantizes_offline_into_an_atomic_cache(no_network, monkeyp
     fresh = load_model("smollm2-135m")
     folder = tmp_path / "sinkscope" / "models" / "smollm2-135m"
     assert (folder / "COMPLETE").is_file() and (folder / "model.safetensors").is_file()
+    assert json.loads((folder / "COMPLETE").read_text())["merges"] == "strings"  # the fast-loading tokenizer file
     assert not [p for p in folder.parent.iterdir() if p.name.startswith(".")], "no staging folder left"
     cfg = fresh.original_model.config
     assert not hasattr(cfg, "quantization_config") or cfg.quantization_config is None
@@ -119,3 +121,73 @@ def test_broken_cache_is_rebuilt(monkeypatch, tmp_path, no_network):
     bridge = load_model("smollm2-135m")
     assert bridge.cfg.n_layers == 30
     shutil.rmtree(folder)
+
+
+# --------------------------------------------------------------------------- the cached tokenizer
+
+
+def _tiny_bpe_file(path, merges):
+    from tokenizers import Tokenizer, models as tok_models, pre_tokenizers
+
+    vocab = {c: i for i, c in enumerate(["<unk>", "a", "b", "c", "d", " ", "ab", "abc", "cd", "a b", "a bc"])}
+    tok = Tokenizer(tok_models.BPE(vocab=vocab, merges=merges, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(" ", "merged_with_previous")
+    tok.save(str(path))
+    return tok
+
+
+def test_compacting_merges_is_lossless_and_refuses_ambiguous_ones(tmp_path):
+    from tokenizers import Tokenizer
+
+    path = tmp_path / "tokenizer.json"
+    original = _tiny_bpe_file(path, [("a", "b"), ("ab", "c"), ("c", "d")])
+    assert isinstance(json.loads(path.read_text())["model"]["merges"][0], list)  # pairs, as transformers saves them
+    assert models._compact_merges(path) == "strings"
+    assert json.loads(path.read_text())["model"]["merges"] == ["a b", "ab c", "c d"]
+    compact = Tokenizer.from_file(str(path))
+    for text in ["abcd", "ab cd abc", "dcba", "a b c d", "zz abc"]:
+        assert compact.encode(text).ids == original.encode(text).ids, text
+    assert models._compact_merges(path) == "strings"  # idempotent
+    # a merge part with a space cannot be written as "a b" unambiguously: left as pairs
+    ambiguous = tmp_path / "ambiguous.json"
+    _tiny_bpe_file(ambiguous, [("a", "b"), ("a b", "c")])
+    before = ambiguous.read_text()
+    assert models._compact_merges(ambiguous) == "pairs" and ambiguous.read_text() == before
+
+
+def test_an_earlier_cache_is_upgraded_in_place(tmp_path):
+    _tiny_bpe_file(tmp_path / "tokenizer.json", [("a", "b")])
+    (tmp_path / "COMPLETE").write_text(json.dumps({"hub_id": "x/y"}))
+    models._upgrade_cache(tmp_path)
+    assert json.loads((tmp_path / "COMPLETE").read_text()) == {"hub_id": "x/y", "merges": "strings"}
+    assert json.loads((tmp_path / "tokenizer.json").read_text())["model"]["merges"] == ["a b"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "no temporary file left"
+
+
+@pytest.mark.real
+@pytest.mark.parametrize("name", ["smollm2-135m", "gemma3-270m"])
+def test_cached_tokenizer_equals_transformers_auto_tokenizer(name, request, tmp_path):
+    # load_model reads the cache's tokenizer.json with the Rust library directly (seconds faster
+    # for Gemma); it must tokenize exactly as AutoTokenizer does, and as the merges-as-pairs file did
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+
+    from circuits.probes import probe_texts
+
+    bridge = request.getfixturevalue(name.split("-")[0])
+    folder = models._cache_dir(name)
+    auto = AutoTokenizer.from_pretrained(folder)
+    fast = bridge.tokenizer
+    texts = [*probe_texts(20), "  two leading spaces", "tabs\tand\nnewlines\n\n", "émigré 東京 🙂", auto.bos_token + " x"]
+    for text in texts:
+        assert fast(text).input_ids == auto(text).input_ids, text
+    assert fast.decode(auto(texts[0]).input_ids) == auto.decode(auto(texts[0]).input_ids)
+    for attr in ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id"):
+        assert getattr(fast, attr) == getattr(auto, attr), attr
+    assert len(fast) == len(auto)
+    doc = json.loads((folder / "tokenizer.json").read_text())
+    assert isinstance(doc["model"]["merges"][0], str)
+    doc["model"]["merges"] = [m.split(" ") for m in doc["model"]["merges"]]
+    pairs = Tokenizer.from_str(json.dumps(doc))
+    for text in texts:
+        assert pairs.encode(text).ids == fast.backend_tokenizer.encode(text).ids, text
