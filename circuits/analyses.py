@@ -64,7 +64,7 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from circuits.measure import HookSource, nanmean, next_token_loss
+from circuits.measure import HookSource, lower_median_abs, nanmean, next_token_loss
 from circuits.probes import TokenBatch
 
 SITES: tuple[str, ...] = ("input", "gate", "up", "act", "act_x_up", "down", "written")
@@ -440,17 +440,12 @@ class SuperNeuronMeter(_Meter):
             a = a.detach().float()
             self._put("first_act", layer, a[:, 0])
             lengths = self._current.lengths
-            maxes, medians = [], []
+            maxes = []
             for i in range(a.shape[0]):
                 rest = a[i, 1 : int(lengths[i])].abs()
-                if rest.shape[0] == 0:
-                    maxes.append(torch.full((a.shape[-1],), torch.nan))
-                    medians.append(torch.tensor(torch.nan))
-                else:
-                    maxes.append(rest.max(0).values.cpu())
-                    medians.append(rest.flatten().median().cpu())
+                maxes.append(rest.max(0).values.cpu() if rest.shape[0] else torch.full((a.shape[-1],), torch.nan))
             self._put("other_max_abs", layer, torch.stack(maxes))
-            self._put("layer_median_abs", layer, torch.stack(medians))
+            self._put("layer_median_abs", layer, lower_median_abs(a, lengths, start=1).cpu())
 
         return hook
 

@@ -323,22 +323,27 @@ def residual_statistics(resid: Float[Tensor, "batch pos d_model"], lengths: Tens
     }
 
 
-def lower_median_abs(resid: Float[Tensor, "batch pos d_model"], lengths: Tensor) -> Float[Tensor, " batch"]:
-    """Per sequence, the median |value| over its real positions and all dims.
+def lower_median_abs(x: Float[Tensor, "batch pos dim"], lengths: Tensor, *, start: int = 0) -> Float[Tensor, " batch"]:
+    """Per sequence, the median |value| over its positions ``start..length-1`` and all dims.
 
-    The convention is torch.median's: for an even count, the LOWER of the two middle values.
-    On the CPU it is a selection (``np.partition``), not a sort: five times faster than
-    ``Tensor.median`` on a 128 x 576 block, and this runs in every layer's hook.
+    The convention is torch.median's: for an even count, the LOWER of the two middle values;
+    NaN for a sequence with no such position. On the CPU it is a selection (``np.partition``),
+    not a sort: five times faster than ``Tensor.median`` on a 128 x 576 block, and it runs in
+    every layer's hook.
     """
-    lengths_list = [int(n) for n in lengths.tolist()]
-    if resid.device.type != "cpu":
-        return torch.stack([resid[i, :n].abs().median() for i, n in enumerate(lengths_list)])
-    a = resid.detach().abs().numpy()
-    out = np.empty(len(lengths_list), dtype=a.dtype)
-    for i, n in enumerate(lengths_list):
-        flat = a[i, :n].reshape(-1)
-        k = (flat.size - 1) // 2
-        out[i] = np.partition(flat, k)[k]
+    spans = [(start, int(n)) for n in lengths.tolist()]
+    if x.device.type != "cpu":
+        return torch.stack([
+            x[i, a:b].abs().median() if b > a else torch.tensor(torch.nan, device=x.device)
+            for i, (a, b) in enumerate(spans)
+        ])
+    values = x.detach().abs().numpy()
+    out = np.full(len(spans), np.nan, dtype=values.dtype)
+    for i, (a, b) in enumerate(spans):
+        if b > a:
+            flat = values[i, a:b].reshape(-1)
+            k = (flat.size - 1) // 2
+            out[i] = np.partition(flat, k)[k]
     return torch.from_numpy(out)
 
 

@@ -25,6 +25,7 @@ from circuits.measure import (
     TOP_DIMS,
     SinkMeasurement,
     attention_received,
+    lower_median_abs,
     measure,
     next_token_loss,
     residual_statistics,
@@ -264,6 +265,10 @@ def test_residual_statistics_agree_with_torch_reference_reductions():
     stats = residual_statistics(resid, lengths)
     expected_median = [resid[i, : int(n)].abs().median().item() for i, n in enumerate(lengths)]
     np.testing.assert_array_equal(stats["median_abs"].numpy(), np.array(expected_median, dtype=np.float32))
+    # from position 1 on (the super-neuron meter's "other tokens"); a length-1 sequence has none
+    later = lower_median_abs(resid, lengths, start=1).numpy()
+    np.testing.assert_array_equal(later[:2], [resid[i, 1 : int(n)].abs().median().item() for i, n in enumerate(lengths[:2])])
+    assert np.isnan(later[2])
     cos = torch.nn.functional.cosine_similarity(resid, resid[:, :1], dim=-1)
     for i, n in enumerate(lengths.tolist()):
         np.testing.assert_allclose(stats["cos_to_first"][i, :n].numpy(), cos[i, :n].numpy(), atol=1e-6)
