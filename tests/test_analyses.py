@@ -18,8 +18,6 @@ from circuits.measure import SinkMeter, measure
 from circuits.models import tiny_model
 from circuits.probes import TokenBatch, probe_texts, reasoning_texts, tokenize
 
-torch.set_num_threads(1)
-
 TEXTS = ["The cat sat on the mat and looked at the door.", "A short one.", "Numbers: 1, 2, 3, 4, 5, 6, 7 and more!"]
 
 
