@@ -346,33 +346,23 @@ def random_control(
                 f"no room for a position control: {len(current)} position(s) needed, {len(candidates)} non-sink "
                 f"position(s) available in 1..{n_positions - 2} (flagged as sinks: {list(flagged)})"
             )
-        for _ in range(attempts):
-            pick = sorted(rng.choice(candidates, size=len(current), replace=False).tolist())
-            mapping = dict(zip(current, pick))
-            try:
-                control = relocated(intervention, positions=mapping)
-                control.validate(model, n_positions)
-            except InterventionError:
-                continue
-            info["moved"] = {str(k): v for k, v in mapping.items()}
-            return control, info
-        raise EffectError(f"no valid random position control found for {name} in {attempts} draws")
-    current = intervention_layers(intervention)
-    n_layers = int(model.cfg.n_layers)
-    candidates = [l for l in range(n_layers - 1) if l not in current]
-    if len(candidates) < len(current):
-        raise EffectError(f"no room for a layer control: {len(current)} layer(s) needed, {len(candidates)} other layer(s) available")
+    else:
+        current = intervention_layers(intervention)
+        candidates = [l for l in range(int(model.cfg.n_layers) - 1) if l not in current]
+        if len(candidates) < len(current):
+            raise EffectError(f"no room for a layer control: {len(current)} layer(s) needed, {len(candidates)} other layer(s) available")
+    # draw until the moved intervention is valid (e.g. a moved layer set that a kind rejects)
     for _ in range(attempts):
         pick = sorted(rng.choice(candidates, size=len(current), replace=False).tolist())
         mapping = dict(zip(current, pick))
         try:
-            control = relocated(intervention, layers=mapping)
+            control = relocated(intervention, **({"positions": mapping} if chosen == "position" else {"layers": mapping}))
             control.validate(model, n_positions)
         except InterventionError:
             continue
         info["moved"] = {str(k): v for k, v in mapping.items()}
         return control, info
-    raise EffectError(f"no valid random layer control found for {name} in {attempts} draws")
+    raise EffectError(f"no valid random {chosen} control found for {name} in {attempts} draws")
 
 
 # --------------------------------------------------------------------------- statistics
