@@ -64,7 +64,7 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from circuits.measure import HookSource, lower_median_abs, nanmean, next_token_loss
+from circuits.measure import HookSource, concat_batches, lower_median_abs, nanmean, next_token_loss
 from circuits.probes import TokenBatch
 
 SITES: tuple[str, ...] = ("input", "gate", "up", "act", "act_x_up", "down", "written")
@@ -124,18 +124,7 @@ class _Meter:
         if not self._parts:
             raise ValueError("no batch was observed")
         width = max(b.tokens.shape[1] for b in self._batches)
-        out = {}
-        for key, axis in pos_axes.items():
-            arrays = []
-            for part in self._parts:
-                a = part[key]
-                if axis is not None and a.shape[axis] < width:
-                    pad = [(0, 0)] * a.ndim
-                    pad[axis] = (0, width - a.shape[axis])
-                    a = np.pad(a, pad, constant_values=np.nan)
-                arrays.append(a)
-            out[key] = np.concatenate(arrays, axis=0)
-        return out
+        return {key: concat_batches([part[key] for part in self._parts], axis, width) for key, axis in pos_axes.items()}
 
     @property
     def lengths(self) -> np.ndarray:

@@ -244,15 +244,7 @@ class SinkMeter:
         width = max(b.tokens.shape[1] for b in self._batches)
 
         def cat(key: str, pos_axis: int | None) -> np.ndarray:
-            arrays = []
-            for part in self._parts:
-                a = part[key]
-                if pos_axis is not None and a.shape[pos_axis] < width:
-                    pad = [(0, 0)] * a.ndim
-                    pad[pos_axis] = (0, width - a.shape[pos_axis])
-                    a = np.pad(a, pad, constant_values=-1 if a.dtype.kind == "i" else np.nan)
-                arrays.append(a)
-            return np.concatenate(arrays, axis=0)
+            return concat_batches([part[key] for part in self._parts], pos_axis, width)
 
         first = self._batches[0]
         return SinkMeasurement(
@@ -272,6 +264,23 @@ class SinkMeter:
             next_token_loss=cat("next_token_loss", 1),
             metadata=dict(metadata or {}),
         )
+
+
+def concat_batches(arrays: Sequence[np.ndarray], pos_axis: int | None, width: int) -> np.ndarray:
+    """Stack per-batch arrays along the sequence axis (0), right-padding ``pos_axis`` to ``width``.
+
+    Batches are padded to their own longest sequence, so a shorter batch's position axis is
+    filled with NaN (-1 for integer arrays such as dimension indices). ``pos_axis`` None: the
+    array has no position axis.
+    """
+    padded = []
+    for a in arrays:
+        if pos_axis is not None and a.shape[pos_axis] < width:
+            pad = [(0, 0)] * a.ndim
+            pad[pos_axis] = (0, width - a.shape[pos_axis])
+            a = np.pad(a, pad, constant_values=-1 if a.dtype.kind == "i" else np.nan)
+        padded.append(a)
+    return np.concatenate(padded, axis=0)
 
 
 # ------------------------------------------------------------------------- pure reductions
