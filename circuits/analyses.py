@@ -48,8 +48,8 @@ positions, F = d_mlp):
   first token's value contributes, ``mean_t ||A[t,0] v_0|| / ||z_t||``.
 
 Summaries turn these into tidy tables: :func:`creation_layer_mlp`, :func:`variance_by_position`,
-:func:`super_neurons`, :func:`key_value_norms`. :func:`output_change` measures what an
-intervention does to the next-token distribution (KL, loss, top-1 agreement).
+:func:`super_neurons`, :func:`key_value_norms`. What an intervention does to the next-token
+distribution is the acting layer's business: :func:`interventions.effect.output_change`.
 """
 
 from __future__ import annotations
@@ -608,52 +608,9 @@ def key_value_norms(stats: KVStats) -> pd.DataFrame:
         )
 
 
-# ------------------------------------------------------------------------------ output change
-
-
-@torch.no_grad()
-def output_change(
-    model,
-    batch: TokenBatch,
-    interventions: Mapping[str, object],
-    *,
-    batch_size: int = 4,
-) -> pd.DataFrame:
-    """What each intervention does to the next-token distribution, against the clean run.
-
-    Per intervention (and the clean run, for reference): ``kl`` = mean over real positions
-    of KL(clean ‖ intervened) in nats (:func:`interventions.effect.kl_divergence`), ``loss`` =
-    mean next-token loss (nats), ``delta_loss`` = intervened − clean, ``top1_agree`` = share of positions where the argmax token is
-    unchanged. Sub-batch by sub-batch: only one sub-batch's logits are alive at a time.
-    """
-    from interventions.base import hooks_for
-    from interventions.effect import kl_divergence
-
-    factories = {name: hooks_for(model, iv, batch) for name, iv in interventions.items()}
-    sums = {name: np.zeros(4) for name in ["clean", *factories]}  # kl, loss, agree, count
-    for start in range(0, len(batch), batch_size):
-        sub = batch.select(slice(start, start + batch_size))
-        valid = torch.arange(sub.tokens.shape[1])[None, :] < (sub.lengths[:, None] - 1)  # t+1 is real
-        clean = model(sub.tokens, return_type="logits")
-        clean_top = clean.argmax(-1)
-        for name in sums:
-            logits = clean if name == "clean" else model.run_with_hooks(sub.tokens, fwd_hooks=factories[name](sub), return_type="logits")
-            kl = kl_divergence(clean, logits, valid)
-            nll = next_token_loss(logits, sub)
-            agree = (logits.argmax(-1) == clean_top).float().cpu()
-            sums[name] += [float(kl[valid].sum()), float(nll[valid].sum()), float(agree[valid].sum()), float(valid.sum())]
-            del logits
-        del clean
-    rows = []
-    base_loss = sums["clean"][1] / sums["clean"][3]
-    for name, (kl, loss, agree, n) in sums.items():
-        rows.append(dict(intervention=name, kl=kl / n, loss=loss / n, delta_loss=loss / n - base_loss, top1_agree=agree / n, n_tokens=int(n)))
-    return pd.DataFrame(rows)
-
-
 __all__ = [
     "AttnOutMeter", "AttnOutStats", "KVMeter", "KVStats", "MLPSiteMeter", "MLPSites", "SITES", "SuperNeuronMeter",
     "SITE_HOOKS", "SuperNeuronStats", "correlations", "creation_layer_mlp", "down_projection", "key_hook_name",
     "key_value_norms", "nanmean_t", "observe",
-    "output_change", "site_baseline", "super_neurons", "variance_by_position", "variance_profile",
+    "site_baseline", "super_neurons", "variance_by_position", "variance_profile",
 ]

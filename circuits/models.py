@@ -30,12 +30,14 @@ from typing import Callable, Literal
 
 import torch
 
+from circuits.errors import SinkscopeError
+
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m"
 
 
-class ModelError(Exception):
+class ModelError(SinkscopeError):
     """Base class: a model could not be found, installed or read."""
 
 
@@ -270,7 +272,7 @@ def _load_hf_folder(folder: Path, dtype: torch.dtype, device: str, *, tokenizer_
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if (folder / "sinkscope_lab.json").is_file():  # a pre-training lab checkpoint: its own attention
-        from sinkscope.lab.variants import load_hf_folder
+        from circuits.variants import load_hf_folder
 
         try:
             model, tokenizer = load_hf_folder(folder, dtype)
@@ -348,7 +350,7 @@ def load_model(name: str = DEFAULT_MODEL, *, dtype: torch.dtype = torch.float32,
         hf_model, tokenizer = _load_hf_folder(path, dtype, device)
         bridge = _bridge(hf_model, tokenizer, str(path), dtype, device)
         if (path / "sinkscope_lab.json").is_file():
-            from sinkscope.lab.variants import attach_to_bridge
+            from circuits.variants import attach_to_bridge
 
             attach_to_bridge(bridge, hf_model)
         bridge._sinkscope_info = {"name": str(path), "source": "local folder", "native_bos": _tokenizer_adds_bos(tokenizer)}

@@ -22,8 +22,10 @@ import torch
 from jaxtyping import Bool, Int
 from torch import Tensor
 
+from circuits.errors import SinkscopeError
 
-class TokenizationError(ValueError):
+
+class TokenizationError(SinkscopeError, ValueError):
     """Bad text input: empty text, nothing left after truncation, or longer than the context."""
 
 

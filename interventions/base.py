@@ -52,6 +52,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from circuits.errors import SinkscopeError
 from circuits.probes import TokenBatch, TokenizationError
 
 Hook = tuple[str, Callable]
@@ -59,7 +60,7 @@ Hook = tuple[str, Callable]
 REFERENCE_CHUNK = 8  # sequences per reference forward pass (memory stays at one small batch)
 
 
-class InterventionError(ValueError):
+class InterventionError(SinkscopeError, ValueError):
     """An intervention is malformed or does not fit the model or the batch.
 
     Raised at construction or by :meth:`Intervention.validate`, always before any forward
@@ -434,12 +435,6 @@ class Intervention:
         if name is None:
             raise InterventionError(f"{type(self).__name__} has no strength to vary")
         return dataclasses.replace(self, **{name: value})
-
-    def spec(self) -> str:
-        """The text spec that parses back into this object (see :mod:`interventions.registry`)."""
-        from interventions.registry import spec
-
-        return spec(self)
 
     def hooks_for(self, model, batch: TokenBatch) -> "HookFactory":
         return hooks_for(model, self, batch)

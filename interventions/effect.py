@@ -48,8 +48,10 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from circuits.measure import SinkMeasurement, SinkMeter, iter_batches, nanmean, provenance
+from circuits.errors import SinkscopeError
+from circuits.measure import SinkMeasurement, SinkMeter, iter_batches, nanmean, next_token_loss, provenance
 from circuits.probes import TokenBatch, tokenize
+from interventions import registry
 from interventions.base import (
     Compose,
     Intervention,
@@ -79,7 +81,7 @@ _POSITION_FIELDS = ("positions", "queries")
 _LAYER_FIELDS = ("layers", "layer")
 
 
-class EffectError(ValueError):
+class EffectError(SinkscopeError, ValueError):
     """A bad measurement setting (eps, positions to summarise, a control that cannot be placed)."""
 
 
@@ -481,7 +483,7 @@ class Effect:
 
     def to_json(self) -> dict:
         """The ``effect.json`` document (schema ``sinkscope.effect/1``), JSON-safe (NaN -> null)."""
-        from sinkscope.output import to_jsonable
+        from circuits.output import to_jsonable
 
         meta = dict(self.metadata)
         frame = self.frame.astype(object).where(self.frame.notna(), None)
@@ -514,7 +516,7 @@ class Effect:
 
 def _spec_text(iv: Intervention) -> str:
     try:
-        return iv.spec()
+        return registry.spec(iv)
     except InterventionError:
         return repr(iv)
 
@@ -693,9 +695,7 @@ def _summary_row(row: pd.Series, has_ctrl: bool) -> dict:
 def as_intervention(intervention: Intervention | str) -> Intervention:
     """An :class:`Intervention`, parsing a text spec (``"ablate-mlp:layer=3"``) if given one."""
     if isinstance(intervention, str):
-        from interventions.registry import parse_spec
-
-        return parse_spec(intervention)
+        return registry.parse_spec(intervention)
     if not isinstance(intervention, Intervention):
         raise InterventionError(f"expected an Intervention or a spec string, got {type(intervention).__name__}")
     return intervention
@@ -847,6 +847,46 @@ def _measured_forward(model, sub: TokenBatch, meter: SinkMeter, hooks) -> Tensor
     return logits
 
 
+# ------------------------------------------------------------------------------ output change
+
+
+@torch.no_grad()
+def output_change(
+    model,
+    batch: TokenBatch,
+    interventions: Mapping[str, Intervention],
+    *,
+    batch_size: int = 4,
+) -> pd.DataFrame:
+    """What each intervention does to the next-token distribution, against the clean run.
+
+    Per intervention (and the clean run, for reference): ``kl`` = mean over real positions
+    of KL(clean ‖ intervened) in nats (:func:`kl_divergence`), ``loss`` =
+    mean next-token loss (nats), ``delta_loss`` = intervened − clean, ``top1_agree`` = share of positions where the argmax token is
+    unchanged. Sub-batch by sub-batch: only one sub-batch's logits are alive at a time.
+    """
+    factories = {name: hooks_for(model, iv, batch) for name, iv in interventions.items()}
+    sums = {name: np.zeros(4) for name in ["clean", *factories]}  # kl, loss, agree, count
+    for start in range(0, len(batch), batch_size):
+        sub = batch.select(slice(start, start + batch_size))
+        valid = torch.arange(sub.tokens.shape[1])[None, :] < (sub.lengths[:, None] - 1)  # t+1 is real
+        clean = model(sub.tokens, return_type="logits")
+        clean_top = clean.argmax(-1)
+        for name in sums:
+            logits = clean if name == "clean" else model.run_with_hooks(sub.tokens, fwd_hooks=factories[name](sub), return_type="logits")
+            kl = kl_divergence(clean, logits, valid)
+            nll = next_token_loss(logits, sub)
+            agree = (logits.argmax(-1) == clean_top).float().cpu()
+            sums[name] += [float(kl[valid].sum()), float(nll[valid].sum()), float(agree[valid].sum()), float(valid.sum())]
+            del logits
+        del clean
+    rows = []
+    base_loss = sums["clean"][1] / sums["clean"][3]
+    for name, (kl, loss, agree, n) in sums.items():
+        rows.append(dict(intervention=name, kl=kl / n, loss=loss / n, delta_loss=loss / n - base_loss, top1_agree=agree / n, n_tokens=int(n)))
+    return pd.DataFrame(rows)
+
+
 __all__ = [
     "CONTROL_MODES",
     "Effect",
@@ -862,6 +902,7 @@ __all__ = [
     "intervention_positions",
     "kl_divergence",
     "measure_effect",
+    "output_change",
     "paired_bootstrap",
     "random_control",
     "relocated",

@@ -56,6 +56,7 @@ from interventions.registry import register
 AblationMode = Literal["zero", "mean", "resample"]
 MeanOver = Literal["position", "tokens"]
 RescaleScope = Literal["component", "whole"]
+EditMode = Literal["zero", "mean", "rescale"]
 
 
 def mlp_hook(layer: int) -> str:
@@ -483,3 +484,100 @@ def _coerce_direction(owner: Any, value: Any) -> tuple[float, ...] | None:
         raise fail(owner, "direction", "is the zero vector; it has no direction")
     return tuple(float(x) for x in t.tolist())
 
+
+@register("edit-token-mlp")
+@dataclass(frozen=True)
+class TokenMLPEdit(Intervention):
+    """Edit the MLP output (``blocks.L.hook_mlp_out``) at chosen (sequence, layer, position) cells.
+
+    ``sequences``, ``layers`` and ``positions`` are parallel lists: cell ``i`` is position
+    ``positions[i]`` of sequence ``sequences[i]`` at layer ``layers[i]``. Sequence indices
+    refer to the batch given to ``measure`` / ``measure_effect`` / ``sweep`` (the reference
+    batch), so sub-batching does not matter. Modes:
+
+    * ``"zero"``: the MLP output of the cell becomes 0;
+    * ``"mean"``: it becomes the mean MLP output of that layer over every token t >= 1 of the
+      reference batch (:func:`interventions.mlp.mean_activations`, ``over="tokens"``);
+    * ``"rescale"``: :func:`interventions.mlp.rescale_along` with ``factor`` or ``target_norm``
+      along the clean primary-sink direction ``h_0^l`` (``scope="whole"``: the whole output,
+      Wong et al.'s norm intervention; ``"component"``: only its part along ``h_0^l``).
+    """
+
+    sequences: tuple[int, ...]
+    layers: tuple[int, ...]
+    positions: tuple[int, ...]
+    mode: EditMode = "zero"
+    factor: float | None = None
+    target_norm: float | None = None
+    scope: Literal["whole", "component"] = "whole"
+
+    def __post_init__(self) -> None:
+        for name in ("sequences", "layers", "positions"):
+            object.__setattr__(self, name, coerce_ints(self, name, getattr(self, name), allow_none=False))
+        if not len(self.sequences) == len(self.layers) == len(self.positions):
+            raise fail(self, "sequences", f"sequences, layers and positions must have the same length, got "
+                       f"{len(self.sequences)}, {len(self.layers)}, {len(self.positions)}")
+        coerce_choice(self, "mode", self.mode, ("zero", "mean", "rescale"))
+        coerce_choice(self, "scope", self.scope, ("whole", "component"))
+        object.__setattr__(self, "factor", coerce_float(self, "factor", self.factor, allow_none=True))
+        object.__setattr__(self, "target_norm", coerce_float(self, "target_norm", self.target_norm, allow_none=True, nonnegative=True))
+        given = [n for n in ("factor", "target_norm") if getattr(self, n) is not None]
+        if self.mode == "rescale" and len(given) != 1:
+            raise fail(self, "factor", f"mode='rescale' needs exactly one of factor or target_norm, got {given or 'none'}")
+        if self.mode != "rescale" and given:
+            raise fail(self, given[0], "is only used by mode='rescale'")
+
+    def _strength_name(self) -> str | None:
+        return "factor" if self.factor is not None else "target_norm" if self.target_norm is not None else None
+
+    def validate(self, model, n_positions: int | None = None) -> None:
+        check_layers(self, "layers", self.layers, model)
+        check_positions(self, "positions", self.positions, n_positions, model)
+
+    def prepare(self, model, ctx: RunContext) -> dict[str, Any]:
+        layers = sorted(set(self.layers))
+        state: dict[str, Any] = {}
+        if self.mode == "mean":
+            key = ("edit-token-mlp-mean", tuple(layers), id(ctx.reference_batch))
+            if key not in ctx.shared:
+                means, _ = mean_activations(model, ctx.reference_batch, [mlp_hook(l) for l in layers], "tokens")
+                ctx.shared[key] = {l: means[mlp_hook(l)] for l in layers}
+            state["mean"] = ctx.shared[key]
+        elif self.mode == "rescale":
+            dirs = ctx.primary_sink_directions(model, layers)
+            state["unit"] = {l: d.float() / d.float().norm(dim=-1, keepdim=True).clamp_min(1e-12) for l, d in dirs.items()}
+        # cells of this sub-batch: layer -> (rows, positions)
+        index = ctx.sequence_indices(ctx.reference_batch)
+        cells: dict[int, tuple[list[int], list[int]]] = {}
+        for s, l, p in zip(self.sequences, self.layers, self.positions):
+            for row, ref in enumerate(index):
+                if ref == s:
+                    rows, pos = cells.setdefault(l, ([], []))
+                    rows.append(row)
+                    pos.append(p)
+        state["cells"] = cells
+        return state
+
+    def hooks(self, model, ctx: RunContext) -> list[Hook]:
+        state = ctx.state(self)
+        return [(mlp_hook(l), self._hook(l, rows, pos, state)) for l, (rows, pos) in state["cells"].items()]
+
+    def _hook(self, layer: int, rows: list[int], pos: list[int], state: dict):
+        iv = self
+
+        def hook(mlp_out: Float[Tensor, "batch pos d_model"], hook) -> Tensor:
+            r = torch.tensor(rows, device=mlp_out.device)
+            p = torch.tensor(pos, device=mlp_out.device)
+            m = mlp_out[r, p].float()  # [cells, d_model]
+            if iv.mode == "zero":
+                new = torch.zeros_like(m)
+            elif iv.mode == "mean":
+                new = state["mean"][layer].to(m.device, m.dtype).expand_as(m)
+            else:
+                u = state["unit"][layer].to(m.device)[r]  # [cells, d_model]
+                new = rescale_along(m[:, None], u[:, None], iv.target_norm, iv.factor, False, iv.scope)[:, 0]
+            out = mlp_out.clone()
+            out[r, p] = new.to(mlp_out.dtype)
+            return out
+
+        return hook

@@ -48,7 +48,7 @@ KINDS: dict[str, type[Intervention]] = {}
 
 _KIND_RE = re.compile(r"^[a-z][a-z0-9]*(-[a-z0-9]+)*$")
 _BUILTIN_MODULES = (
-    "interventions.mlp", "interventions.attention", "interventions.residual", "interventions.keybias", "interventions.recipes",
+    "interventions.mlp", "interventions.attention", "interventions.residual", "interventions.keybias",
 )
 _BARE_RE = re.compile(r"^[A-Za-z0-9_.\-/]+$")
 _INT_RE = re.compile(r"^[+-]?\d+$")

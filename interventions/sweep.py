@@ -329,7 +329,7 @@ def sweep(
         },
         "token_ids": batch.token_ids,
     }
-    from sinkscope.output import write_json
+    from circuits.output import write_json
 
     metadata_path = out / "sweep.json"
     tmp = out / ".sweep.json.tmp"

