@@ -25,25 +25,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from interventions.base import (
-    Hook,
-    Intervention,
-    InterventionError,
-    RunContext,
-    check_heads,
-    check_hook_name,
-    check_layers,
-    check_positions,
-    coerce_bool,
-    coerce_float,
-    coerce_ints,
-    fail,
-)
+from interventions.base import Hook, Intervention, InterventionError, RunContext, Sites, check_hook_name, coerce_bool, coerce_float, coerce_ints, fail
 from interventions.registry import register
 
 
@@ -77,6 +65,8 @@ class IsolateAggregation(Intervention):
     keys: tuple[int, ...] | None = None
     heads: tuple[int, ...] | None = None
 
+    sites: ClassVar[Sites] = Sites(layers="layers", positions="queries", keys="keys", heads="heads")
+
     def __post_init__(self) -> None:
         object.__setattr__(self, "layers", coerce_ints(self, "layers", self.layers, allow_none=False))
         object.__setattr__(self, "queries", coerce_ints(self, "queries", self.queries, allow_none=False))
@@ -89,12 +79,6 @@ class IsolateAggregation(Intervention):
                         self, "keys",
                         f"query {q} can see none of the keys {list(self.keys)} (a query only sees keys at or before it)",
                     )
-
-    def validate(self, model, n_positions: int | None = None) -> None:
-        check_layers(self, "layers", self.layers, model)
-        check_heads(self, "heads", self.heads, model)
-        check_positions(self, "queries", self.queries, n_positions, model)
-        check_positions(self, "keys", self.keys, n_positions, model)
 
     def blocked(self, n_heads: int, width: int, device) -> Tensor:
         """``[head, query, key]``: True where a score is overwritten with the mask value."""
@@ -144,15 +128,13 @@ class HeadwiseRMSNorm(Intervention):
     eps: float = 1e-6
     preserve_scale: bool = False
 
+    sites: ClassVar[Sites] = Sites(layers="layers", heads="heads")
+
     def __post_init__(self) -> None:
         object.__setattr__(self, "layers", coerce_ints(self, "layers", self.layers, allow_none=False))
         object.__setattr__(self, "heads", coerce_ints(self, "heads", self.heads))
         object.__setattr__(self, "eps", coerce_float(self, "eps", self.eps, positive=True))
         coerce_bool(self, "preserve_scale", self.preserve_scale)
-
-    def validate(self, model, n_positions: int | None = None) -> None:
-        check_layers(self, "layers", self.layers, model)
-        check_heads(self, "heads", self.heads, model)
 
     def hooks(self, model, ctx: RunContext) -> list[Hook]:
         valid = ctx.batch.valid.to(model.cfg.device)
@@ -202,14 +184,15 @@ class SigmoidAttention(Intervention):
 
     strength_field = "bias"
 
+    sites: ClassVar[Sites] = Sites(layers="layers", heads="heads")
+
     def __post_init__(self) -> None:
         object.__setattr__(self, "layers", coerce_ints(self, "layers", self.layers, allow_none=False))
         object.__setattr__(self, "heads", coerce_ints(self, "heads", self.heads))
         object.__setattr__(self, "bias", coerce_float(self, "bias", self.bias, allow_none=True))
 
     def validate(self, model, n_positions: int | None = None) -> None:
-        check_layers(self, "layers", self.layers, model)
-        check_heads(self, "heads", self.heads, model)
+        super().validate(model, n_positions)
         for l in self.layers:
             check_hook_name(self, "layers", f"blocks.{l}.attn.hook_attn_scores", model)
             check_hook_name(self, "layers", f"blocks.{l}.attn.hook_pattern", model)

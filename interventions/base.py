@@ -46,7 +46,7 @@ import math
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Iterator, Sequence
+from typing import Any, Callable, ClassVar, Iterator, Literal, Sequence
 
 import torch
 from jaxtyping import Float, Int
@@ -354,6 +354,64 @@ class RunContext:
         return [where.get(tuple(ids), i) for i, ids in enumerate(self.batch.token_ids)]
 
 
+# --------------------------------------------------------------------------- where it acts
+
+
+@dataclass(frozen=True)
+class Sites:
+    """Which fields of an intervention say *where* it acts, declared once per class.
+
+    Validation (range checks), targets (which cells ``measure_effect`` scores), random
+    controls (what a control moves) and ``vary`` (what a sweep sets) all read this
+    declaration, so a new kind with its own field names needs no edit anywhere else. Each
+    attribute names a dataclass field, or is None when the kind has no such site.
+
+    Attributes:
+        layers: block index (an ``int`` field) or indices (a tuple field) that are edited;
+            a None *value* means every layer.
+        positions: token positions (or attention queries) that are edited; the target of
+            the intervention, and what a position control moves.
+        keys: attention keys, moved together with ``positions`` by a position control
+            (an edited position that is also a key moves with it).
+        heads: attention heads that are edited.
+        direction: a fixed ``d_model`` direction; a direction control replaces it.
+    """
+
+    layers: str | None = None
+    positions: str | None = None
+    keys: str | None = None
+    heads: str | None = None
+    direction: str | None = None
+
+    @classmethod
+    def by_convention(cls, owner: type) -> "Sites":
+        """The sites of a kind that declares none: the conventional field names
+        (``layers`` or ``layer``, ``positions``, ``heads``, ``direction``) that it has."""
+        names = {f.name for f in dataclasses.fields(owner) if f.init} if dataclasses.is_dataclass(owner) else set()
+        pick = lambda *options: next((n for n in options if n in names), None)  # noqa: E731
+        return cls(pick("layers", "layer"), pick("positions"), None, pick("heads"), pick("direction"))
+
+
+SiteRole = Literal["layers", "positions", "keys", "heads", "direction"]
+
+
+def sites_of(intervention: "Intervention | type") -> Sites:
+    """The declared :class:`Sites` of an intervention (or its class), else the conventional ones."""
+    cls = intervention if isinstance(intervention, type) else type(intervention)
+    declared = getattr(cls, "sites", None)
+    return declared if declared is not None else Sites.by_convention(cls)
+
+
+def site_value(intervention: "Intervention", role: SiteRole) -> tuple | None:
+    """The value at a site as a tuple (an ``int`` layer field becomes a 1-tuple), or None when
+    the kind has no such site or the field is None ("every ...")."""
+    name = getattr(sites_of(intervention), role)
+    value = None if name is None else getattr(intervention, name)
+    if value is None:
+        return None
+    return tuple(value) if isinstance(value, (tuple, list)) else (value,)
+
+
 # --------------------------------------------------------------------------- the protocol
 
 
@@ -368,28 +426,31 @@ class Intervention:
         kind: the registry name (``"ablate-mlp"``).
         strength_field: the name of the scalar field a sweep varies (``"factor"``), or None
             when the intervention has no natural strength.
+        sites: which fields say where it acts (:class:`Sites`); None: the conventional names.
     """
 
     kind: ClassVar[str] = ""
     strength_field: ClassVar[str | None] = None
+    sites: ClassVar[Sites | None] = None
 
     # -- to implement --------------------------------------------------------------------
     def validate(self, model, n_positions: int | None = None) -> None:
         """Check the fields against ``model`` and a batch whose shortest sequence has
         ``n_positions`` tokens (None: only the model's context bounds positions).
 
-        The default checks the conventional fields when a subclass has them — ``layers`` or
-        ``layer``, ``heads``, ``positions`` — so a user kind gets range checks for free.
+        The default range-checks every declared site (:attr:`sites`): layers, heads,
+        positions and keys, so a kind gets them for free; override to add kind-specific
+        checks (and call ``super().validate``).
 
         Raises:
             InterventionError: naming the field, the bad value and the allowed range.
         """
-        for name in ("layers", "layer"):
-            value = getattr(self, name, None)
-            if value is not None:
-                check_layers(self, name, value if isinstance(value, tuple) else (value,), model)
-        check_heads(self, "heads", getattr(self, "heads", None), model)
-        check_positions(self, "positions", getattr(self, "positions", None), n_positions, model)
+        sites = sites_of(self)
+        if (layers := site_value(self, "layers")) is not None:
+            check_layers(self, sites.layers, layers, model)
+        check_heads(self, sites.heads, site_value(self, "heads"), model)
+        for role in ("positions", "keys"):
+            check_positions(self, getattr(sites, role), site_value(self, role), n_positions, model)
 
     def prepare(self, model, ctx: RunContext) -> Any:
         """Compute reference data for ``ctx.batch`` (default: nothing). The return value is
@@ -404,12 +465,12 @@ class Intervention:
         raise NotImplementedError(f"{type(self).__name__} must implement hooks(model, ctx)")
 
     def layers_touched(self) -> tuple[int, ...]:
-        """Block indices whose hooks this intervention edits (-1: a hook outside the blocks)."""
-        for name in ("layers", "layer"):
-            value = getattr(self, name, None)
-            if value is not None:
-                return tuple(value) if isinstance(value, tuple) else (int(value),)
-        raise NotImplementedError(f"{type(self).__name__} must implement layers_touched()")
+        """Block indices whose hooks this intervention edits (-1: a hook outside the blocks).
+        Default: its layers site; a kind whose layers are implicit overrides this."""
+        layers = site_value(self, "layers")
+        if layers is None:
+            raise NotImplementedError(f"{type(self).__name__} must declare a layers site or implement layers_touched()")
+        return tuple(int(l) for l in layers)
 
     # -- derived ---------------------------------------------------------------------------
     @property
@@ -423,15 +484,15 @@ class Intervention:
 
     @property
     def strength(self) -> float | None:
-        name = self._strength_name()
+        name = self.strength_name()
         return None if name is None else getattr(self, name)
 
-    def _strength_name(self) -> str | None:
+    def strength_name(self) -> str | None:
         return self.strength_field
 
     def with_strength(self, value: float) -> "Intervention":
         """A copy with the strength field set to ``value`` (checked like any field)."""
-        name = self._strength_name()
+        name = self.strength_name()
         if name is None:
             raise InterventionError(f"{type(self).__name__} has no strength to vary")
         return dataclasses.replace(self, **{name: value})
@@ -481,7 +542,7 @@ class Compose(Intervention):
     def layers_touched(self) -> tuple[int, ...]:
         return tuple(sorted({l for part in self.parts for l in part.layers_touched()}))
 
-    def _strength_name(self) -> str | None:
+    def strength_name(self) -> str | None:
         return None
 
     @property
@@ -491,7 +552,7 @@ class Compose(Intervention):
 
     def with_strength(self, value: float) -> "Compose":
         """Set the strength of the one part that has one (an error if zero or several do)."""
-        having = [i for i, p in enumerate(self.parts) if p._strength_name() is not None]
+        having = [i for i, p in enumerate(self.parts) if p.strength_name() is not None]
         if len(having) != 1:
             raise InterventionError(
                 f"Compose.with_strength needs exactly one part with a strength; {len(having)} parts have one"

@@ -56,10 +56,13 @@ from interventions.base import (
     Compose,
     Intervention,
     InterventionError,
+    SiteRole,
     checked_hooks,
     hook_layer,
     hooks_for,
     shortest_length,
+    site_value,
+    sites_of,
 )
 
 SCHEMA = "sinkscope.effect/1"
@@ -77,8 +80,6 @@ _AFTER_PATTERN = (
     "attn.hook_z", "attn.hook_result", "attn.o.", "attn.hook_out", "hook_attn_out", "ln2", "hook_resid_mid",
     "hook_mlp_in", "mlp.", "hook_mlp_out", "hook_resid_post", "hook_out",
 )
-_POSITION_FIELDS = ("positions", "queries")
-_LAYER_FIELDS = ("layers", "layer")
 
 
 class EffectError(SinkscopeError, ValueError):
@@ -104,31 +105,21 @@ def _parts(iv: Intervention) -> tuple[Intervention, ...]:
     return iv.parts if isinstance(iv, Compose) else (iv,)
 
 
-def _has_field(iv: Intervention, name: str) -> bool:
-    return dataclasses.is_dataclass(iv) and name in {f.name for f in dataclasses.fields(iv) if f.init}
+def _site_union(iv: Intervention, role: SiteRole) -> tuple[int, ...] | None:
+    found = {int(v) for part in _parts(iv) for v in (site_value(part, role) or ())}
+    return tuple(sorted(found)) or None
 
 
 def intervention_positions(iv: Intervention) -> tuple[int, ...] | None:
-    """The explicit positions (or attention queries) an intervention edits, over all its parts;
-    None when no part names any (``positions=None`` means "every position")."""
-    found: set[int] = set()
-    for part in _parts(iv):
-        for name in _POSITION_FIELDS:
-            value = getattr(part, name, None) if _has_field(part, name) else None
-            if value is not None:
-                found.update(int(v) for v in value)
-    return tuple(sorted(found)) or None
+    """The explicit positions (or attention queries, or keys: each kind's declared positions
+    site, :class:`~interventions.base.Sites`) an intervention edits, over all its parts; None
+    when no part names any (``positions=None`` means "every position")."""
+    return _site_union(iv, "positions")
 
 
 def intervention_layers(iv: Intervention) -> tuple[int, ...] | None:
-    """The ``layer``/``layers`` fields over all parts (None when no part has one)."""
-    found: set[int] = set()
-    for part in _parts(iv):
-        for name in _LAYER_FIELDS:
-            value = getattr(part, name, None) if _has_field(part, name) else None
-            if value is not None:
-                found.update(int(v) for v in (value if isinstance(value, tuple) else (value,)))
-    return tuple(sorted(found)) or None
+    """The declared layers site over all parts (None when no part names layers)."""
+    return _site_union(iv, "layers")
 
 
 def first_affected_layer(hook_names: Iterable[str]) -> int:
@@ -190,25 +181,29 @@ def _as_tuple(value: Any) -> tuple:
     return (value,)
 
 
+def _init_fields(part: Intervention) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(part) if f.init} if dataclasses.is_dataclass(part) else {}
+
+
+def _with_site(part: Intervention, role: SiteRole, values: tuple) -> Intervention:
+    """``part`` with its ``role`` site set to ``values`` (one value for a single-int field)."""
+    name = getattr(sites_of(part), role)
+    if not isinstance(getattr(part, name), int):  # a tuple field (or None: every ...)
+        return dataclasses.replace(part, **{name: tuple(values)})
+    if len(values) != 1:
+        raise InterventionError(f"{type(part).__name__}.{name}: takes one value, got {list(values)}")
+    return dataclasses.replace(part, **{name: values[0]})
+
+
 def _set_field(part: Intervention, key: str, value: Any) -> Intervention | None:
-    """``part`` with ``key`` set (layer/position/strength aliases resolved), or None if it has no such field."""
+    """``part`` with ``key`` set, or None if it has no such field: ``strength`` is the kind's
+    strength field, ``layer(s)``/``position(s)`` its declared sites, anything else a field name."""
     if key == "strength":
-        return part.with_strength(value) if part._strength_name() is not None else None
-    if key in ("layer", "layers"):
-        if _has_field(part, "layer"):
-            values = _as_tuple(value)
-            if len(values) != 1:
-                raise InterventionError(f"{type(part).__name__}.layer: takes one layer, got {list(values)}")
-            return dataclasses.replace(part, layer=values[0])
-        if _has_field(part, "layers"):
-            return dataclasses.replace(part, layers=_as_tuple(value))
-        return None
-    if key in ("position", "positions"):
-        for name in _POSITION_FIELDS:
-            if _has_field(part, name):
-                return dataclasses.replace(part, **{name: _as_tuple(value)})
-        return None
-    if _has_field(part, key):
+        return part.with_strength(value) if part.strength_name() is not None else None
+    role = {"layer": "layers", "layers": "layers", "position": "positions", "positions": "positions"}.get(key)
+    if role is not None:
+        return None if getattr(sites_of(part), role) is None else _with_site(part, role, _as_tuple(value))
+    if key in _init_fields(part):
         return dataclasses.replace(part, **{key: value})
     return None
 
@@ -216,8 +211,8 @@ def _set_field(part: Intervention, key: str, value: Any) -> Intervention | None:
 def vary(intervention: Intervention, **changes: Any) -> Intervention:
     """A copy of ``intervention`` with fields set, for sweeps: ``vary(iv, layer=4, position=7, strength=2.0)``.
 
-    ``layer``/``layers`` set the ``layer`` or ``layers`` field, ``position``/``positions`` the
-    ``positions`` (or ``queries``) field, ``strength`` the strength field
+    ``layer``/``layers`` and ``position``/``positions`` set the kind's declared layers and
+    positions sites (:class:`~interventions.base.Sites`), ``strength`` the strength field
     (:meth:`~interventions.base.Intervention.with_strength`); any other key is a field name.
     On a :class:`Compose` every part that has the field is changed. New values are checked like
     any field (:class:`InterventionError`).
@@ -248,21 +243,20 @@ def relocated(
     """The same intervention moved: every edited position ``p`` becomes ``positions[p]``, every
     layer ``l`` becomes ``layers[l]``, and a fixed ``direction`` is replaced. Kind, strength and
     the number of edited cells stay the same (an equal-budget control)."""
+    moves: list[tuple[SiteRole, Mapping[int, int]]] = []
+    if positions:
+        moves += [("positions", positions), ("keys", positions)]  # a key that is an edited position moves with it
+    if layers:
+        moves.append(("layers", layers))
     parts = []
     for part in _parts(intervention):
-        changes: dict[str, Any] = {}
-        for name in _POSITION_FIELDS:
-            value = getattr(part, name, None) if positions and _has_field(part, name) else None
-            if value is not None:
-                changes[name] = tuple(positions.get(int(p), int(p)) for p in value)
-        if layers:
-            if _has_field(part, "layer"):
-                changes["layer"] = layers.get(part.layer, part.layer)
-            elif _has_field(part, "layers"):
-                changes["layers"] = tuple(layers.get(int(l), int(l)) for l in part.layers)
-        if direction is not None and _has_field(part, "direction") and part.direction is not None:
-            changes["direction"] = tuple(float(x) for x in direction)
-        parts.append(dataclasses.replace(part, **changes) if changes else part)
+        for role, mapping in moves:
+            values = site_value(part, role)
+            if values is not None:
+                part = _with_site(part, role, tuple(mapping.get(int(v), int(v)) for v in values))
+        if direction is not None and site_value(part, "direction") is not None:
+            part = _with_site(part, "direction", tuple(float(x) for x in direction))
+        parts.append(part)
     return Compose(tuple(parts)) if isinstance(intervention, Compose) else parts[0]
 
 
@@ -282,7 +276,7 @@ def sink_positions(clean: SinkMeasurement, eps: float = 0.3, flag_percent: float
 
 
 def _auto_mode(iv: Intervention) -> str:
-    if any(_has_field(p, "direction") and p.direction is not None for p in _parts(iv)):
+    if any(site_value(p, "direction") is not None for p in _parts(iv)):
         return "direction"
     if intervention_positions(iv) is not None:
         return "position"
@@ -301,7 +295,7 @@ def check_control(intervention: Intervention, mode: str) -> str:
     if chosen == "position" and intervention_positions(intervention) is None:
         raise EffectError(f"{name} names no positions (it edits every position); use a layer control")
     if chosen == "layer" and intervention_layers(intervention) is None:
-        raise EffectError(f"{name} has no layer field to move; use a position or direction control")
+        raise EffectError(f"{name} names no layers to move; use a position or direction control")
     return chosen
 
 

@@ -29,20 +29,13 @@ tests/test_analyses.py on tiny Llama, Gemma 3 and GPT-2 models).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from interventions.base import (
-    Hook,
-    Intervention,
-    RunContext,
-    check_layers,
-    check_positions,
-    coerce_bool,
-    coerce_ints,
-)
+from interventions.base import Hook, Intervention, RunContext, Sites, coerce_bool, coerce_ints
 from interventions.registry import register
 
 
@@ -69,15 +62,12 @@ class ZeroSinkValue(Intervention):
     positions: tuple[int, ...] = (0,)
     include_self: bool = False
 
+    sites: ClassVar[Sites] = Sites(layers="layers", positions="positions")
+
     def __post_init__(self) -> None:
         object.__setattr__(self, "layers", coerce_ints(self, "layers", self.layers))
         object.__setattr__(self, "positions", coerce_ints(self, "positions", self.positions, allow_none=False))
         coerce_bool(self, "include_self", self.include_self)
-
-    def validate(self, model, n_positions: int | None = None) -> None:
-        if self.layers is not None:
-            check_layers(self, "layers", self.layers, model)
-        check_positions(self, "positions", self.positions, n_positions, model)
 
     def layers_touched(self) -> tuple[int, ...]:
         return (0,) if self.layers is None else self.layers  # None: every layer, so from block 0
@@ -124,14 +114,11 @@ class DropSinkAttention(Intervention):
     layers: tuple[int, ...] | None = None
     keys: tuple[int, ...] = (0,)
 
+    sites: ClassVar[Sites] = Sites(layers="layers", positions="keys")
+
     def __post_init__(self) -> None:
         object.__setattr__(self, "layers", coerce_ints(self, "layers", self.layers))
         object.__setattr__(self, "keys", coerce_ints(self, "keys", self.keys, allow_none=False))
-
-    def validate(self, model, n_positions: int | None = None) -> None:
-        if self.layers is not None:
-            check_layers(self, "layers", self.layers, model)
-        check_positions(self, "keys", self.keys, n_positions, model)
 
     def layers_touched(self) -> tuple[int, ...]:
         return (0,) if self.layers is None else self.layers

@@ -24,7 +24,7 @@ against the shortest one). Pad positions are never written with reference statis
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal, get_args
 
 import torch
 from jaxtyping import Float
@@ -36,10 +36,10 @@ from interventions.base import (
     Hook,
     Intervention,
     RunContext,
+    Sites,
     capture,
     capture_batches,
     check_hook_name,
-    check_layers,
     check_positions,
     coerce_bool,
     coerce_choice,
@@ -94,18 +94,16 @@ class AblateMLP(Intervention):
     reference: tuple[str, ...] | None = None
     mean_over: MeanOver = "position"
 
+    sites: ClassVar[Sites] = Sites(layers="layers", positions="positions")
+
     def __post_init__(self) -> None:
         object.__setattr__(self, "layers", coerce_ints(self, "layers", self.layers, allow_none=False))
         object.__setattr__(self, "positions", coerce_ints(self, "positions", self.positions))
-        coerce_choice(self, "mode", self.mode, ("zero", "mean", "resample"))
-        coerce_choice(self, "mean_over", self.mean_over, ("position", "tokens"))
+        coerce_choice(self, "mode", self.mode, get_args(AblationMode))
+        coerce_choice(self, "mean_over", self.mean_over, get_args(MeanOver))
         object.__setattr__(self, "reference", coerce_texts(self, "reference", self.reference))
         if self.mode == "zero" and self.reference is not None:
             raise fail(self, "reference", "is only used by mode='mean' or mode='resample'")
-
-    def validate(self, model, n_positions: int | None = None) -> None:
-        check_layers(self, "layers", self.layers, model)
-        check_positions(self, "positions", self.positions, n_positions, model)
 
     def prepare(self, model, ctx: RunContext) -> Any:
         if self.mode == "zero":
@@ -253,6 +251,8 @@ class PatchActivation(Intervention):
     source_text: str | None = None
     source_position: int | None = None
 
+    sites: ClassVar[Sites] = Sites(positions="positions")  # the layer is the hook name's
+
     def __post_init__(self) -> None:
         if not isinstance(self.hook_name, str) or not self.hook_name:
             raise fail(self, "hook_name", f"expected a hook point name, got {self.hook_name!r}")
@@ -267,7 +267,7 @@ class PatchActivation(Intervention):
 
     def validate(self, model, n_positions: int | None = None) -> None:
         check_hook_name(self, "hook_name", self.hook_name, model)
-        check_positions(self, "positions", self.positions, n_positions, model)
+        super().validate(model, n_positions)
         if self.source_text is None and self.source_position is not None:
             check_positions(self, "source_position", (self.source_position,), n_positions, model)
 
@@ -316,6 +316,8 @@ class PatchMLP(Intervention):
     source_text: str | None = None
     source_position: int | None = None
 
+    sites: ClassVar[Sites] = Sites(layers="layers", positions="positions")
+
     def __post_init__(self) -> None:
         object.__setattr__(self, "layers", coerce_ints(self, "layers", self.layers, allow_none=False))
         object.__setattr__(self, "positions", coerce_ints(self, "positions", self.positions))
@@ -327,8 +329,7 @@ class PatchMLP(Intervention):
         )
 
     def validate(self, model, n_positions: int | None = None) -> None:
-        check_layers(self, "layers", self.layers, model)
-        check_positions(self, "positions", self.positions, n_positions, model)
+        super().validate(model, n_positions)
         self.as_compose().validate(model, n_positions)
 
     def prepare(self, model, ctx: RunContext) -> Compose:
@@ -380,6 +381,8 @@ class RescaleAlongSink(Intervention):
     direction: tuple[float, ...] | None = None
     skip_first: int = 1
 
+    sites: ClassVar[Sites] = Sites(layers="layers", positions="positions", direction="direction")
+
     def __post_init__(self) -> None:
         object.__setattr__(self, "layers", coerce_ints(self, "layers", self.layers, allow_none=False))
         object.__setattr__(self, "positions", coerce_ints(self, "positions", self.positions))
@@ -394,15 +397,14 @@ class RescaleAlongSink(Intervention):
         if min_cos is not None and not -1.0 <= min_cos <= 1.0:
             raise fail(self, "min_cos", f"a cosine threshold must lie in [-1, 1], got {min_cos}")
         object.__setattr__(self, "min_cos", min_cos)
-        coerce_choice(self, "scope", self.scope, ("component", "whole"))
+        coerce_choice(self, "scope", self.scope, get_args(RescaleScope))
         object.__setattr__(self, "direction", _coerce_direction(self, self.direction))
 
-    def _strength_name(self) -> str | None:
+    def strength_name(self) -> str | None:
         return "target_norm" if self.target_norm is not None else "factor" if self.factor is not None else None
 
     def validate(self, model, n_positions: int | None = None) -> None:
-        check_layers(self, "layers", self.layers, model)
-        check_positions(self, "positions", self.positions, n_positions, model)
+        super().validate(model, n_positions)
         d_model = int(model.cfg.d_model)
         if self.direction is not None and len(self.direction) != d_model:
             raise fail(self, "direction", f"has size {len(self.direction)} but the model's d_model is {d_model}")
@@ -509,7 +511,9 @@ class TokenMLPEdit(Intervention):
     mode: EditMode = "zero"
     factor: float | None = None
     target_norm: float | None = None
-    scope: Literal["whole", "component"] = "whole"
+    scope: RescaleScope = "whole"
+
+    sites: ClassVar[Sites] = Sites(layers="layers", positions="positions")
 
     def __post_init__(self) -> None:
         for name in ("sequences", "layers", "positions"):
@@ -517,8 +521,8 @@ class TokenMLPEdit(Intervention):
         if not len(self.sequences) == len(self.layers) == len(self.positions):
             raise fail(self, "sequences", f"sequences, layers and positions must have the same length, got "
                        f"{len(self.sequences)}, {len(self.layers)}, {len(self.positions)}")
-        coerce_choice(self, "mode", self.mode, ("zero", "mean", "rescale"))
-        coerce_choice(self, "scope", self.scope, ("whole", "component"))
+        coerce_choice(self, "mode", self.mode, get_args(EditMode))
+        coerce_choice(self, "scope", self.scope, get_args(RescaleScope))
         object.__setattr__(self, "factor", coerce_float(self, "factor", self.factor, allow_none=True))
         object.__setattr__(self, "target_norm", coerce_float(self, "target_norm", self.target_norm, allow_none=True, nonnegative=True))
         given = [n for n in ("factor", "target_norm") if getattr(self, n) is not None]
@@ -527,12 +531,8 @@ class TokenMLPEdit(Intervention):
         if self.mode != "rescale" and given:
             raise fail(self, given[0], "is only used by mode='rescale'")
 
-    def _strength_name(self) -> str | None:
+    def strength_name(self) -> str | None:
         return "factor" if self.factor is not None else "target_norm" if self.target_norm is not None else None
-
-    def validate(self, model, n_positions: int | None = None) -> None:
-        check_layers(self, "layers", self.layers, model)
-        check_positions(self, "positions", self.positions, n_positions, model)
 
     def prepare(self, model, ctx: RunContext) -> dict[str, Any]:
         layers = sorted(set(self.layers))

@@ -10,22 +10,12 @@ token. :class:`AmplifyVariance` does that at one layer's residual stream.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal, get_args
 
 from jaxtyping import Float
 from torch import Tensor
 
-from interventions.base import (
-    Hook,
-    Intervention,
-    RunContext,
-    check_layers,
-    check_positions,
-    coerce_choice,
-    coerce_float,
-    coerce_int,
-    coerce_ints,
-)
+from interventions.base import Hook, Intervention, RunContext, Sites, coerce_choice, coerce_float, coerce_int, coerce_ints
 from interventions.registry import register
 
 AmplifyMode = Literal["deviation", "norm"]
@@ -59,16 +49,14 @@ class AmplifyVariance(Intervention):
 
     strength_field = "factor"
 
+    sites: ClassVar[Sites] = Sites(layers="layer", positions="positions")
+
     def __post_init__(self) -> None:
         object.__setattr__(self, "layer", coerce_int(self, "layer", self.layer))
         object.__setattr__(self, "positions", coerce_ints(self, "positions", self.positions, allow_none=False))
         object.__setattr__(self, "factor", coerce_float(self, "factor", self.factor, nonnegative=True))
-        coerce_choice(self, "mode", self.mode, ("deviation", "norm"))
-        coerce_choice(self, "site", self.site, ("resid_post", "resid_pre"))
-
-    def validate(self, model, n_positions: int | None = None) -> None:
-        check_layers(self, "layer", (self.layer,), model)
-        check_positions(self, "positions", self.positions, n_positions, model)
+        coerce_choice(self, "mode", self.mode, get_args(AmplifyMode))
+        coerce_choice(self, "site", self.site, get_args(ResidualSite))
 
     @property
     def hook_name(self) -> str:

@@ -12,6 +12,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.manual_seed(0)
 
 
+@pytest.fixture(scope="module")
+def llama():
+    """A tiny seeded random Llama (4 layers): hand-checkable, built in well under a second."""
+    from circuits.models import tiny_model
+
+    return tiny_model("llama")
+
+
 @pytest.fixture(scope="session")
 def smollm2():
     from circuits.models import load_model
