@@ -5,7 +5,7 @@ Why streaming: a full attention cache of a 30-layer model on 100 × 64 tokens is
 per-sequence statistics and drops the tensor, so memory beyond one layer's pattern grows as
 sequences × layers × heads × positions.
 
-Definitions (see ``shared/science.md``; positions are 0-based everywhere in sinkscope, so the
+Definitions (see ``docs/science.md``; positions are 0-based everywhere in sinkscope, so the
 papers' "Sink_1" is position 0 here):
 
 * ``alpha[l, h, k]`` (Gu et al.): the mean attention key ``k`` receives from the queries that

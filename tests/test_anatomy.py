@@ -1,6 +1,6 @@
 """Specification tests for circuits.anatomy, on hand-built SinkMeasurements (no model).
 
-Rules checked (shared/science.md, Wong et al. and Sun et al.; positions 0-based):
+Rules checked (docs/science.md, Wong et al. and Sun et al.; positions 0-based):
 
 * a token t > 0 is flagged at layer l when |cos(h_t^l, h_0^l)| > cos threshold (strictly);
 * lifetime = number of flagged layers (not necessarily contiguous), start layer = first one;

@@ -1,6 +1,6 @@
 """Specification tests for circuits.measure (and the tokenization it depends on).
 
-Conventions checked here (see shared/science.md):
+Conventions checked here (see docs/science.md):
 
 * positions are 0-based: the papers' Sink_1 is position 0;
 * alpha[l, h, k] = sum_{t=k}^{T-1} A[t, k] / (T - k)   (queries t >= k, self included);
