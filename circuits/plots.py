@@ -20,6 +20,7 @@ matplotlib.use("Agg", force=False)
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from matplotlib.patches import Rectangle  # noqa: E402
 
 from circuits.measure import SinkMeasurement, nanmean  # noqa: E402
 
@@ -183,8 +184,6 @@ def sink_delta_heatmap(
         if not sig.empty:
             ax.scatter([col[int(p)] for p in sig["position"]], [row[int(l)] for l in sig["layer"]], s=4, c="#1b1b1b",
                        marker="o", linewidths=0, label="95 % CI excludes 0")
-        from matplotlib.patches import Rectangle
-
         marked = [p for p in (target_positions or ()) if p in col]
         for i, p in enumerate(marked):
             ax.add_patch(Rectangle((col[p] - 0.5, -0.5), 1, len(layers), fill=False, edgecolor="#d95f0e", lw=1.2,

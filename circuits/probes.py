@@ -13,6 +13,7 @@ token of every sequence); the measurement excludes pad queries and keys using ``
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -157,8 +158,6 @@ def reasoning_texts(n: int | None = None) -> list[str]:
 
 def read_prompts_file(path: str | Path) -> list[str]:
     """Prompts from a file: one per blank-line-separated paragraph, or JSON list of strings."""
-    import json
-
     path = Path(path)
     try:
         raw = path.read_text(encoding="utf-8")

@@ -167,6 +167,7 @@ def register_attention() -> None:
 
     Idempotent; runs on import of this module.
     """
+    # heavy: transformers takes seconds to import; only building or loading a model needs it
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
@@ -252,6 +253,7 @@ def apply_variant(model, variant: str) -> None:
 
 def build_model(config, variant: str, *, seed: int | None = None):
     """A new ``LlamaForCausalLM`` of the variant (seeded init when ``seed`` is given)."""
+    # heavy: transformers takes seconds to import; only building or loading a model needs it
     from transformers import AutoModelForCausalLM
 
     if seed is not None:
@@ -293,6 +295,7 @@ def load_hf_folder(folder: str | Path, dtype: torch.dtype = torch.float32):
 
     Returns ``(hf_model, tokenizer)``, in eval mode.
     """
+    # heavy: transformers takes seconds to import; only building or loading a model needs it
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoTokenizer
 

@@ -53,7 +53,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from circuits.errors import SinkscopeError
-from circuits.probes import TokenBatch, TokenizationError
+from circuits.probes import TokenBatch, TokenizationError, tokenize
 
 Hook = tuple[str, Callable]
 
@@ -338,8 +338,6 @@ class RunContext:
 
     def tokenize_reference(self, model, owner: Any, field_name: str, texts: Sequence[str]) -> TokenBatch:
         """Reference texts tokenized with the batch's BOS policy (cached across sub-batches)."""
-        from circuits.probes import tokenize
-
         key = ("reference-texts", tuple(texts), self.batch.prepend_bos)
         if key not in self.shared:
             try:

@@ -38,10 +38,12 @@ Adding a kind: decorate a frozen dataclass subclass of
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import re
 import types
 from typing import Any, Callable, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
+from circuits.probes import TokenizationError, read_prompts_file
 from interventions.base import Compose, Intervention, InterventionError
 
 KINDS: dict[str, type[Intervention]] = {}
@@ -87,8 +89,6 @@ def unregister(kind: str) -> None:
 
 
 def _load_builtins() -> None:
-    import importlib
-
     for module in _BUILTIN_MODULES:
         importlib.import_module(module)
 
@@ -323,8 +323,6 @@ def _scalar(tp, item: _Item, where: str) -> Any:
 
 
 def _read_texts(path: str, where: str) -> list[str]:
-    from circuits.probes import TokenizationError, read_prompts_file
-
     try:
         return read_prompts_file(path)
     except TokenizationError as exc:

@@ -10,6 +10,7 @@ half-written.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -28,6 +29,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _texts(args) -> list[str]:
+    # deferred: the command starts without torch; a job imports what it runs
     from circuits.probes import check_texts, read_prompts_file
 
     texts = read_prompts_file(args.prompts) if args.prompts is not None else list(args.text)
@@ -52,6 +54,7 @@ def _add_models(sub) -> None:
 
 
 def _run_models(args) -> int:
+    # deferred: the command starts without torch; a job imports what it runs
     from circuits.models import list_models
 
     for row in list_models():
@@ -74,11 +77,12 @@ def _add_measure(sub) -> None:
 
 
 def _run_measure(args) -> int:
-    from circuits.models import load_model
-    from circuits.probes import tokenize
+    # deferred: the command starts without torch; a job imports what it runs
     from circuits.measure import measure
-    from sinkscope.jobs import write_measure_outputs
+    from circuits.models import load_model
     from circuits.output import atomic_output_dir
+    from circuits.probes import tokenize
+    from sinkscope.jobs import write_measure_outputs
 
     if not 0 < args.eps < 1:
         raise CLIError(f"--eps must be between 0 and 1, got {args.eps}")
@@ -108,9 +112,10 @@ def _add_demo(sub) -> None:
 
 
 def _run_demo(args) -> int:
+    # deferred: the command starts without torch; a job imports what it runs
     from circuits.models import load_model
-    from sinkscope.jobs import run_demo
     from circuits.output import atomic_output_dir
+    from sinkscope.jobs import run_demo
 
     if args.n <= 0:
         raise CLIError(f"--n must be positive, got {args.n}")
@@ -126,24 +131,28 @@ def _run_demo(args) -> int:
 
 
 def _add_pretrain(sub) -> None:
+    # deferred: the command starts without torch; a job imports what it runs
     from sinkscope.lab.cli import add_pretrain
 
     add_pretrain(sub)
 
 
 def _run_pretrain(args) -> int:
+    # deferred: the command starts without torch; a job imports what it runs
     from sinkscope.lab.cli import run_pretrain
 
     return run_pretrain(args)
 
 
 def _add_lab_compare(sub) -> None:
+    # deferred: the command starts without torch; a job imports what it runs
     from sinkscope.lab.cli import add_lab_compare
 
     add_lab_compare(sub)
 
 
 def _run_lab_compare(args) -> int:
+    # deferred: the command starts without torch; a job imports what it runs
     from sinkscope.lab.cli import run_lab_compare
 
     return run_lab_compare(args)
@@ -163,6 +172,7 @@ def _add_reproduce(sub) -> None:
 
 
 def _run_reproduce(args) -> int:
+    # deferred: the command starts without torch; a job imports what it runs
     from circuits.output import atomic_output_dir
     from sinkscope.reproduce import reproduce
 
@@ -198,15 +208,15 @@ def _add_intervene(sub) -> None:
 
 
 def _run_intervene(args) -> int:
-    import math
-
+    # deferred: the command starts without torch; a job imports what it runs
+    # deferred: the command starts without torch; a job imports what it runs
     from circuits import plots
     from circuits.models import load_model
+    from circuits.output import atomic_output_dir, write_json
     from circuits.probes import tokenize
     from interventions.effect import measure_effect
     from interventions.registry import parse_spec
     from interventions.sweep import sweep
-    from circuits.output import atomic_output_dir, write_json
 
     if not 0 < args.eps < 1:
         raise CLIError(f"--eps must be between 0 and 1, got {args.eps}")

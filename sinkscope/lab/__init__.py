@@ -24,6 +24,8 @@ Quick use::
 
 from __future__ import annotations
 
+import importlib
+
 _EXPORTS = {
     "TrainConfig": "sinkscope.lab.train",
     "TrainResult": "sinkscope.lab.train",
@@ -43,7 +45,5 @@ __all__ = sorted(_EXPORTS)
 
 def __getattr__(name: str):
     if name in _EXPORTS:
-        import importlib
-
         return getattr(importlib.import_module(_EXPORTS[name]), name)
     raise AttributeError(f"module 'sinkscope.lab' has no attribute {name!r}")

@@ -17,6 +17,7 @@ VARIANT_NAMES = ("softmax", "sigmoid-nonorm", "key-bias", "head-rmsnorm", "gated
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
+    # deferred: the command starts without torch; a job imports what it runs
     from sinkscope.lab.train import TrainConfig
 
     d = TrainConfig()
@@ -32,6 +33,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _config(args, **overrides):
+    # deferred: the command starts without torch; a job imports what it runs
     from sinkscope.lab.train import TrainConfig
 
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -52,8 +54,10 @@ def add_pretrain(sub) -> None:
 
 
 def run_pretrain(args) -> int:
+    # deferred: the command starts without torch; a job imports what it runs
     from transformers.utils import logging as hf_logging
 
+    # deferred: the command starts without torch; a job imports what it runs
     from sinkscope.lab.train import train
 
     hf_logging.disable_progress_bar()
@@ -94,8 +98,10 @@ def add_lab_compare(sub) -> None:
 
 
 def run_lab_compare(args) -> int:
+    # deferred: the command starts without torch; a job imports what it runs
     from transformers.utils import logging as hf_logging
 
+    # deferred: the command starts without torch; a job imports what it runs
     from sinkscope.lab.compare import CompareConfig, run_comparison
 
     hf_logging.disable_progress_bar()

@@ -28,13 +28,23 @@ import dataclasses
 import json
 import multiprocessing
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import matplotlib.pyplot as plt
 import numpy as np
+import torch
+from transformers.utils import logging as hf_logging
 
 from circuits import variants as V
+from circuits.measure import measure
+from circuits.models import load_model
+from circuits.output import write_json
+from circuits.plots import style
+from circuits.probes import TokenBatch
+from sinkscope.lab.corpus import load_corpus
 from sinkscope.lab.train import EvalData, LabError, TrainConfig, read_log, throughput, train
 
 SCHEMA = "sinkscope.lab.compare/1"
@@ -89,8 +99,6 @@ def run_name(cfg: TrainConfig) -> str:
 
 
 def _train_worker(cfg_dict: dict, out: str) -> str:
-    from transformers.utils import logging as hf_logging
-
     hf_logging.disable_progress_bar()
     train(TrainConfig.from_dict(cfg_dict), out)
     return out
@@ -152,12 +160,6 @@ def _curve_at(records: list[dict], step: float) -> float:
 def measure_final(run_dir: Path, cfg: TrainConfig) -> dict[str, Any]:
     """Load the final checkpoint with ``load_model`` and measure it with ``circuits.measure``
     on the run's own sink windows: alpha map, Sink_1^eps and (key-bias) the bias slot."""
-    import torch
-
-    from circuits.measure import measure
-    from circuits.models import load_model
-    from circuits.probes import TokenBatch
-    from sinkscope.lab.corpus import load_corpus
 
     model = load_model(str(run_dir / "final"))
     corpus = load_corpus(cfg.corpus, model.tokenizer)
@@ -249,7 +251,6 @@ def _mean_band(ax, runs: list[dict], key: str, variant: str, label: str | None =
     ys = np.array([[x[key] if x[key] is not None else np.nan for x in r["records"]] for r in runs], dtype=float)
     color, marker = VARIANT_STYLE.get(variant, ("#555555", "o"))
     n = len(runs)
-    import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # train_loss is None at step 0
@@ -260,9 +261,6 @@ def _mean_band(ax, runs: list[dict], key: str, variant: str, label: str | None =
 
 
 def plot_loss_curves(results: dict):
-    import matplotlib.pyplot as plt
-
-    from circuits.plots import style
 
     with style():
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
@@ -280,9 +278,6 @@ def plot_loss_curves(results: dict):
 
 
 def plot_sink_rate(results: dict, eps: float):
-    import matplotlib.pyplot as plt
-
-    from circuits.plots import style
 
     with style():
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
@@ -308,9 +303,6 @@ def plot_sink_rate(results: dict, eps: float):
 
 
 def plot_alpha_maps(results: dict, eps: float, n_positions: int = 16):
-    import matplotlib.pyplot as plt
-
-    from circuits.plots import style
 
     seed0 = [r for r in results["runs"].values() if "measure" in r]
     with style():
@@ -342,9 +334,6 @@ def plot_alpha_maps(results: dict, eps: float, n_positions: int = 16):
 
 
 def plot_convergence(results: dict):
-    import matplotlib.pyplot as plt
-
-    from circuits.plots import style
 
     groups = _by_variant(results)
     conv = results["convergence"]
@@ -477,8 +466,6 @@ def write_report(results: dict, folder: Path, *, command: str = "", figures_pref
 
 
 def write_figures(results: dict, folder: Path) -> list[Path]:
-    import matplotlib.pyplot as plt
-
     eps = results["compare_config"]["base"]["eps"]
     paths = []
     for name, fig in (("loss_curves", plot_loss_curves(results)), ("sink_rate", plot_sink_rate(results, eps)),
@@ -493,8 +480,6 @@ def write_figures(results: dict, folder: Path) -> list[Path]:
 def run_comparison(out: str | Path, cmp: CompareConfig, *, progress: Callable[[str], None] = print,
                    command: str = "") -> dict[str, Any]:
     """Train all runs (resumable), measure throughput, analyse, write report, figures, JSON."""
-    from circuits.output import write_json
-
     cmp = cmp.validate()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

