@@ -3,7 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test install install-dev bench clean
+.PHONY: demo test lint install install-dev bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,8 +27,13 @@ install-dev: $(VENV)/.installed-dev
 demo: install
 	$(BIN)/sinkscope demo --out sinkscope-out
 
+# ruff first: a lint error fails in seconds, before the suite's minutes
 test: install-dev
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
+
+lint: install-dev
+	$(BIN)/ruff check .
 
 bench: install-dev
 	$(BIN)/python bench/mlp_ablation_sweep.py

@@ -308,11 +308,6 @@ def _bridge(hf_model, tokenizer, name: str, dtype: torch.dtype, device: str):
     return bridge
 
 
-def model_info(model) -> dict:
-    """The metadata sinkscope stores with every result about the model itself."""
-    return dict(getattr(model, "_sinkscope_info", {"name": getattr(model.cfg, "model_name", "?")}))
-
-
 def _quiet_transformers() -> None:
     """Loading progress bars would bury sinkscope's own one-line messages."""
     # heavy: transformers/TransformerLens take seconds to import; only building a model needs them
