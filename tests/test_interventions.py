@@ -42,11 +42,6 @@ ATOL = 1e-5
 
 
 @pytest.fixture(scope="module")
-def llama():
-    return tiny_model("llama")
-
-
-@pytest.fixture(scope="module")
 def models(llama):
     return {"llama": llama, "gpt2": tiny_model("gpt2"), "gemma3": tiny_model("gemma3")}
 
