@@ -8,6 +8,10 @@ pandas table, so the same numbers feed the CLI, the reports and the notebooks.
   creation layer, lifetime, class and the attention the token really receives.
 * :func:`massive_activations` — residual dimensions far above the median (Sun et al.).
 * :func:`sink_window` — Wong et al.'s optional "sink clipper" layer window.
+* :func:`attended_secondary` — the secondary sinks that also receive outsized attention, and
+  :func:`live_per_layer` — how many of them are flagged at each layer (the pairing science.md
+  asks for on models, such as Gemma 3, where the hidden-state rule alone flags ordinary tokens).
+* :func:`layer_ranges` — a set of layers as text (``"3-5, 9"``), as every report prints them.
 
 Class thresholds. The authors' code labels a flagged token *secondary* when
 ``4 < lifetime < L - 15`` and *primary-like* when ``lifetime >= L - 15`` (else *noise*), for
@@ -23,6 +27,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import pandas as pd
+from jaxtyping import Int
 
 from circuits.measure import SinkMeasurement, nanmean
 
@@ -205,3 +210,46 @@ def massive_dimensions(meas: SinkMeasurement, **kwargs) -> pd.DataFrame:
 
 def thresholds_dict(th: SecondaryThresholds) -> dict:
     return asdict(th)
+
+
+def attended_secondary(
+    meas: SinkMeasurement, min_score_ratio: float = 5.0, thresholds: SecondaryThresholds | None = None
+) -> tuple[pd.DataFrame, pd.DataFrame, SecondaryThresholds]:
+    """The secondary sinks that are attended: ``(candidates, attended, thresholds)``.
+
+    ``candidates`` is :func:`secondary_sinks` (classes scaled to depth unless ``thresholds`` is
+    given); ``attended`` keeps its ``kind == "secondary"`` rows whose ``score_ratio`` is at least
+    ``min_score_ratio``, i.e. tokens that receive that many times the median token's attention
+    at their peak layer. ``attended.attrs`` carries ``min_lifetime`` and ``primary_from`` for
+    :func:`circuits.plots.secondary_sinks_plot`.
+    """
+    th = thresholds or SecondaryThresholds.for_depth(meas.n_layers)
+    table = secondary_sinks(meas, th)
+    attended = table[(table["kind"] == "secondary") & (table["score_ratio"] >= min_score_ratio)].reset_index(drop=True)
+    attended.attrs.update(min_lifetime=th.min_lifetime, primary_from=meas.n_layers - th.primary_margin)
+    return table, attended, th
+
+
+def live_per_layer(meas: SinkMeasurement, table: pd.DataFrame, cos: float) -> Int[np.ndarray, " layer"]:
+    """How many of ``table``'s tokens (rows with ``sequence`` and ``position``) are flagged,
+    |cos(h_t, h_0)| > ``cos``, at each layer."""
+    live = np.zeros(meas.n_layers, dtype=int)
+    for s, p in zip(table["sequence"], table["position"]):
+        live += (np.abs(meas.cos_to_first[int(s), :, int(p)]) > cos).astype(int)
+    return live
+
+
+def layer_ranges(layers, empty: str = "") -> str:
+    """Layers as text: ``[3, 4, 5, 9]`` -> ``"3-5, 9"``; ``empty`` when there is none."""
+    layers = [int(x) for x in layers]
+    if not layers:
+        return empty
+    out, start, prev = [], layers[0], layers[0]
+    for x in layers[1:] + [None]:
+        if x is not None and x == prev + 1:
+            prev = x
+            continue
+        out.append(f"{start}-{prev}" if start != prev else f"{start}")
+        if x is not None:
+            start = prev = x
+    return ", ".join(out)

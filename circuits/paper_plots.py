@@ -3,18 +3,21 @@
 
 Every figure uses matplotlib's constrained layout, so labels fit whatever saves it. Every
 function takes tidy tables (from :mod:`circuits.analyses`, :mod:`circuits.anatomy` or
-:mod:`sinkscope.reproduce`) and returns a matplotlib ``Figure``; nothing here computes a
+:mod:`interventions.recipes`) and returns a matplotlib ``Figure``; nothing here computes a
 statistic beyond picking columns. Grey-printable: lines differ in marker and dash as well as
 colour, colour maps are :data:`circuits.plots.SEQUENTIAL` / :data:`circuits.plots.DIVERGING`.
 """
 
 from __future__ import annotations
 
+import io
+
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+from matplotlib.colors import LogNorm
 
-from circuits.plots import SEQUENTIAL, style
+from circuits.plots import SEQUENTIAL, style, token_label
 
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 LINES = ("-", "--", ":", "-.")
@@ -28,9 +31,7 @@ def _series(i: int) -> dict:
 def show(fig):
     """A figure as an IPython PNG image (and closed): notebooks display it the same under any
     matplotlib backend, exactly as :func:`circuits.plots.save` would write it."""
-    import io
-
-    from IPython.display import Image
+    from IPython.display import Image  # optional: only notebooks display figures, the report and CLI save them
 
     buf = io.BytesIO()
     with style():
@@ -47,10 +48,6 @@ def long_heatmap(meas, sequence: int = 0, *, zoom: int = 96, title: str | None =
     logarithmic colour scale (secondary sinks are 10-100 × weaker than the first token but far
     above ordinary tokens), and its first ``zoom`` positions with their tokens, on a linear
     scale. The last positions have few later queries, so their scores are noisy."""
-    from matplotlib.colors import LogNorm
-
-    from circuits.plots import token_label
-
     length = int(meas.lengths[sequence])
     data = meas.sink_score[sequence, :, :length]
     zoom = min(zoom, length)

@@ -24,7 +24,7 @@ Recipes (positions 0-based; position 0 is the papers' Sink_1, the primary sink):
   (``hook_mlp_out``) best aligns (|cos|) with the primary-sink direction ``h_0^l`` at or just
   before the creation layer, found automatically (:class:`circuits.analyses.MLPSiteMeter`).
 * :func:`ablate_secondary_sinks` — ablate that MLP output at exactly that token of exactly that
-  sequence (:class:`TokenMLPEdit`) and re-measure: fraction of sinks no longer flagged, drop of
+  sequence (:class:`~interventions.mlp.TokenMLPEdit`) and re-measure: fraction of sinks no longer flagged, drop of
   the cosine to ``h_0`` and of the sink score over the former lifetime, against a random
   position control.
 * :func:`rescale_dose_response` — rescale the same MLP output by a grid of factors (Wong et al.'s
@@ -33,47 +33,47 @@ Recipes (positions 0-based; position 0 is the papers' Sink_1, the primary sink):
   rho of both against the factor. The grid also runs through :func:`~interventions.sweep.sweep`
   for the per-position table with CIs.
 
-Why a new intervention kind (:class:`TokenMLPEdit`, ``"edit-token-mlp"``). Secondary sinks
-sit at different positions in different sequences, each written by its own MLP layer.
-:class:`~interventions.mlp.AblateMLP` and :class:`~interventions.mlp.RescaleAlongSink` edit one
-set of positions in *every* sequence of the batch; :class:`TokenMLPEdit` edits a list of
-(sequence, layer, position) cells, so all sinks of a batch are handled in one forward pass
-(and ``measure_effect``'s position control moves the cells to random positions of the same
-sequences and layers). Its arithmetic is :func:`interventions.mlp.rescale_along` and
-:func:`interventions.mlp.mean_activations`; only the choice of cells is new.
+One protocol each. :func:`plant_sink` and :func:`rescale_dose_response` are also the protocols
+``sinkscope reproduce`` judges Li et al.'s planting and Wong et al.'s dose response by (the
+report calls them), so a number quoted from a recipe and a verdict in a report differ only by
+their data, never by their method.
+
+The cells of a secondary sink are edited with :class:`~interventions.mlp.TokenMLPEdit`
+(``"edit-token-mlp"``): secondary sinks sit at different positions in different sequences, each
+written by its own MLP layer, and it edits a list of (sequence, layer, position) cells, so all
+sinks of a batch are handled in one forward pass (and ``measure_effect``'s position control
+moves the cells to random positions of the same sequences and layers).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import warnings
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Literal, Sequence
 
 import numpy as np
 import pandas as pd
-import torch
 from jaxtyping import Float
-from torch import Tensor
+from scipy.stats import spearmanr
 
-from circuits import anatomy, analyses
+from circuits import analyses, anatomy
+from circuits.errors import SinkscopeError
 from circuits.measure import SinkMeasurement, SinkMeter, measure, nanmean
 from circuits.probes import TokenBatch
-from interventions.base import (
-    Hook,
-    Intervention,
-    RunContext,
-    check_layers,
-    check_positions,
-    coerce_choice,
-    coerce_float,
-    coerce_ints,
-    fail,
-)
-from interventions.effect import Effect, measure_effect, paired_bootstrap
-from interventions.mlp import EditMode, TokenMLPEdit, mean_activations, mlp_hook, rescale_along
-from interventions.registry import register
+from interventions.attention import IsolateAggregation
+from interventions.base import Intervention
+from interventions.effect import Effect, intervention_layers, measure_effect, paired_bootstrap
+from interventions.mlp import EditMode, TokenMLPEdit
+from interventions.registry import parse_spec
+from interventions.residual import AmplifyVariance
+from interventions.sweep import sweep
 
 PlantMethod = Literal["isolate", "amplify"]
+
+
+class RecipeError(SinkscopeError, ValueError):
+    """A recipe asked for something its inputs cannot give (an unknown planting method, no sink to edit)."""
+
 
 #: defaults chosen from measurements on smollm2-135m (8 probe passages × 64 tokens, position 32):
 #: isolating layers 0-2 plants a sink of score ~0.2 (layers 3-9); layers beyond 2 add nothing.
@@ -91,8 +91,6 @@ def _ordinary_median(meas: SinkMeasurement, exclude: Sequence[int] = ()) -> Floa
             scores[:, :, p - 1] = np.nan
     flat = scores.transpose(1, 0, 2).reshape(meas.n_layers, -1)
     with np.errstate(all="ignore"):
-        import warnings
-
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
             return np.nanmedian(flat, axis=1)
@@ -100,15 +98,12 @@ def _ordinary_median(meas: SinkMeasurement, exclude: Sequence[int] = ()) -> Floa
 
 def plant_intervention(method: PlantMethod, position: int, layers: Sequence[int] | None, strength: float | None) -> Intervention:
     """The intervention :func:`plant_sink` runs (see there for the defaults)."""
-    from interventions.attention import IsolateAggregation
-    from interventions.residual import AmplifyVariance
-
     if method == "isolate":
         return IsolateAggregation(layers=tuple(layers) if layers is not None else DEFAULT_ISOLATE_LAYERS, queries=(position,))
     if method == "amplify":
         chosen = tuple(layers) if layers is not None else (1,)
         if len(chosen) != 1:
-            raise ValueError(f"method='amplify' edits one layer, got layers={list(chosen)}")
+            raise RecipeError(f"method='amplify' edits one layer, got layers={list(chosen)}")
         return AmplifyVariance(layer=chosen[0], positions=(position,), factor=float(strength if strength is not None else 16.0))
     raise ValueError(f"method must be 'isolate' or 'amplify', got {method!r}")
 
@@ -147,7 +142,8 @@ def plant_sink(
         (the control run's score at ``position``, where it did *not* edit), ``did`` =
         (intervened - clean) - (control - clean) with ``did_ci_low``/``did_ci_high`` (paired
         bootstrap over sequences), ``control_own`` (the control run's score at its own edited
-        position ``q``: does planting work elsewhere too?), ``ordinary_median``, ``ratio``
+        position ``q``: does planting work elsewhere too?), ``primary`` (the clean run's score at
+        position 0, the scale a planted sink is compared with), ``ordinary_median``, ``ratio``
         (intervened / ordinary_median), ``edited`` (the layer's attention or residual is edited)
         and ``is_sink``. ``frame.attrs`` holds the specs, the control move, the
         ``target_sink_score`` summary of the effect and ``sink_layers`` (the ``is_sink`` layers).
@@ -171,6 +167,7 @@ def plant_table(effect: Effect, position: int, *, sink_ratio: float = 5.0) -> pd
     if has_ctrl:
         q = [p for p in effect.control_target.positions]
         out["control_own"] = nanmean(nanmean(effect.control.sink_score[:, :, q], axis=2), axis=0)
+    out["primary"] = nanmean(effect.clean.sink_score[:, :, 0], axis=0)  # the clean primary sink, for scale
     med = _ordinary_median(effect.clean, exclude=[position])
     out["ordinary_median"] = med
     out["ratio"] = out["intervened"] / med
@@ -187,12 +184,10 @@ def plant_table(effect: Effect, position: int, *, sink_ratio: float = 5.0) -> pd
     return out
 
 
-def _edited_layers(spec_text: str) -> list[int]:
-    from interventions.effect import intervention_layers
-    from interventions.registry import parse_spec
-
+def _edited_layers(intervention: Intervention | str) -> list[int]:
     try:
-        return list(intervention_layers(parse_spec(spec_text)) or [])
+        iv = intervention if isinstance(intervention, Intervention) else parse_spec(intervention)
+        return list(intervention_layers(iv) or [])
     except Exception:  # an unregistered kind's repr: no layers to mark
         return []
 
@@ -205,10 +200,11 @@ def summarize_plant(table: pd.DataFrame, layers: Sequence[int] | None = None) ->
         layers = [l for l in table["layer"] if l >= start]
     sel = table[table["layer"].isin(list(layers))]
     out = {"layers": [int(l) for l in sel["layer"]], "sink_layers": table.attrs.get("sink_layers")}
-    for col in ("clean", "intervened", "control", "did", "did_ci_low", "control_own", "ordinary_median"):
+    for col in ("clean", "intervened", "control", "did", "did_ci_low", "control_own", "ordinary_median", "primary"):
         if col in sel:
             out[col] = float(np.nanmean(sel[col]))
     out["vs_clean"] = out["intervened"] / out["clean"] if out.get("clean") else float("nan")
+    out["vs_primary"] = out["intervened"] / out["primary"] if out.get("primary") else float("nan")
     return out
 
 
@@ -323,7 +319,7 @@ def ablate_secondary_sinks(
     if sinks is None:
         sinks = secondary_sink_mlps(model, batch, thresholds=thresholds, batch_size=batch_size)
     if sinks.empty:
-        raise ValueError("no secondary sink to ablate")
+        raise RecipeError("no secondary sink to ablate")
     th = thresholds or anatomy.SecondaryThresholds.for_depth(int(model.cfg.n_layers))
     effect = measure_effect(model, batch, sink_edit(sinks, mode), control=control, seed=seed, positions="target",
                             n_resamples=n_resamples, batch_size=batch_size)
@@ -379,16 +375,15 @@ def rescale_dose_response(
     With ``sweep_out`` the same grid also runs through :func:`interventions.sweep.sweep`
     (``grid={"strength": factors}``, prefix reuse; rows for the sink positions), stored there.
 
-    Returns a dict: ``per_sink`` (one row per sink × factor), ``by_factor`` (means over sinks),
+    Returns a dict: ``per_sink`` (one row per sink × factor), ``by_factor`` (means over sinks, with
+    ``score_ratio`` and ``lifetime_ratio``: the mean score and lifetime over the clean run's),
     ``rho`` (Spearman's rho and p of factor vs score, peak score and lifetime, pooled over sink ×
     factor pairs, and of the per-factor means), ``sweep`` (the sweep table or None).
     """
-    from scipy.stats import spearmanr
-
     if sinks is None:
         sinks = secondary_sink_mlps(model, batch, thresholds=thresholds, batch_size=batch_size)
     if sinks.empty:
-        raise ValueError("no secondary sink to rescale")
+        raise RecipeError("no secondary sink to rescale")
     th = thresholds or anatomy.SecondaryThresholds.for_depth(int(model.cfg.n_layers))
     clean = sinks.attrs.get("meas")
     if clean is None or clean.token_ids != batch.token_ids:
@@ -409,6 +404,9 @@ def rescale_dose_response(
         frames.append(per)
     per_sink = pd.concat(frames, ignore_index=True)
     by_factor = per_sink.groupby("factor", as_index=False)[["score", "peak_score", "max_abs_cos", "lifetime", "flagged"]].mean()
+    base = _per_sink(clean, sinks, clean, th.cos)
+    by_factor["score_ratio"] = by_factor["score"] / base["score"].mean()
+    by_factor["lifetime_ratio"] = by_factor["lifetime"] / base["lifetime"].mean()
     rho = {}
     for col in ("score", "peak_score", "lifetime"):
         pooled = spearmanr(per_sink["factor"], per_sink[col])
@@ -417,8 +415,6 @@ def rescale_dose_response(
                     "n_pooled": len(per_sink), "n_means": len(by_factor)}
     table = None
     if sweep_out is not None:
-        from interventions.sweep import sweep
-
         template = sink_edit(sinks, "rescale", factor=1.0, scope=scope)
         table = sweep(model, batch, template, {"strength": [float(f) for f in factors]}, sweep_out, format="csv",
                       batch_size=batch_size, positions="target", progress=False).frame
@@ -427,7 +423,7 @@ def rescale_dose_response(
 
 __all__ = [
     "DEFAULT_ISOLATE_LAYERS",
-
+    "RecipeError",
     "ablate_secondary_sinks",
     "plant_intervention",
     "plant_sink",

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import pandas as pd
 from scipy import stats
 
 from circuits import anatomy, plots
@@ -95,8 +96,6 @@ def write_figures(meas: SinkMeasurement, doc: dict, folder: Path, sequence: int 
 
 
 def _secondary_table(doc: dict):
-    import pandas as pd
-
     table = pd.DataFrame(doc["secondary"])
     th = doc["secondary_thresholds"]
     table.attrs.update(min_lifetime=th["min_lifetime"], primary_from=doc["n_layers"] - th["primary_margin"])
@@ -138,8 +137,8 @@ def demo_report(meas: SinkMeasurement, doc: dict, *, eps: float, seconds: float)
         "",
         f"- **Sink_1^{eps}** (first token, Gu et al.): **{fr['value']:.1f} %** (95 % bootstrap CI over sequences {fr['ci95'][0]:.1f}-{fr['ci95'][1]:.1f} %).",
         f"- Layers where at least half of the (head, sequence) pairs give the first token alpha > {eps}: "
-        f"{_ranges(holding)} ({len(holding)} of {meas.n_layers}).",
-        f"- Layers where it does not: {_ranges(weak) or 'none'}.",
+        f"{anatomy.layer_ranges(holding)} ({len(holding)} of {meas.n_layers}).",
+        f"- Layers where it does not: {anatomy.layer_ranges(weak, 'none')}.",
         "",
         "| layer | sink score of position 0 | mean alpha_0 | share of heads with alpha_0 > eps |",
         "|---:|---:|---:|---:|",
@@ -170,8 +169,6 @@ def demo_report(meas: SinkMeasurement, doc: dict, *, eps: float, seconds: float)
         "",
     ]
     if sec:
-        import pandas as pd
-
         table = pd.DataFrame(sec)
         by_token = (
             table.groupby("token")
@@ -198,21 +195,6 @@ def demo_report(meas: SinkMeasurement, doc: dict, *, eps: float, seconds: float)
         "",
     ]
     return "\n".join(lines)
-
-
-def _ranges(layers: list[int]) -> str:
-    """[3,4,5,9] -> '3-5, 9'."""
-    if not layers:
-        return ""
-    out, start, prev = [], layers[0], layers[0]
-    for x in layers[1:] + [None]:
-        if x is not None and x == prev + 1:
-            prev = x
-            continue
-        out.append(f"{start}-{prev}" if start != prev else f"{start}")
-        if x is not None:
-            start = prev = x
-    return ", ".join(out)
 
 
 def run_demo(model, folder: Path, *, n: int = 100, max_tokens: int = 64, eps: float = 0.3, prepend_bos: bool | None = None) -> dict:

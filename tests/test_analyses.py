@@ -304,11 +304,28 @@ def test_output_change_identity_and_effect(llama):
 
 
 def test_md_table_and_verdicts():
-    from sinkscope.reproduce import _verdict, md_table
+    from sinkscope.reproduce import md_table, verdict
 
     text = md_table(pd.DataFrame({"a": [1.23456, float("nan")], "b": ["x|y", "z"]}))
     assert text.splitlines()[2] == "| 1.235 | x\\|y |" and "| – |" in text
-    assert (_verdict(True, True), _verdict(False, True), _verdict(False, False)) == ("holds", "partly holds", "does not hold")
+    assert (verdict(True, True), verdict(False, True), verdict(False, False)) == ("holds", "partly holds", "does not hold")
+
+
+def test_a_claims_rule_text_and_verdict_come_from_the_same_thresholds():
+    """W3 at median |cos| 0.7: partly (0.5 <= 0.7 < 0.9); lowering its holds threshold to 0.6
+    flips the verdict and the printed rule together; a missing number fails every test."""
+    import dataclasses
+
+    from sinkscope.reproduce import wong
+
+    numbers = {"median_abs_cos_sink": 0.7, "n_attended": 5, "mlp_sites_median_abs_cos": {"down": 0.7}}
+    found = wong.W3.evaluate(numbers)
+    assert found.verdict == "partly holds" and found.numbers["median_abs_cos"] == 0.7
+    assert "≥ 0.9" in found.rule and "≥ 0.5" in found.rule
+    lenient = dataclasses.replace(wong.W3, thresholds={"holds": 0.6, "partly": 0.5})
+    assert lenient.evaluate(numbers).verdict == "holds" and "≥ 0.6" in lenient.rule and "0.9" not in lenient.rule
+    missing = wong.W3.evaluate({**numbers, "median_abs_cos_sink": float("nan")})
+    assert missing.verdict == "does not hold"
 
 
 def test_reproduce_end_to_end_on_a_tiny_model(tmp_path):
@@ -360,7 +377,7 @@ def test_smollm2_secondary_sinks_are_written_by_the_mlp(smollm2_long):
     created at layer 2); at the creation layer median |cos| input 0.50, gate 0.75, up 0.52,
     act 0.83, act×up 0.97, written 0.997, |cos(written, h_0)| 0.988; Spearman rho(norm, peak
     score) 0.90 (p 0.001). Full run (6 × 1,024 tokens): docs/reproduce-smollm2-135m.md."""
-    from sinkscope.reproduce import attended_secondary
+    from circuits.anatomy import attended_secondary
 
     _, (meas, sites, _, _) = smollm2_long
     _, att, _ = attended_secondary(meas, 5.0)

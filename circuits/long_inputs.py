@@ -1,0 +1,62 @@
+"""Long inputs: the one observation pass the paper analyses share, and what a long input changes.
+
+Why this module exists. Wong et al. found secondary sinks in long, model-generated reasoning
+traces, and every observational analysis of the three papers (secondary sinks, the MLP that
+writes them, the variance of attention outputs, super neurons, key and value norms) reads the
+same forward pass over such traces. :func:`observe_long_inputs` runs that pass once, with every
+meter of :mod:`circuits.analyses` attached, so the reproduction report and the notebooks observe
+exactly the same thing. :func:`sliding_layers` names the one property of a model that matters
+only on long inputs: layers whose attention window is shorter than the input cannot let far
+queries see position 0, which lowers the first token's sink score there by construction.
+
+Nothing here acts on the model; positions are 0-based.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from circuits import analyses
+from circuits.measure import SinkMeasurement, SinkMeter, provenance
+from circuits.probes import TokenBatch, reasoning_texts, tokenize
+
+
+@dataclass(frozen=True)
+class LongInputs:
+    """What one pass over the long inputs measured: the batch and each meter's result."""
+
+    batch: TokenBatch
+    sinks: SinkMeasurement
+    mlp: analyses.MLPSites
+    attn: analyses.AttnOutStats
+    super_neurons: analyses.SuperNeuronStats
+    kv: analyses.KVStats
+
+
+def observe_long_inputs(
+    model, n_traces: int = 6, max_tokens: int = 1024, *, batch_size: int = 1, progress: bool = False
+) -> LongInputs:
+    """One forward pass per sub-batch of the first ``n_traces`` built-in reasoning traces
+    (:func:`circuits.probes.reasoning_texts`, truncated to ``max_tokens``, the model's native
+    BOS policy), with :class:`~circuits.measure.SinkMeter` and the MLP-site, attention-output,
+    super-neuron and key/value meters attached. The sink measurement records the provenance
+    and ``max_tokens`` in its metadata."""
+    batch = tokenize(model, reasoning_texts(n_traces), max_tokens=max_tokens)
+    sinks = SinkMeter(model)
+    mlp, attn = analyses.MLPSiteMeter(model), analyses.AttnOutMeter(model)
+    sn, kv = analyses.SuperNeuronMeter(model), analyses.KVMeter(model)
+    analyses.observe(model, batch, [sinks, mlp, attn, sn, kv], batch_size=batch_size, progress=progress)
+    meas = sinks.result(metadata={**provenance(model, batch), "max_tokens": max_tokens})
+    return LongInputs(batch, meas, mlp.result(), attn.result(), sn.result(), kv.result())
+
+
+def sliding_layers(model) -> tuple[list[int], int | None]:
+    """The layers with sliding-window attention and the window in tokens (Gemma 3: 5 of every
+    6 layers, 512 tokens); ``([], None)`` for a model with global attention only."""
+    config = getattr(getattr(model, "original_model", None), "config", None)
+    window = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None) or []
+    return [i for i, t in enumerate(types) if t == "sliding_attention"], window
+
+
+__all__ = ["LongInputs", "observe_long_inputs", "sliding_layers"]

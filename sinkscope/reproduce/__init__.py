@@ -1,0 +1,47 @@
+"""``sinkscope reproduce``: every paper analysis on one model, one self-contained report.
+
+Each claim of the three seed papers gets a verdict — *holds*, *partly holds* or *does not
+hold* — computed from numbers measured in the same run; no verdict is written by hand. The
+package is laid out the way the work divides:
+
+* :mod:`~sinkscope.reproduce.claims` — a claim as a record (id, thresholds, evidence, *holds*
+  and *partly* conditions) whose rule text is written from the same condition objects that
+  decide the verdict;
+* :mod:`~sinkscope.reproduce.wong`, :mod:`~sinkscope.reproduce.li`, :mod:`~sinkscope.reproduce.gu`
+  — one module per paper: its ``measure(model, obs, settings)`` returns the numbers its
+  ``CLAIMS`` read (:func:`evaluate` turns them into findings);
+* :mod:`~sinkscope.reproduce.report` — :func:`reproduce` writes ``report.md``, the figures and
+  ``numbers.json``; :func:`redraw` re-renders figures from ``numbers.json``;
+* :mod:`~sinkscope.reproduce.settings` — the size knobs, :data:`SIZES` ``"full"`` and ``"ci"``.
+
+Inputs (``size="full"``; ``"ci"`` shrinks every count and length so the notebooks and tests
+run in a minute or two):
+
+* Wong et al. and the observational parts of Li and Gu: the 6 built-in reasoning traces
+  (:func:`circuits.probes.reasoning_texts`), truncated to 1,024 tokens (Wong et al. found
+  secondary sinks mostly in long traces), one forward pass each with every meter attached
+  (:func:`circuits.long_inputs.observe_long_inputs`).
+* Interventions that need many runs (planting, key bias) use the built-in probe passages
+  (:func:`circuits.probes.probe_texts`), shorter; Gu's Sink_1^eps uses his standard setting,
+  100 passages × 64 tokens. Planting and the dose response are the recipes'
+  (:func:`interventions.recipes.plant_sink`, :func:`interventions.recipes.rescale_dose_response`):
+  one protocol for the library and the report.
+* The BOS policy is each model's native one (SmolLM2: none; Gemma 3: BOS prepended), and
+  recorded. Positions are 0-based: the papers' Sink_1 is position 0.
+
+Thresholds are the toolkit's, chosen before looking at any model; each claim's are stored in
+``numbers.json`` under ``rules``, and its rule text next to its verdict.
+"""
+
+from __future__ import annotations
+
+from sinkscope.reproduce import gu, li, wong
+from sinkscope.reproduce.claims import FAILS, HOLDS, PARTLY, Claim, Finding, Measured, evaluate, findings_frame, verdict
+from sinkscope.reproduce.gu import offline_models
+from sinkscope.reproduce.report import CLAIMS, ReproduceError, claims_table, md_table, redraw, reproduce
+from sinkscope.reproduce.settings import SIZES, Settings, Size
+
+__all__ = [
+    "CLAIMS", "Claim", "FAILS", "Finding", "HOLDS", "Measured", "PARTLY", "ReproduceError", "SIZES", "Settings", "Size", "claims_table",
+    "evaluate", "findings_frame", "gu", "li", "md_table", "offline_models", "redraw", "reproduce", "verdict", "wong",
+]

@@ -1,0 +1,185 @@
+"""Li et al., "The Structural Origin of Attention Sink" (arXiv 2605.06611): the measurements and
+claims L1-L4 of the reproduction.
+
+Why this module exists. It holds what is specific to this paper: which numbers its claims
+need and the claim records that judge them. The observations live in :mod:`circuits`
+(:func:`circuits.analyses.variance_by_position`, :func:`circuits.analyses.super_neurons`,
+:func:`circuits.anatomy.massive_dimensions`), the planting protocol in
+:func:`interventions.recipes.plant_sink`, the Markdown and figures in
+:mod:`sinkscope.reproduce.report`. Only the abstract of the paper could be checked, so its
+metrics are the toolkit's documented choices.
+
+Planting (L3, L4) is :func:`~interventions.recipes.plant_sink` on ``Settings.plant_n`` probe
+passages, at position ``Settings.plant_position``, with its random control (the same edit at a
+random other position, same layers and strength): (i) ``isolate`` — the position attends only to
+itself in layers :data:`~interventions.recipes.DEFAULT_ISOLATE_LAYERS`; (ii) ``amplify`` — its
+variance multiplied by each of ``Settings.amplify_factors`` at the layer whose block output makes
+the first token's norm jump most (the random control runs for the largest factor, which the
+verdict reads). Each is scored over the layers after the edit
+(:func:`~interventions.recipes.summarize_plant`).
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pandas as pd
+
+from circuits import analyses, anatomy
+from circuits.long_inputs import LongInputs
+from circuits.measure import SinkMeter, nanmean
+from circuits.probes import probe_texts, tokenize
+from interventions import recipes
+from sinkscope.reproduce.claims import AllOf, Claim, Measured, Test
+from sinkscope.reproduce.settings import Settings
+
+PAPER = "Li"
+
+# ------------------------------------------------------------------------------ claims
+
+
+def _l1(n, th):
+    ratio = np.array([r["z_var_ratio"] for r in n["variance"]], dtype=float)
+    early = ratio[: max(1, len(ratio) // 3)]
+    early_hits = [int(l) for l in np.flatnonzero(early >= th["ratio"])]
+    return {"median_ratio": float(np.nanmedian(ratio)), "early_hits": early_hits, "n_early_hits": len(early_hits),
+            "all_hits": anatomy.layer_ranges(np.flatnonzero(ratio >= th["ratio"])), "ratio": th["ratio"]}
+
+
+L1 = Claim(
+    "L1", PAPER, "Variance discrepancy: the first token's attention output has a larger variance than the others'", {"ratio": 2.0},
+    _l1,
+    holds=Test("median_ratio", ">=", "ratio", "median over layers of var(first) / var(others) of head outputs"),
+    partly=Test("n_early_hits", ">=", 1, "number of layers in the first third with that ratio ≥ {ratio}"),
+    describe=lambda e: f"median over layers of var(first)/var(others) of head outputs = {e['median_ratio']:.2f}; ≥ {e['ratio']:g} in early layers "
+    f"{e['early_hits'] or 'none'} (all layers ≥ {e['ratio']:g}: {e['all_hits']})",
+)
+
+
+def first_token_dims(massive: list[dict], share: float) -> set[int]:
+    """The massive residual dimensions with at least ``share`` of their occurrences at position 0."""
+    return {int(m["dim"]) for m in massive if m["share_at_position_0"] >= share}
+
+
+def _l2(n, th):
+    sn, first = n["super_neurons"], first_token_dims(n["massive_dimensions"], th["first_token_share"])
+    writers = [r for r in sn if r["top_dims"][0] in first]
+    per_layer = pd.Series([r["layer"] for r in sn], dtype=int).value_counts()
+    most = int(per_layer.max()) if len(per_layer) else 0
+    ev = {"super_neurons": len(sn), "writers": len(writers), "max_per_layer": most, "d_mlp": n["d_mlp"],
+          "max_share_per_layer": most / n["d_mlp"], "first_token_dims": sorted(first)}
+    if writers:
+        best = max(writers, key=lambda r: r["ratio"])
+        ev.update(strongest_layer=best["layer"], strongest_channel=best["channel"], strongest_ratio=best["ratio"])
+    return ev
+
+
+def _l2_text(e) -> str:
+    text = (f"{e['super_neurons']} super neurons (≤ {e['max_per_layer']} of {e['d_mlp']} channels per layer); "
+            f"{e['writers']} write a first-token massive dimension {e['first_token_dims'] or '(none found)'} as their largest output")
+    if e["writers"]:
+        text += f", strongest: layer {e['strongest_layer']} channel {e['strongest_channel']} ({e['strongest_ratio']:.0f} × median)"
+    return text
+
+
+L2 = Claim(
+    "L2", PAPER, "Super neurons: a few FFN channels with outsized first-token activations write the massive dimensions",
+    {"min_ratio": 100.0, "first_token_share": 0.5, "sparsity": 0.01},
+    _l2,
+    holds=AllOf((Test("writers", ">=", 1, "number of super neurons (|first-token activation| ≥ {min_ratio} × the layer's median) whose largest "
+                      "output is a massive dimension with ≥ {first_token_share} of its occurrences at position 0"),
+                 Test("max_share_per_layer", "<=", "sparsity", "largest share of a layer's channels that are super neurons"))),
+    partly=Test("super_neurons", ">=", 1, "number of super neurons"),
+    describe=_l2_text,
+)
+
+
+def _plant(kind: str):
+    def evidence(n, th):
+        row = n["planting_summary"][kind]
+        return {k: row[k] for k in ("condition", "layers", "score", "clean", "primary", "control", "did", "did_ci_low", "vs_clean", "vs_primary")} | {
+            "position": n["plant_position"]}
+
+    return evidence
+
+
+def _plant_text(e) -> str:
+    return (f"{e['condition']}: sink score of position {e['position']} over layers {e['layers']} = {e['score']:.3f} "
+            f"vs {e['clean']:.3f} clean ({e['vs_clean']:.1f} ×) and {e['primary']:.3f} for the clean primary sink; "
+            f"random control (the same edit at another position) {e['control']:.3f} here, difference of differences "
+            f"{e['did']:.3f} (CI low {e['did_ci_low']:.3f})")
+
+
+_PLANT = {"holds": 5.0, "partly": 2.0, "vs_primary": 0.5}
+_PLANT_HOLDS = AllOf((Test("vs_clean", ">=", "holds", "planted score / clean"),
+                      Test("vs_primary", ">=", "vs_primary", "planted score / clean primary sink's"),
+                      Test("did_ci_low", ">", 0, "lower CI bound of the difference of differences with the random control")))
+_PLANT_PARTLY = Test("vs_clean", ">=", "partly", "planted score / clean")
+
+L3 = Claim("L3", PAPER, "Planting (i): a token that attends only to itself becomes a sink", _PLANT, _plant("isolate"),
+           holds=_PLANT_HOLDS, partly=_PLANT_PARTLY, describe=_plant_text)
+L4 = Claim("L4", PAPER, "Planting (ii): amplifying a token's variance makes it a sink", _PLANT, _plant("amplify"),
+           holds=_PLANT_HOLDS, partly=_PLANT_PARTLY, describe=_plant_text)
+
+CLAIMS: tuple[Claim, ...] = (L1, L2, L3, L4)
+
+
+# ------------------------------------------------------------------------------ measurement
+
+
+def _summary(table: pd.DataFrame, condition: str) -> dict:
+    out = recipes.summarize_plant(table)
+    keep = ("clean", "primary", "control", "did", "did_ci_low", "control_own", "vs_clean", "vs_primary")
+    return {"condition": condition, "layers": anatomy.layer_ranges(out["layers"]), "score": out["intervened"],
+            **{k: out.get(k, float("nan")) for k in keep}, "sink_layers": anatomy.layer_ranges(out["sink_layers"] or [], "none")}
+
+
+def planting(model, s: Settings, progress: bool = False) -> tuple[pd.DataFrame, dict]:
+    """Both planting interventions (see the module docstring): a tidy ``(condition, layer,
+    score)`` table of the planted position's sink score, and a summary per intervention."""
+    batch = tokenize(model, probe_texts(s.plant_n), max_tokens=s.plant_tokens)
+    p = s.plant_position
+    clean = SinkMeter(model)
+    analyses.observe(model, batch, [clean], batch_size=8, progress=progress)
+    jump = int(np.argmax(np.diff(nanmean(clean.result().resid_norm[:, :, 0], axis=0))))  # block whose output makes ||h_0|| jump most
+    iso = recipes.plant_sink(model, batch, p, method="isolate", control="random", batch_size=8)
+    fmax = max(s.amplify_factors)
+    amps = {f: recipes.plant_sink(model, batch, p, method="amplify", layers=(jump,), strength=f,
+                                  control="random" if f == fmax else None, batch_size=8) for f in s.amplify_factors}
+    isolated = anatomy.layer_ranges(recipes.DEFAULT_ISOLATE_LAYERS)
+    curves = {
+        "clean: planted position": iso["clean"], "clean: primary sink (position 0)": iso["primary"],
+        f"isolate (layers {isolated}): planted position": iso["intervened"],
+        f"isolate, random control: position {p}": iso["control"], "isolate, random control: its own position": iso["control_own"],
+        **{f"amplify ×{f:g} at layer {jump}: planted position": amps[f]["intervened"] for f in s.amplify_factors},
+    }
+    rows = pd.DataFrame([dict(condition=c, layer=l, score=float(v)) for c, arr in curves.items() for l, v in enumerate(arr)])
+    summary = {
+        "isolate": {**_summary(iso, f"isolate (layers {isolated})"), "edited_layers": isolated},
+        "amplify": {**_summary(amps[fmax], f"amplify ×{fmax:g} at layer {jump}"), "edited_layers": str(jump), "edit_layer": jump},
+        "amplify_by_factor": {f"{f:g}": recipes.summarize_plant(amps[f])["vs_clean"] for f in s.amplify_factors},
+    }
+    return rows, summary
+
+
+def measure(model, obs: LongInputs, s: Settings, progress: bool = False) -> Measured:
+    """Every number L1-L4 read: the variance of attention outputs, the super neurons and massive
+    dimensions (from the long-input pass ``obs``), and both plantings (their own runs)."""
+    meas = obs.sinks
+    var = analyses.variance_by_position(obs.attn)
+    sn = analyses.super_neurons(obs.super_neurons, model, min_ratio=L2.thresholds["min_ratio"])
+    massive = anatomy.massive_dimensions(meas)
+    t0 = time.perf_counter()
+    plant, summary = planting(model, s, progress)
+    timings = {"li_planting": time.perf_counter() - t0}
+    numbers = {
+        "variance": var.to_dict(orient="records"), "super_neurons": sn.to_dict(orient="records"),
+        "massive_dimensions": massive.to_dict(orient="records"), "d_mlp": int(model.cfg.d_mlp),
+        "planting": plant.to_dict(orient="records"), "planting_summary": summary, "plant_position": s.plant_position,
+    }
+    first = first_token_dims(numbers["massive_dimensions"], L2.thresholds["first_token_share"])
+    return Measured(numbers, {"variance": var, "super_neurons": sn, "massive": massive, "first_token_dims": first, "planting": plant}, timings)
+
+
+__all__ = ["CLAIMS", "L1", "L2", "L3", "L4", "first_token_dims", "measure", "planting"]

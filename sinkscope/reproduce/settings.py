@@ -1,0 +1,61 @@
+"""The size knobs of a reproduction run, and the two named sizes.
+
+Why a module of its own: the three paper modules, the report and the notebooks all read the
+same knobs, and ``numbers.json`` stores them, so a reader can tell what a run measured on.
+``"full"`` is the committed reports' setting; ``"ci"`` shrinks every count and length so the
+notebooks and tests run in a minute or two.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+Size = Literal["full", "ci"]
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every size knob of a reproduction run (stored in ``numbers.json``).
+
+    Long inputs (Wong et al. and the observational parts of Li and Gu): ``n_traces`` reasoning
+    traces of at most ``max_tokens`` tokens, ``batch_size`` per forward pass; a secondary sink
+    is *attended* when it receives at least ``min_score_ratio`` times the median token's
+    attention at its peak layer. Dose response (Wong et al.): the sinks of the first
+    ``dose_traces`` traces, each one's MLP output rescaled by each of ``dose_factors``.
+    Planting (Li et al.): ``plant_n`` probe passages × ``plant_tokens`` tokens, position
+    ``plant_position``, variance amplified by each of ``amplify_factors``. Gu et al.:
+    Sink_1^eps over ``eps_grid`` on ``eps_n`` passages × ``eps_tokens`` tokens; the key-bias
+    runs on ``keybias_n`` × ``keybias_tokens`` tokens with controls at position
+    ``keybias_control``; ``other_models`` also measures every other model available offline.
+    """
+
+    n_traces: int = 6
+    max_tokens: int = 1024
+    batch_size: int = 1
+    min_score_ratio: float = 5.0
+    dose_traces: int = 2
+    dose_factors: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
+    plant_n: int = 16
+    plant_tokens: int = 64
+    plant_position: int = 32
+    amplify_factors: tuple[float, ...] = (2.0, 4.0, 8.0, 16.0)
+    eps_n: int = 100
+    eps_tokens: int = 64
+    eps_grid: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+    keybias_n: int = 16
+    keybias_tokens: int = 128
+    keybias_control: int = 64
+    other_models: bool = True
+
+
+SIZES: dict[str, Settings] = {
+    "full": Settings(),
+    "ci": Settings(
+        n_traces=2, max_tokens=192, batch_size=2, dose_traces=1, dose_factors=(0.0, 1.0, 4.0), plant_n=4, plant_tokens=48,
+        plant_position=24, amplify_factors=(4.0, 16.0), eps_n=8, keybias_n=4, keybias_tokens=64, keybias_control=32,
+        other_models=False,
+    ),
+}
+
+__all__ = ["SIZES", "Settings", "Size"]

@@ -1,0 +1,232 @@
+"""Wong et al., "On the Existence and Behaviour of Secondary Attention Sinks" (arXiv 2512.22213):
+the measurements and claims W1-W6 of the reproduction.
+
+Why this module exists. It holds what is specific to this paper: which numbers its claims
+need, computed from the shared long-input pass (:func:`circuits.long_inputs.observe_long_inputs`)
+and one intervention, and the claim records that judge them. The observations themselves live in
+:mod:`circuits` (:func:`circuits.anatomy.attended_secondary`, :func:`circuits.anatomy.live_per_layer`,
+:mod:`circuits.analyses`), the intervention protocol in :mod:`interventions.recipes`
+(:func:`~interventions.recipes.secondary_sink_mlps`, :func:`~interventions.recipes.rescale_dose_response`),
+the Markdown and figures in :mod:`sinkscope.reproduce.report`.
+
+*Attended* secondary sinks are the tokens the hidden-state rule classes as secondary
+(classes scaled to depth) that also receive at least ``Settings.min_score_ratio`` times the
+median token's attention at their peak layer: the pairing science.md asks for on models
+(Gemma 3) where the rule alone flags ordinary frequent tokens. Every claim below reads them.
+
+Dose response (W5): each attended secondary sink of the first ``Settings.dose_traces`` traces
+has its writing MLP output (the MLP at or just before its creation layer whose output at the
+token aligns best with ``h_0``) rescaled by each factor, at exactly that token
+(:func:`~interventions.recipes.rescale_dose_response`, ``scope="whole"``); the sink's score is
+its mean sink score over its clean lifetime layers, its lifetime is re-counted in the
+intervened run.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pandas as pd
+
+from circuits import analyses, anatomy
+from circuits.long_inputs import LongInputs
+from interventions import recipes
+from sinkscope.reproduce.claims import AllOf, AnyOf, Claim, Measured, Test
+from sinkscope.reproduce.settings import Settings
+
+PAPER = "Wong"
+
+# ------------------------------------------------------------------------------ claims
+
+
+def _w1(n, th):
+    return {"attended": n["n_attended"], "candidates": n["n_candidates"], "sequences": n["n_sequences"],
+            "attended_per_sequence": n["n_attended"] / n["n_sequences"]}
+
+
+W1 = Claim(
+    "W1", PAPER, "Secondary sinks exist in long inputs", {},
+    _w1,
+    holds=Test("attended_per_sequence", ">=", 1, "attended secondary sinks per sequence"),
+    partly=Test("attended", ">=", 1, "number of attended secondary sinks"),
+    describe=lambda e: f"{e['attended']} attended secondary sinks in {e['sequences']} sequences ({e['candidates']} hidden-state candidates)",
+)
+
+
+def live_layers(live: np.ndarray, share: float) -> np.ndarray:
+    """The *live* layers: where at least ``share`` of the peak number of attended secondary sinks
+    are flagged (none when no sink is flagged anywhere)."""
+    peak = live.max() if len(live) else 0
+    return np.flatnonzero(live >= max(1, share * peak)) if peak else np.array([], int)
+
+
+def _w2(n, th):
+    score = np.array([r["primary_sink_score"] for r in n["layers"]], dtype=float)
+    live = np.asarray(n["live_layers"], dtype=int)
+    other = np.setdiff1d(np.arange(len(score)), live)
+    in_live = float(np.mean(score[live])) if len(live) else float("nan")
+    elsewhere = float(np.mean(score[other])) if len(other) else float("nan")
+    centre = float(np.mean(live)) if len(live) else float("nan")
+    return {"primary_live": in_live, "primary_other": elsewhere, "ratio": n["primary_ratio_live_vs_other"],
+            "live_layers": anatomy.layer_ranges(live, "none"), "centre": centre, "n_layers": len(score),
+            "centre_depth": centre / len(score)}
+
+
+W2 = Claim(
+    "W2", PAPER, "The primary sink weakens in the middle layers where secondary sinks appear",
+    {"live_share": 0.5, "holds_ratio": 0.5, "partly_ratio": 0.8, "middle_from": 1 / 6, "middle_to": 5 / 6},
+    _w2,
+    holds=AllOf((Test("ratio", "<=", "holds_ratio", "primary-sink score in the live layers (≥ {live_share} × the peak count of live sinks) / elsewhere"),
+                 Test("centre_depth", ">=", "middle_from", "live layers' centre / depth"),
+                 Test("centre_depth", "<=", "middle_to", "live layers' centre / depth"))),
+    partly=Test("ratio", "<=", "partly_ratio", "primary-sink score in the live layers (≥ {live_share} × the peak count of live sinks) / elsewhere"),
+    describe=lambda e: f"primary-sink score {e['primary_live']:.3f} in the live layers {e['live_layers']} vs {e['primary_other']:.3f} "
+    f"elsewhere (ratio {e['ratio']:.2f}); centre of live layers {e['centre']:.1f} of {e['n_layers']}",
+)
+
+
+def _w3(n, th):
+    return {"median_abs_cos": n["median_abs_cos_sink"], "n": n["n_attended"], **{f"site_{k}": v for k, v in n["mlp_sites_median_abs_cos"].items()}}
+
+
+W3 = Claim(
+    "W3", PAPER, "A middle-layer MLP writes the secondary sink along the primary-sink direction", {"holds": 0.9, "partly": 0.5},
+    _w3,
+    holds=Test("median_abs_cos", ">=", "holds", "median |cos(MLP output, h_0)| at the creation layer"),
+    partly=Test("median_abs_cos", ">=", "partly", "median |cos(MLP output, h_0)| at the creation layer"),
+    describe=lambda e: f"median |cos(MLP output, h_0)| at the creation layer = {e['median_abs_cos']:.3f} (n={e['n']}); per site: "
+    + ", ".join(f"{k[5:]} {v:.2f}" for k, v in e.items() if k.startswith("site_")),
+)
+
+
+def _w4(n, th):
+    s, life = n["corr_norm_score"], n["corr_norm_lifetime"]
+    return {"rho_score": s["spearman"], "p_score": s["spearman_p"], "rho_lifetime": life["spearman"], "p_lifetime": life["spearman_p"], "n": s["n"]}
+
+
+def _significant(which: str, label: str) -> AllOf:
+    return AllOf((Test(f"rho_{which}", ">=", "rho", f"ρ(norm, {label})"), Test(f"p_{which}", "<", "p", f"p(norm, {label})")))
+
+
+W4 = Claim(
+    "W4", PAPER, "The L2 norm of the aligning MLP output sets the sink score and the lifetime", {"rho": 0.5, "p": 0.05},
+    _w4,
+    holds=AllOf((_significant("score", "score"), _significant("lifetime", "lifetime"))),
+    partly=AnyOf((_significant("score", "score"), _significant("lifetime", "lifetime"))),
+    describe=lambda e: f"Spearman ρ(norm, score) = {e['rho_score']:.2f} (p={e['p_score']:.1g}), "
+    f"ρ(norm, lifetime) = {e['rho_lifetime']:.2f} (p={e['p_lifetime']:.1g}), n={e['n']}",
+)
+
+
+def _w5(n, th):
+    dose = n["dose_response"]
+    if not dose:
+        return {"score_at_zero": float("nan"), "rho": float("nan"), "n_sinks": 0}
+    zero = [r["score_ratio"] for r in dose if r["factor"] == 0]
+    return {"score_at_zero": float(zero[0]) if zero else float("nan"), "rho": n["dose_rho"]["score"]["means"],
+            "lifetime_first": dose[0]["lifetime_ratio"], "factor_first": dose[0]["factor"],
+            "lifetime_last": dose[-1]["lifetime_ratio"], "factor_last": dose[-1]["factor"], "n_sinks": n["dose_n_sinks"]}
+
+
+def _w5_text(e) -> str:
+    if not e["n_sinks"]:
+        return "no attended secondary sink in the dose-response traces"
+    return (f"score at factor 0 = {e['score_at_zero']:.2f} × clean, Spearman(factor, score) = {e['rho']:.2f} (lifetime: "
+            f"{e['lifetime_first']:.2f} × clean at factor {e['factor_first']:g}, {e['lifetime_last']:.2f} × at {e['factor_last']:g}); "
+            f"{e['n_sinks']} sinks, each rescaled at the MLP output that writes it")
+
+
+W5 = Claim(
+    "W5", PAPER, "Rescaling the aligned MLP output's norm moves the sink score (dose response)", {"zero": 0.5, "rho": 0.9},
+    _w5,
+    holds=AllOf((Test("score_at_zero", "<=", "zero", "score at factor 0 / clean"), Test("rho", ">=", "rho", "Spearman(factor, score)"))),
+    partly=AnyOf((Test("score_at_zero", "<=", "zero", "score at factor 0 / clean"), Test("rho", ">=", "rho", "Spearman(factor, score)"))),
+    describe=_w5_text,
+)
+
+
+def _w6(n, th):
+    return {"levels": len(n["levels"]), "creation_layers": list(n["levels"]), "share": th["share"]}
+
+
+W6 = Claim(
+    "W6", PAPER, "Secondary sinks form levels (clusters in creation layer × lifetime)",
+    {"share": 0.1, "holds_levels": 3, "partly_levels": 2},
+    _w6,
+    holds=Test("levels", ">=", "holds_levels", "number of creation layers holding ≥ {share} of the attended secondary sinks"),
+    partly=Test("levels", "==", "partly_levels", "number of creation layers holding ≥ {share} of the attended secondary sinks"),
+    describe=lambda e: f"{e['levels']} creation layers hold ≥ {100 * e['share']:g} % of attended secondary sinks: {e['creation_layers']}",
+)
+
+#: in the order the report lists them
+CLAIMS: tuple[Claim, ...] = (W1, W2, W6, W3, W4, W5)
+
+
+# ------------------------------------------------------------------------------ measurement
+
+
+def dose_response(model, obs: LongInputs, s: Settings) -> dict | None:
+    """W5's intervention on the first ``s.dose_traces`` traces (see the module docstring): the
+    :func:`~interventions.recipes.rescale_dose_response` result, or None without a sink there."""
+    rows = list(range(min(s.dose_traces, len(obs.batch))))
+    sinks = recipes.secondary_sink_mlps(model, obs.batch, obs.sinks, min_score_ratio=s.min_score_ratio, sites=obs.mlp)
+    sinks = sinks[sinks["sequence"].isin(rows)].reset_index(drop=True)
+    if sinks.empty:
+        return None
+    sinks.attrs["meas"] = obs.sinks.select(rows)  # the clean run of exactly these traces: no extra pass
+    return recipes.rescale_dose_response(model, obs.batch.select(rows), sinks, factors=s.dose_factors, batch_size=s.batch_size)
+
+
+def measure(model, obs: LongInputs, s: Settings) -> Measured:
+    """Every number W1-W6 read, from the long-input pass ``obs`` and the dose-response runs.
+
+    ``numbers``: the candidate and attended secondary sinks, the primary-sink score and live
+    attended sinks per layer, the live layers and the primary-sink ratio, the sink levels, the
+    MLP sub-output cosines at the creation layer, the norm correlations and the dose response.
+    ``frames``: the same tables as DataFrames, plus ``joined`` (each attended sink with its
+    creation-layer MLP statistics) for the figures.
+    """
+    meas = obs.sinks
+    table, att, th = anatomy.attended_secondary(meas, s.min_score_ratio)
+    primary = anatomy.primary_sink_layers(meas)
+    live = anatomy.live_per_layer(meas, att, th.cos)
+    layers = primary[["layer", "primary_sink_score"]].assign(live_secondary=live)
+    live_at = live_layers(live, W2.thresholds["live_share"])
+    score = primary["primary_sink_score"].to_numpy()
+    other = np.setdiff1d(np.arange(meas.n_layers), live_at)
+    ratio = float(np.mean(score[live_at]) / np.mean(score[other])) if len(live_at) and len(other) else float("nan")
+    n_att = len(att)
+    if n_att:
+        shares = att["start_layer"].value_counts(normalize=True).sort_index()
+        levels = [int(l) for l, v in shares.items() if v >= W6.thresholds["share"]]
+    else:
+        shares, levels = pd.Series(dtype=float), []
+    sites: analyses.MLPSites = obs.mlp
+    joined = analyses.creation_layer_mlp(att, sites)
+    base = analyses.site_baseline(sites, att)
+    med_abs = {site: float(np.nanmedian(np.abs(joined[f"cos_{site}"]))) if n_att else float("nan") for site in sites.sites}
+    sink_cos = float(np.nanmedian(np.abs(joined["cos_sink"]))) if n_att else float("nan")
+    c_score = analyses.correlations(joined["written_norm"], joined["peak_score"]) if n_att else analyses.correlations([], [])
+    c_life = analyses.correlations(joined["written_norm"], joined["lifetime"]) if n_att else analyses.correlations([], [])
+    t0 = time.perf_counter()
+    dose = dose_response(model, obs, s)
+    timings = {"wong_dose_response": time.perf_counter() - t0}
+    dose_frame = None if dose is None else dose["by_factor"]
+    numbers = {
+        "n_sequences": meas.n_sequences, "n_candidates": len(table), "n_attended": n_att, "attended": att.to_dict(orient="records"),
+        "layers": layers.to_dict(orient="records"), "live_layers": live_at.tolist(), "primary_ratio_live_vs_other": ratio,
+        "levels": levels, "creation_layer_share": {int(k): float(v) for k, v in shares.items()},
+        "mlp_sites_median_abs_cos": med_abs, "mlp_sites_baseline": base, "median_abs_cos_sink": sink_cos,
+        "corr_norm_score": c_score, "corr_norm_lifetime": c_life,
+        "dose_response": None if dose is None else dose_frame.to_dict(orient="records"),
+        "dose_rho": None if dose is None else dose["rho"], "dose_n_sinks": 0 if dose is None else dose["n_sinks"],
+    }
+    site_frame = pd.DataFrame({"site": list(sites.sites), "median_abs_cos_secondary": [med_abs[k] for k in sites.sites],
+                               "median_cos_ordinary_tokens": [base[k] for k in sites.sites]})
+    frames = {"candidates": table, "attended": att, "layers": layers.assign(holds_sink=primary["holds_sink"]), "joined": joined,
+              "sites": site_frame, "site_baseline": base, "dose": dose_frame}
+    return Measured(numbers, frames, timings)
+
+
+__all__ = ["CLAIMS", "W1", "W2", "W3", "W4", "W5", "W6", "dose_response", "live_layers", "measure"]
