@@ -57,10 +57,12 @@ def _run_models(args) -> int:
     # deferred: the command starts without torch; a job imports what it runs
     from circuits.models import list_models
 
-    for row in list_models():
+    rows = list_models()
+    width = max(len(row.name) for row in rows)
+    for row in rows:
         state = "ready offline" if row.ready_offline else f"NOT INSTALLED: {row.problem}"
         cache = " (cached)" if row.cached else ""
-        print(f"{row.name:14s} {state}{cache}  {row.description}")
+        print(f"{row.name:{width}s}  {state}{cache}  {row.description}")
     print("also: any Hugging Face model id TransformerLens supports (needs the hub), or a local HF folder")
     return 0
 
