@@ -4,11 +4,13 @@ Why a module of its own: the paper reproductions ask questions the basic sink me
 cannot answer — *which part of the MLP* writes a secondary sink (Wong et al.), whether the
 first token's attention outputs have a larger spread than the rest and which FFN channels carry
 its massive activations (Li et al.), and whether the sink's key and value behave like a key
-bias (Gu et al.). Each question is a *meter* here: an object with ``begin(batch)``, ``hooks()``
-and ``end(logits)`` like ``SinkMeter``, whose hooks reduce every activation to small
-per-sequence statistics inside the hook (no cache is kept, so 1,000+-token inputs are cheap in
-memory). :func:`observe` drives any number of meters, ``SinkMeter`` included, in one forward
-pass per sub-batch. Positions are 0-based; pads hold NaN.
+bias (Gu et al.). Each question is a *meter* here (:class:`circuits.meter.Meter`: ``begin``,
+``hooks``, ``end``, ``result``, like ``SinkMeter``, on the same :class:`~circuits.meter.ArrayMeter`
+base), whose hooks reduce every activation to small per-sequence statistics inside the hook (no
+cache is kept, so 1,000+-token inputs are cheap in memory); each result dataclass declares the
+axes of its arrays, from which the base allocates and concatenates them. :func:`observe` runs
+any number of meters, ``SinkMeter`` included, in one forward pass per sub-batch through the
+driver (:func:`circuits.driver.drive`). Positions are 0-based; pads hold NaN.
 
 Meters and what they hold (N sequences, L layers, H query heads, KV key/value heads, T
 positions, F = d_mlp):
@@ -55,17 +57,19 @@ distribution is the acting layer's business: :func:`interventions.effect.output_
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 from jaxtyping import Float
 from torch import Tensor
-from tqdm.auto import tqdm
 
-from circuits.measure import HookSource, concat_batches, lower_median_abs, nanmean, next_token_loss
+from circuits.driver import HookSource, Run, drive
+from circuits.measure import lower_median_abs
+from circuits.meter import ArrayMeter, Axes, Meter, MeterError, array, axes_of, per_sequence
 from circuits.probes import TokenBatch
+from circuits.stats import correlations, nanmean
 
 SITES: tuple[str, ...] = ("input", "gate", "up", "act", "act_x_up", "down", "written")
 SITE_HOOKS: dict[str, str] = {
@@ -78,111 +82,36 @@ SITE_HOOKS: dict[str, str] = {
 }
 
 
-def _nan(shape) -> np.ndarray:
-    return np.full(shape, np.nan, dtype=np.float32)
-
-
-def _valid(batch: TokenBatch, t: int, device) -> Tensor:
-    return torch.arange(t, device=device)[None, :] < batch.lengths.to(device)[:, None]
-
-
 def _cos_to_first(x: Float[Tensor, "batch pos d"]) -> Float[Tensor, "batch pos"]:
     return torch.nn.functional.cosine_similarity(x, x[:, :1, :], dim=-1)
-
-
-class _Meter:
-    """Shared plumbing: per-batch arrays in ``self._stats``, concatenated by :meth:`_concat`."""
-
-    def __init__(self, model):
-        self.n_layers = int(model.cfg.n_layers)
-        self._parts: list[dict[str, np.ndarray]] = []
-        self._batches: list[TokenBatch] = []
-        self._current: TokenBatch | None = None
-        self._stats: dict[str, np.ndarray] = {}
-
-    def begin(self, batch: TokenBatch) -> None:
-        self._current = batch
-        self._stats = self._allocate(len(batch), int(batch.tokens.shape[1]))
-
-    def end(self, logits=None) -> None:
-        assert self._current is not None, "end() without begin()"
-        self._parts.append(self._stats)
-        self._batches.append(self._current)
-        self._current, self._stats = None, {}
-
-    def _allocate(self, b: int, t: int) -> dict[str, np.ndarray]:
-        raise NotImplementedError
-
-    def _put(self, key: str, layer: int, value: Tensor) -> None:
-        """Store ``value`` (``[batch, ...]``) at ``[:, layer, ...]``; a trailing position axis may be shorter."""
-        arr = value.detach().float().cpu().numpy()
-        target = self._stats[key]
-        index = (slice(None), layer) + tuple(slice(0, s) for s in arr.shape[1:])
-        target[index] = arr
-
-    def _concat(self, pos_axes: Mapping[str, int | None]) -> dict[str, np.ndarray]:
-        if not self._parts:
-            raise ValueError("no batch was observed")
-        width = max(b.tokens.shape[1] for b in self._batches)
-        return {key: concat_batches([part[key] for part in self._parts], axis, width) for key, axis in pos_axes.items()}
-
-    @property
-    def lengths(self) -> np.ndarray:
-        return np.concatenate([b.lengths.numpy() for b in self._batches])
-
-
-# ------------------------------------------------------------------------------ driver
-
-
-def _final_stop_hook(model):
-    """A hook on the last block's output that ends the forward there: no final norm, no unembed.
-
-    The bridge's own ``stop_at_layer`` only stops *before* a block; raising its
-    ``StopAtLayerException`` after the last block is caught by ``run_with_hooks`` the same way.
-    On Gemma 3 (262k vocabulary) the unembed costs as much as ~30 blocks, so skipping it halves
-    the cost of an observation that needs no logits.
-    """
-    from transformer_lens.model_bridge.exceptions import StopAtLayerException
-
-    def stop(resid: Tensor, hook) -> None:
-        raise StopAtLayerException(resid)
-
-    return (f"blocks.{int(model.cfg.n_layers) - 1}.hook_resid_post", stop)
 
 
 @torch.no_grad()
 def observe(
     model,
     batch: TokenBatch,
-    meters: Sequence,
+    meters: Sequence[Meter],
     *,
     hooks: HookSource = (),
     batch_size: int = 4,
     logits: bool = False,
+    by_length: bool = False,
     progress: bool = False,
 ) -> None:
     """One forward pass per sub-batch feeding every meter (``SinkMeter`` or the meters here).
 
-    Sub-batches keep the order of ``batch``, so every meter's result has one row per sequence
-    of ``batch`` in order. ``hooks`` are extra forward hooks (an intervention's, e.g.
-    ``iv.hooks_for(model, batch)``), registered before the meters' so these see the edited
-    activations. With ``logits=False`` the forward stops after the last block (meters then get
-    ``end(None)``: ``SinkMeter`` leaves ``next_token_loss`` as NaN).
+    Every meter's result has one row per sequence of ``batch``, in order. ``hooks`` are extra
+    forward hooks (an intervention's, e.g. ``iv.hooks_for(model, batch)``), registered before
+    the meters' so these see the edited activations. With ``logits=False`` the forward stops
+    after the last block (meters then get ``end(None)``: ``SinkMeter`` leaves
+    ``next_token_loss`` as NaN). Sub-batches are consecutive sequences of ``batch``;
+    ``by_length=True`` groups them by length instead (less padding for inputs of mixed lengths;
+    the attention statistics then move at the 1e-7 level, as a sequence's sub-batch changes).
     """
-    if len(batch) == 0:
-        raise ValueError("empty batch")
-    chunks = [list(range(s, min(s + batch_size, len(batch)))) for s in range(0, len(batch), batch_size)]
-    for chunk in tqdm(chunks, desc="observing", unit="batch", disable=not progress or len(chunks) < 2):
-        sub = batch.select(chunk)
-        for m in meters:
-            m.begin(sub)
-        extra = list(hooks(sub) if callable(hooks) else hooks)
-        fwd = [*extra, *(h for m in meters for h in m.hooks())]
-        if not logits:
-            fwd.append(_final_stop_hook(model))
-        out = model.run_with_hooks(sub.tokens, fwd_hooks=fwd, return_type="logits" if logits else None)
-        for m in meters:
-            m.end(out if logits else None)
+    drive(
+        model, batch, Run(list(meters), hooks), batch_size=batch_size, logits=logits, by_length=by_length,
+        progress=progress, desc="observing",
+    )
 
 
 # ------------------------------------------------------------------------------ MLP sites
@@ -203,22 +132,19 @@ class MLPSites:
         return tuple(self.cos_first)
 
 
-class MLPSiteMeter(_Meter):
+class MLPSiteMeter(ArrayMeter):
     """Cosines of every gated-MLP sub-output with the first token's, and the written norm."""
 
     def __init__(self, model):
-        super().__init__(model)
+        self.n_layers = int(model.cfg.n_layers)
         missing = [f"blocks.0.{h}" for h in SITE_HOOKS.values() if f"blocks.0.{h}" not in model.hook_dict]
         if missing:
-            raise ValueError(f"MLPSiteMeter needs a gated MLP (Llama, Gemma, ...); this model lacks {missing}")
+            raise MeterError(f"MLPSiteMeter needs a gated MLP (Llama, Gemma, ...); this model lacks {missing}")
+        cell = Axes(("seq", "layer", "pos"))
+        schema = {**{f"cos_{s}": cell for s in SITES}, "written_norm": cell, "down_norm": cell, "cos_sink": cell}
+        super().__init__(schema, {"layer": self.n_layers})
         self._act = [_activation_fn(model, l) for l in range(self.n_layers)]
         self._written: dict[int, Tensor] = {}
-
-    def _allocate(self, b, t):
-        lay = self.n_layers
-        stats = {f"cos_{s}": _nan((b, lay, t)) for s in SITES}
-        stats.update(written_norm=_nan((b, lay, t)), down_norm=_nan((b, lay, t)), cos_sink=_nan((b, lay, t)))
-        return stats
 
     def hooks(self):
         out = []
@@ -229,18 +155,18 @@ class MLPSiteMeter(_Meter):
         return out
 
     def _masked(self, x: Tensor) -> Tensor:
-        return torch.where(_valid(self._current, x.shape[1], x.device), x, torch.nan)
+        return torch.where(self.valid(x.shape[1], x.device), x, torch.nan)
 
     def _site_hook(self, layer: int, site: str):
         def hook(x: Tensor, hook):
             x = x.detach().float()
-            self._put(f"cos_{site}", layer, self._masked(_cos_to_first(x)))
+            self.put(f"cos_{site}", layer, self._masked(_cos_to_first(x)))
             if site == "gate":
-                self._put("cos_act", layer, self._masked(_cos_to_first(self._act[layer](x))))
+                self.put("cos_act", layer, self._masked(_cos_to_first(self._act[layer](x))))
             elif site == "down":
-                self._put("down_norm", layer, self._masked(x.norm(dim=-1)))
+                self.put("down_norm", layer, self._masked(x.norm(dim=-1)))
             elif site == "written":
-                self._put("written_norm", layer, self._masked(x.norm(dim=-1)))
+                self.put("written_norm", layer, self._masked(x.norm(dim=-1)))
                 self._written[layer] = x
 
         return hook
@@ -249,12 +175,12 @@ class MLPSiteMeter(_Meter):
         def hook(resid: Tensor, hook):
             written = self._written.pop(layer)
             h0 = resid.detach().float()[:, :1, :]
-            self._put("cos_sink", layer, self._masked(torch.nn.functional.cosine_similarity(written, h0, dim=-1)))
+            self.put("cos_sink", layer, self._masked(torch.nn.functional.cosine_similarity(written, h0, dim=-1)))
 
         return hook
 
     def result(self) -> MLPSites:
-        a = self._concat({k: 2 for k in self._parts[0]} if self._parts else {})
+        a = self.arrays()
         return MLPSites({s: a[f"cos_{s}"] for s in SITES}, a["written_norm"], a["down_norm"], a["cos_sink"], self.lengths)
 
 
@@ -263,6 +189,7 @@ def _activation_fn(model, layer: int) -> Callable[[Tensor], Tensor]:
     act = getattr(getattr(model.blocks[layer].mlp, "original_component", None), "act_fn", None)
     if act is not None:
         return act
+    # deferred: transformer_lens takes seconds to import; only an MLP without its own act_fn needs it
     from transformer_lens.model_bridge.generalized_components.gated_mlp import resolve_activation_fn
 
     return resolve_activation_fn(getattr(model.cfg, "hf_config", None) or model.cfg)
@@ -298,42 +225,25 @@ def site_baseline(sites: MLPSites, table: pd.DataFrame) -> dict[str, float]:
     return {s: float(np.nanmedian(arr[mask])) for s, arr in sites.cos_first.items()}
 
 
-def correlations(x: np.ndarray, y: np.ndarray) -> dict[str, float]:
-    """Pearson r and Spearman rho (with p-values) over the finite pairs; NaN with < 3 pairs."""
-    from scipy import stats
-
-    x, y = np.asarray(x, float), np.asarray(y, float)
-    ok = np.isfinite(x) & np.isfinite(y)
-    n = int(ok.sum())
-    if n < 3 or np.ptp(x[ok]) == 0 or np.ptp(y[ok]) == 0:
-        return {"n": n, "pearson": float("nan"), "pearson_p": float("nan"), "spearman": float("nan"), "spearman_p": float("nan")}
-    pr = stats.pearsonr(x[ok], y[ok])
-    sr = stats.spearmanr(x[ok], y[ok])
-    return {"n": n, "pearson": float(pr[0]), "pearson_p": float(pr[1]), "spearman": float(sr[0]), "spearman_p": float(sr[1])}
-
-
 # ------------------------------------------------------------------------------ attention outputs
 
 
 @dataclass
 class AttnOutStats:
-    z_var: np.ndarray  # [N, L, H, T]: variance over d_head of each head's aggregated value output
-    z_norm: np.ndarray  # [N, L, H, T]
-    out_norm: np.ndarray  # [N, L, T]: ||attn.hook_out|| (before any post-attention norm)
-    out_var: np.ndarray  # [N, L, T]: its variance over d_model
-    lengths: np.ndarray
+    z_var: np.ndarray = array("seq", "layer", "head", "pos")  # [N, L, H, T]: variance over d_head of each head's value output
+    z_norm: np.ndarray = array("seq", "layer", "head", "pos")  # [N, L, H, T]
+    out_norm: np.ndarray = array("seq", "layer", "pos")  # [N, L, T]: ||attn.hook_out|| (before any post-attention norm)
+    out_var: np.ndarray = array("seq", "layer", "pos")  # [N, L, T]: its variance over d_model
+    lengths: np.ndarray = per_sequence(np.int64)
 
 
-class AttnOutMeter(_Meter):
+class AttnOutMeter(ArrayMeter):
     """Spread and size of attention outputs by position (Li et al.'s variance discrepancy)."""
 
     def __init__(self, model):
-        super().__init__(model)
+        self.n_layers = int(model.cfg.n_layers)
         self.n_heads = int(model.cfg.n_heads)
-
-    def _allocate(self, b, t):
-        lay, h = self.n_layers, self.n_heads
-        return {"z_var": _nan((b, lay, h, t)), "z_norm": _nan((b, lay, h, t)), "out_norm": _nan((b, lay, t)), "out_var": _nan((b, lay, t))}
+        super().__init__(axes_of(AttnOutStats), {"layer": self.n_layers, "head": self.n_heads})
 
     def hooks(self):
         out = []
@@ -345,25 +255,24 @@ class AttnOutMeter(_Meter):
     def _z_hook(self, layer):
         def hook(z: Float[Tensor, "batch pos head d_head"], hook):
             z = z.detach().float()
-            valid = _valid(self._current, z.shape[1], z.device)[:, None, :]  # [b, 1, t]
+            valid = self.valid(z.shape[1], z.device)[:, None, :]  # [b, 1, t]
             zt = z.permute(0, 2, 1, 3)  # [b, h, t, d]
-            self._put("z_var", layer, torch.where(valid, zt.var(-1, unbiased=False), torch.nan))
-            self._put("z_norm", layer, torch.where(valid, zt.norm(dim=-1), torch.nan))
+            self.put("z_var", layer, torch.where(valid, zt.var(-1, unbiased=False), torch.nan))
+            self.put("z_norm", layer, torch.where(valid, zt.norm(dim=-1), torch.nan))
 
         return hook
 
     def _out_hook(self, layer):
         def hook(x: Float[Tensor, "batch pos d_model"], hook):
             x = x.detach().float()
-            valid = _valid(self._current, x.shape[1], x.device)
-            self._put("out_norm", layer, torch.where(valid, x.norm(dim=-1), torch.nan))
-            self._put("out_var", layer, torch.where(valid, x.var(-1, unbiased=False), torch.nan))
+            valid = self.valid(x.shape[1], x.device)
+            self.put("out_norm", layer, torch.where(valid, x.norm(dim=-1), torch.nan))
+            self.put("out_var", layer, torch.where(valid, x.var(-1, unbiased=False), torch.nan))
 
         return hook
 
     def result(self) -> AttnOutStats:
-        a = self._concat({"z_var": 3, "z_norm": 3, "out_norm": 2, "out_var": 2})
-        return AttnOutStats(a["z_var"], a["z_norm"], a["out_norm"], a["out_var"], self.lengths)
+        return AttnOutStats(**self.arrays(), lengths=self.lengths)
 
 
 def variance_by_position(stats: AttnOutStats) -> pd.DataFrame:
@@ -404,22 +313,19 @@ def variance_profile(stats: AttnOutStats, layer: int, max_positions: int | None 
 
 @dataclass
 class SuperNeuronStats:
-    first_act: np.ndarray  # [N, L, F]: down-projection input of the first token
-    other_max_abs: np.ndarray  # [N, L, F]: max |activation| of each channel over tokens t >= 1
-    layer_median_abs: np.ndarray  # [N, L]: median |activation| over tokens t >= 1 and channels
-    lengths: np.ndarray
+    first_act: np.ndarray = array("seq", "layer", "d_mlp")  # [N, L, F]: down-projection input of the first token
+    other_max_abs: np.ndarray = array("seq", "layer", "d_mlp")  # [N, L, F]: max |activation| of each channel over tokens t >= 1
+    layer_median_abs: np.ndarray = array("seq", "layer")  # [N, L]: median |activation| over tokens t >= 1 and channels
+    lengths: np.ndarray = per_sequence(np.int64)
 
 
-class SuperNeuronMeter(_Meter):
+class SuperNeuronMeter(ArrayMeter):
     """The down-projection input (``mlp.out.hook_in``) of the first token against the rest."""
 
     def __init__(self, model):
-        super().__init__(model)
+        self.n_layers = int(model.cfg.n_layers)
         self.d_mlp = int(model.cfg.d_mlp)
-
-    def _allocate(self, b, t):
-        lay, f = self.n_layers, self.d_mlp
-        return {"first_act": _nan((b, lay, f)), "other_max_abs": _nan((b, lay, f)), "layer_median_abs": _nan((b, lay))}
+        super().__init__(axes_of(SuperNeuronStats), {"layer": self.n_layers, "d_mlp": self.d_mlp})
 
     def hooks(self):
         return [(f"blocks.{l}.mlp.out.hook_in", self._hook(l)) for l in range(self.n_layers)]
@@ -427,20 +333,19 @@ class SuperNeuronMeter(_Meter):
     def _hook(self, layer):
         def hook(a: Float[Tensor, "batch pos d_mlp"], hook):
             a = a.detach().float()
-            self._put("first_act", layer, a[:, 0])
+            self.put("first_act", layer, a[:, 0])
             lengths = self._current.lengths
             maxes = []
             for i in range(a.shape[0]):
                 rest = a[i, 1 : int(lengths[i])].abs()
                 maxes.append(rest.max(0).values.cpu() if rest.shape[0] else torch.full((a.shape[-1],), torch.nan))
-            self._put("other_max_abs", layer, torch.stack(maxes))
-            self._put("layer_median_abs", layer, lower_median_abs(a, lengths, start=1).cpu())
+            self.put("other_max_abs", layer, torch.stack(maxes))
+            self.put("layer_median_abs", layer, lower_median_abs(a, lengths, start=1).cpu())
 
         return hook
 
     def result(self) -> SuperNeuronStats:
-        a = self._concat({"first_act": None, "other_max_abs": None, "layer_median_abs": None})
-        return SuperNeuronStats(a["first_act"], a["other_max_abs"], a["layer_median_abs"], self.lengths)
+        return SuperNeuronStats(**self.arrays(), lengths=self.lengths)
 
 
 def down_projection(model, layer: int) -> Float[Tensor, "d_model d_mlp"]:
@@ -495,12 +400,12 @@ def super_neurons(
 
 @dataclass
 class KVStats:
-    k_norm: np.ndarray  # [N, L, KV, T]: key norm as it enters the scores
-    v_norm: np.ndarray  # [N, L, KV, T]
-    attn_first: np.ndarray  # [N, L, H]: mean attention queries t >= 1 give position 0
-    value_share: np.ndarray  # [N, L, H]: mean_{t>=1} A[t,0] ||v_0|| / ||z_t||
+    k_norm: np.ndarray = array("seq", "layer", "kv_head", "pos")  # [N, L, KV, T]: key norm as it enters the scores
+    v_norm: np.ndarray = array("seq", "layer", "kv_head", "pos")  # [N, L, KV, T]
+    attn_first: np.ndarray = array("seq", "layer", "head")  # [N, L, H]: mean attention queries t >= 1 give position 0
+    value_share: np.ndarray = array("seq", "layer", "head")  # [N, L, H]: mean_{t>=1} A[t,0] ||v_0|| / ||z_t||
     key_hook: str
-    lengths: np.ndarray
+    lengths: np.ndarray = per_sequence(np.int64)
 
 
 def key_hook_name(model, layer: int = 0) -> str:
@@ -509,26 +414,20 @@ def key_hook_name(model, layer: int = 0) -> str:
     for suffix in ("attn.hook_rot_k", "attn.hook_k_normed", "attn.hook_k"):
         if f"blocks.{layer}.{suffix}" in model.hook_dict:
             return suffix
-    raise ValueError("this model has no key hook")
+    raise MeterError("this model has no key hook (attn.hook_rot_k, attn.hook_k_normed or attn.hook_k)")
 
 
-class KVMeter(_Meter):
+class KVMeter(ArrayMeter):
     """Key and value norms by position, and how much of each head's output the sink's value makes."""
 
     def __init__(self, model):
-        super().__init__(model)
+        self.n_layers = int(model.cfg.n_layers)
         self.n_heads = int(model.cfg.n_heads)
         self.n_kv = int(getattr(model.cfg, "n_key_value_heads", None) or self.n_heads)
         self.key_hook = key_hook_name(model)
+        super().__init__(axes_of(KVStats), {"layer": self.n_layers, "head": self.n_heads, "kv_head": self.n_kv})
         self._v0: dict[int, Tensor] = {}
         self._num: dict[int, Tensor] = {}
-
-    def _allocate(self, b, t):
-        lay = self.n_layers
-        return {
-            "k_norm": _nan((b, lay, self.n_kv, t)), "v_norm": _nan((b, lay, self.n_kv, t)),
-            "attn_first": _nan((b, lay, self.n_heads)), "value_share": _nan((b, lay, self.n_heads)),
-        }
 
     def hooks(self):
         out = []
@@ -545,8 +444,8 @@ class KVMeter(_Meter):
             if x.shape[1] != self._current.tokens.shape[1]:  # [batch, kv, pos, d] layouts
                 x = x.transpose(1, 2)
             norm = x.norm(dim=-1).transpose(1, 2)  # [b, kv, t]
-            valid = _valid(self._current, norm.shape[-1], norm.device)[:, None, :]
-            self._put(key, layer, torch.where(valid, norm, torch.nan))
+            valid = self.valid(norm.shape[-1], norm.device)[:, None, :]
+            self.put(key, layer, torch.where(valid, norm, torch.nan))
             if key == "v_norm":
                 self._v0[layer] = norm[:, :, 0]  # [b, kv]
 
@@ -556,11 +455,11 @@ class KVMeter(_Meter):
         def hook(pattern: Float[Tensor, "batch head query key"], hook):
             p = pattern.detach().float()
             b, h, t, _ = p.shape
-            valid = _valid(self._current, t, p.device).clone()
+            valid = self.valid(t, p.device).clone()
             valid[:, 0] = False  # queries t >= 1
             a0 = torch.where(valid[:, None, :], p[..., 0], torch.nan)  # [b, h, t]
             n = valid.sum(-1).clamp_min(1)[:, None]
-            self._put("attn_first", layer, torch.nan_to_num(a0, nan=0.0).sum(-1) / n)
+            self.put("attn_first", layer, torch.nan_to_num(a0, nan=0.0).sum(-1) / n)
             v0 = self._v0.pop(layer).to(p.device)  # [b, kv]
             v0 = v0.repeat_interleave(h // v0.shape[1], dim=1)  # query head -> its kv group
             self._num[layer] = a0 * v0[:, :, None]  # [b, h, t]
@@ -571,13 +470,12 @@ class KVMeter(_Meter):
         def hook(z: Float[Tensor, "batch pos head d_head"], hook):
             zn = z.detach().float().norm(dim=-1).transpose(1, 2)  # [b, h, t]
             share = self._num.pop(layer) / zn.clamp_min(1e-12)
-            self._put("value_share", layer, nanmean_t(share))
+            self.put("value_share", layer, nanmean_t(share))
 
         return hook
 
     def result(self) -> KVStats:
-        a = self._concat({"k_norm": 3, "v_norm": 3, "attn_first": None, "value_share": None})
-        return KVStats(a["k_norm"], a["v_norm"], a["attn_first"], a["value_share"], self.key_hook, self.lengths)
+        return KVStats(**self.arrays(), key_hook=self.key_hook, lengths=self.lengths)
 
 
 def nanmean_t(x: Tensor) -> Tensor:

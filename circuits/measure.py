@@ -24,39 +24,36 @@ pad key; pad queries are excluded from every sum and pad positions hold NaN.
 
 The measurement never knows which intervention ran: extra hooks are passed in and registered
 before the measurement's own, so the statistics see the intervened activations.
+
+Structure: :class:`SinkMeter` is a :class:`~circuits.meter.Meter` run by the one driver
+(:func:`circuits.driver.drive`); :func:`measure` is that driver with one run. The fields of
+:class:`SinkMeasurement` declare their axes (:func:`circuits.meter.array`), and allocation,
+concatenation, :meth:`SinkMeasurement.select` and the sweep's copy of the layers below its start
+block all read that declaration. A new per-sequence statistic takes two edits: its field here,
+with its axes, and the line that computes it in a hook (a new key of the dict that
+:func:`residual_statistics` returns needs nothing else; one from the attention pattern is one
+more ``put`` in ``SinkMeter._pattern_hook``). To see its clean/intervened delta in
+:attr:`interventions.effect.Effect.frame` too, add a row to ``interventions.effect.METRIC_TABLE``.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from importlib.metadata import PackageNotFoundError, version
+from typing import Sequence
 
 import numpy as np
 import torch
 from jaxtyping import Float
 from torch import Tensor
-from tqdm.auto import tqdm
 
+from circuits.driver import HookSource, Run, drive
+from circuits.meter import ArrayMeter, Axes, Hook, array, axes_of, per_sequence, select_sequences
 from circuits.probes import TokenBatch
-
-Hook = tuple[str, Callable]
-HookSource = Sequence[Hook] | Callable[[TokenBatch], Sequence[Hook]]
+from circuits.stats import nanmean, valid_positions
 
 TOP_DIMS = 4  # residual dimensions kept per (layer, position), by |value|
-
-
-def nanmean(a: np.ndarray, axis=None) -> np.ndarray:
-    """np.nanmean without the warning for all-NaN slices (positions no sequence reaches)."""
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        return np.nanmean(a, axis=axis)
-
-
-def _nan(shape) -> np.ndarray:
-    return np.full(shape, np.nan, dtype=np.float32)
 
 
 @dataclass
@@ -64,23 +61,30 @@ class SinkMeasurement:
     """Per-sequence sink statistics of one set of runs. Arrays are NaN at pad positions.
 
     Shapes: N sequences, L layers, H heads, T = longest sequence, D = d_model, K = TOP_DIMS.
+    Each array field declares its axes (``seq``, ``layer``, ``head``, ``pos``, ``d_model``,
+    ``k``) and dtype, hence its pad fill: :meth:`axes`.
     """
 
     model: str
     prepend_bos: bool
-    token_ids: list[list[int]]
-    tokens: list[list[str]]
-    lengths: np.ndarray  # [N]
-    alpha: np.ndarray  # [N, L, H, T]
-    sink_score: np.ndarray  # [N, L, T]
-    resid_norm: np.ndarray  # [N, L, T]
-    cos_to_first: np.ndarray  # [N, L, T]
-    first_resid: np.ndarray  # [N, L, D]: h_0^l, the primary-sink direction per layer
-    top_dims: np.ndarray  # [N, L, T, K] int
-    top_values: np.ndarray  # [N, L, T, K] signed values of those dims
-    median_abs: np.ndarray  # [N, L] median |h| over the sequence's positions and dims
-    next_token_loss: np.ndarray  # [N, T]: -log p(token t+1 | ..t); NaN at the last/pad positions
+    token_ids: list[list[int]] = per_sequence()
+    tokens: list[list[str]] = per_sequence()
+    lengths: np.ndarray = per_sequence(np.int64)  # [N]
+    alpha: np.ndarray = array("seq", "layer", "head", "pos")  # [N, L, H, T]
+    sink_score: np.ndarray = array("seq", "layer", "pos")  # [N, L, T]
+    resid_norm: np.ndarray = array("seq", "layer", "pos")  # [N, L, T]
+    cos_to_first: np.ndarray = array("seq", "layer", "pos")  # [N, L, T]
+    first_resid: np.ndarray = array("seq", "layer", "d_model")  # [N, L, D]: h_0^l, the primary-sink direction per layer
+    top_dims: np.ndarray = array("seq", "layer", "pos", "k", dtype=np.int32)  # [N, L, T, K]; -1 at pads
+    top_values: np.ndarray = array("seq", "layer", "pos", "k")  # [N, L, T, K] signed values of those dims
+    median_abs: np.ndarray = array("seq", "layer")  # [N, L] median |h| over the sequence's positions and dims
+    next_token_loss: np.ndarray = array("seq", "pos")  # [N, T]: -log p(token t+1 | ..t); NaN at the last/pad positions
     metadata: dict = field(default_factory=dict)
+
+    @classmethod
+    def axes(cls) -> dict[str, Axes]:
+        """Field name -> its :class:`~circuits.meter.Axes` (axis names, dtype, pad fill)."""
+        return axes_of(cls)
 
     @property
     def n_sequences(self) -> int:
@@ -122,19 +126,14 @@ class SinkMeasurement:
         return self.sink_score[:, :, 0]
 
     def select(self, index: Sequence[int]) -> "SinkMeasurement":
-        """The same measurement restricted to some sequences."""
-        idx = list(index)
-        pick = lambda a: a[idx]  # noqa: E731
-        return SinkMeasurement(
-            self.model, self.prepend_bos, [self.token_ids[i] for i in idx], [self.tokens[i] for i in idx],
-            pick(self.lengths), pick(self.alpha), pick(self.sink_score), pick(self.resid_norm),
-            pick(self.cos_to_first), pick(self.first_resid), pick(self.top_dims), pick(self.top_values),
-            pick(self.median_abs), pick(self.next_token_loss), dict(self.metadata),
-        )
+        """The same measurement restricted to some sequences (every field with a ``seq`` axis)."""
+        picked = select_sequences(self, index)
+        picked.metadata = dict(self.metadata)
+        return picked
 
     def to_frame(self):
         """Tidy table: one row per (sequence, layer, position) with sink score, norm and cosine."""
-        import pandas as pd
+        import pandas as pd  # heavy: pandas is only needed for the table, not for measuring
 
         n, layers, t = self.sink_score.shape
         seq, layer, pos = np.meshgrid(np.arange(n), np.arange(layers), np.arange(t), indexing="ij")
@@ -152,10 +151,10 @@ class SinkMeasurement:
         return frame[valid].reset_index(drop=True)
 
 
-class SinkMeter:
-    """Builds measurement hooks for one batch at a time and accumulates their statistics.
+class SinkMeter(ArrayMeter):
+    """The :class:`~circuits.meter.Meter` of :class:`SinkMeasurement`: pattern and block-output hooks.
 
-    Usage (what :func:`measure` does)::
+    Usage (what :func:`measure` does through :func:`circuits.driver.drive`)::
 
         meter = SinkMeter(model)
         for sub in batches:
@@ -164,8 +163,9 @@ class SinkMeter:
             meter.end(logits)
         result = meter.result()
 
-    Any forward driver that fires the standard hook points can feed it (for example the
-    prefix-reuse driver in :mod:`interventions.forward`).
+    Any forward that fires the standard hook points can feed it (for example the prefix-reuse
+    forward of :mod:`interventions.forward`). Its arrays are the measured fields of
+    :class:`SinkMeasurement`, allocated and concatenated from their declared axes.
     """
 
     def __init__(self, model, *, model_name: str | None = None):
@@ -174,27 +174,7 @@ class SinkMeter:
         self.d_model = int(model.cfg.d_model)
         info = getattr(model, "_sinkscope_info", {})
         self.model_name = model_name or info.get("name") or str(getattr(model.cfg, "model_name", "?"))
-        self._parts: list[dict[str, np.ndarray]] = []
-        self._batches: list[TokenBatch] = []
-        self._current: TokenBatch | None = None
-        self._stats: dict[str, np.ndarray] = {}
-
-    # -- per batch -------------------------------------------------------------------------
-    def begin(self, batch: TokenBatch) -> None:
-        b, t = batch.tokens.shape
-        lay, h = self.n_layers, self.n_heads
-        self._current = batch
-        self._stats = {
-            "alpha": _nan((b, lay, h, t)),
-            "sink_score": _nan((b, lay, t)),
-            "resid_norm": _nan((b, lay, t)),
-            "cos_to_first": _nan((b, lay, t)),
-            "first_resid": _nan((b, lay, self.d_model)),
-            "top_dims": np.full((b, lay, t, TOP_DIMS), -1, dtype=np.int32),
-            "top_values": _nan((b, lay, t, TOP_DIMS)),
-            "median_abs": _nan((b, lay)),
-            "next_token_loss": _nan((b, t)),
-        }
+        super().__init__(SinkMeasurement.axes(), {"layer": self.n_layers, "head": self.n_heads, "d_model": self.d_model, "k": TOP_DIMS})
 
     def hooks(self) -> list[Hook]:
         """Forward hooks for every layer's attention pattern and block output."""
@@ -204,13 +184,11 @@ class SinkMeter:
             out.append((f"blocks.{layer}.hook_resid_post", self._resid_hook(layer)))
         return out
 
-    def end(self, logits: Float[Tensor, "batch pos vocab"] | None) -> None:
+    def end(self, logits: Float[Tensor, "batch pos vocab"] | None = None) -> None:
         assert self._current is not None, "end() without begin()"
         if logits is not None:
             self._stats["next_token_loss"] = next_token_loss(logits, self._current).numpy()
-        self._parts.append(self._stats)
-        self._batches.append(self._current)
-        self._current, self._stats = None, {}
+        super().end(logits)
 
     # -- hooks ---------------------------------------------------------------------------
     def _lengths(self, device) -> Tensor:
@@ -219,68 +197,31 @@ class SinkMeter:
     def _pattern_hook(self, layer: int):
         def hook(pattern: Float[Tensor, "batch head query key"], hook):
             alpha, score = attention_received(pattern.detach().float(), self._lengths(pattern.device))
-            self._stats["alpha"][:, layer, :, : alpha.shape[-1]] = alpha.cpu().numpy()
-            self._stats["sink_score"][:, layer, : score.shape[-1]] = score.cpu().numpy()
+            self.put("alpha", layer, alpha)
+            self.put("sink_score", layer, score)
 
         return hook
 
     def _resid_hook(self, layer: int):
         def hook(resid: Float[Tensor, "batch pos d_model"], hook):
-            stats = residual_statistics(resid.detach().float(), self._lengths(resid.device))
-            t = resid.shape[1]
-            for key, value in stats.items():
-                target = self._stats[key]
-                if key in ("first_resid", "median_abs"):
-                    target[:, layer] = value.cpu().numpy()
-                else:
-                    target[:, layer, :t] = value.cpu().numpy()
+            for name, value in residual_statistics(resid.detach().float(), self._lengths(resid.device)).items():
+                self.put(name, layer, value)
 
         return hook
 
     # -- result ----------------------------------------------------------------------------
     def result(self, metadata: dict | None = None) -> SinkMeasurement:
-        if not self._parts:
-            raise ValueError("no batch was measured")
-        width = max(b.tokens.shape[1] for b in self._batches)
-
-        def cat(key: str, pos_axis: int | None) -> np.ndarray:
-            return concat_batches([part[key] for part in self._parts], pos_axis, width)
-
-        first = self._batches[0]
+        """Every sub-batch so far, one row per sequence in the order of the full batch."""
+        arrays = self.arrays()
         return SinkMeasurement(
             model=self.model_name,
-            prepend_bos=first.prepend_bos,
-            token_ids=[ids for b in self._batches for ids in b.token_ids],
-            tokens=[s for b in self._batches for s in b.str_tokens],
-            lengths=np.concatenate([b.lengths.numpy() for b in self._batches]),
-            alpha=cat("alpha", 3),
-            sink_score=cat("sink_score", 2),
-            resid_norm=cat("resid_norm", 2),
-            cos_to_first=cat("cos_to_first", 2),
-            first_resid=cat("first_resid", None),
-            top_dims=cat("top_dims", 2),
-            top_values=cat("top_values", 2),
-            median_abs=cat("median_abs", None),
-            next_token_loss=cat("next_token_loss", 1),
+            prepend_bos=self._batches[0].prepend_bos,
+            token_ids=self.sequences(lambda b: b.token_ids),
+            tokens=self.sequences(lambda b: b.str_tokens),
+            lengths=self.lengths,
+            **arrays,
             metadata=dict(metadata or {}),
         )
-
-
-def concat_batches(arrays: Sequence[np.ndarray], pos_axis: int | None, width: int) -> np.ndarray:
-    """Stack per-batch arrays along the sequence axis (0), right-padding ``pos_axis`` to ``width``.
-
-    Batches are padded to their own longest sequence, so a shorter batch's position axis is
-    filled with NaN (-1 for integer arrays such as dimension indices). ``pos_axis`` None: the
-    array has no position axis.
-    """
-    padded = []
-    for a in arrays:
-        if pos_axis is not None and a.shape[pos_axis] < width:
-            pad = [(0, 0)] * a.ndim
-            pad[pos_axis] = (0, width - a.shape[pos_axis])
-            a = np.pad(a, pad, constant_values=-1 if a.dtype.kind == "i" else np.nan)
-        padded.append(a)
-    return np.concatenate(padded, axis=0)
 
 
 # ------------------------------------------------------------------------- pure reductions
@@ -296,7 +237,7 @@ def attention_received(
     """
     b, h, t, _ = pattern.shape
     pos = torch.arange(t, device=pattern.device)
-    valid_q = pos[None, :] < lengths[:, None]  # [b, t]
+    valid_q = valid_positions(lengths, t)  # [b, t]
     # where, not a product: a NaN/inf in a pad query row must not leak into real keys
     pattern = torch.where(valid_q[:, None, :, None], pattern, 0.0)
     received = pattern.sum(dim=2)  # [b, h, k]
@@ -313,7 +254,7 @@ def attention_received(
 def residual_statistics(resid: Float[Tensor, "batch pos d_model"], lengths: Tensor) -> dict[str, Tensor]:
     """Norms, cosine to position 0, top-|value| dimensions and the median |value| of a block output."""
     b, t, d = resid.shape
-    valid = torch.arange(t, device=resid.device)[None, :] < lengths[:, None]
+    valid = valid_positions(lengths, t)
     norm = resid.norm(dim=-1)
     first = resid[:, 0, :]
     # cosine from the norms already at hand (as torch.cosine_similarity, each norm clamped at 1e-8)
@@ -362,20 +303,13 @@ def next_token_loss(logits: Float[Tensor, "batch pos vocab"], batch: TokenBatch)
     target = batch.tokens[:, 1:].to(logp.device)
     nll = -logp[:, :-1].gather(-1, target[..., None])[..., 0]
     t = batch.tokens.shape[1]
-    valid = torch.arange(1, t)[None, :] < batch.lengths[:, None]
+    valid = valid_positions(batch.lengths, t - 1, offset=1)
     out = torch.full((len(batch), t), torch.nan)
     out[:, :-1] = torch.where(valid, nll.cpu(), torch.nan)
     return out
 
 
 # --------------------------------------------------------------------------- entry point
-
-
-def iter_batches(batch: TokenBatch, batch_size: int):
-    """Sub-batches sorted by length, so little compute goes to padding."""
-    order = torch.argsort(batch.lengths, descending=True, stable=True).tolist()
-    for start in range(0, len(order), batch_size):
-        yield order[start : start + batch_size]
 
 
 @torch.no_grad()
@@ -393,28 +327,18 @@ def measure(
     Args:
         hooks: extra forward hooks (typically an intervention's), or a function of the
             sub-batch that returns them. They run before the measurement hooks at every point.
-        batch_size: sequences per forward pass.
+        batch_size: sequences per forward pass (sub-batches are sorted by length; the result
+            has the sequences in the order of ``batch``).
         progress: show a tqdm bar over sub-batches.
         metadata: stored on the result (model, BOS policy and versions are added).
     """
-    if len(batch) == 0:
-        raise ValueError("empty batch")
     meter = SinkMeter(model)
-    order_chunks = list(iter_batches(batch, batch_size))
-    inverse = np.argsort(np.concatenate(order_chunks))
-    for chunk in tqdm(order_chunks, desc="measuring", unit="batch", disable=not progress or len(order_chunks) < 2):
-        sub = batch.select(chunk)
-        meter.begin(sub)
-        extra = list(hooks(sub) if callable(hooks) else hooks)
-        logits = model.run_with_hooks(sub.tokens, fwd_hooks=[*extra, *meter.hooks()], return_type="logits")
-        meter.end(logits)
-    result = meter.result(metadata={**provenance(model, batch), **(metadata or {})})
-    return result.select(inverse.tolist())
+    drive(model, batch, Run([meter], hooks), batch_size=batch_size, progress=progress, desc="measuring")
+    return meter.result(metadata={**provenance(model, batch), **(metadata or {})})
 
 
 def provenance(model, batch: TokenBatch | None = None) -> dict:
     """Model, BOS policy, versions and seed-free settings stored with every result."""
-    from importlib.metadata import PackageNotFoundError, version
 
     def ver(pkg: str) -> str:
         try:

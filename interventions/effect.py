@@ -9,7 +9,9 @@ adds its own hooks (:func:`interventions.base.hooks_for`), so the measurement ne
 intervention ran. :func:`compare` turns the two measurements into an :class:`Effect`; the sweep
 (:mod:`interventions.sweep`) reuses it, so a sweep item and a single effect are the same table.
 
-What is reported (all positions 0-based; position 0 is the papers' Sink_1):
+What is reported (all positions 0-based; position 0 is the papers' Sink_1), one row family per
+entry of :data:`METRIC_TABLE` (a :class:`Metric`: how one run becomes per-sequence values, and
+which cells they cover), with the summary settings in one :class:`EffectSettings`:
 
 * ``sink_score`` per (layer, position): the mean attention a token receives from later queries,
   averaged over heads (:mod:`circuits.measure`), clean, intervened and their difference;
@@ -23,9 +25,9 @@ What is reported (all positions 0-based; position 0 is the papers' Sink_1):
   exist; full logits are never stored.
 
 Uncertainty: every row carries a 95 % bootstrap CI of its delta over *sequences*, paired (the
-statistic is the mean of per-sequence deltas), with :func:`scipy.stats.bootstrap` (BCa, fixed
-seed; percentile where BCa is undefined). A delta that is identical in every sequence gets a
-zero-width CI; fewer than :data:`MIN_SEQUENCES` sequences give NaN, not a fake interval.
+statistic is the mean of per-sequence deltas), with :func:`circuits.stats.paired_bootstrap`
+(scipy's BCa, fixed seed; percentile where BCa is undefined). A delta that is identical in every sequence gets a
+zero-width CI; fewer than :data:`circuits.stats.MIN_SEQUENCES` sequences give NaN, not a fake interval.
 
 Random control (on request): the same intervention, same kind and strength, moved to a random
 non-sink position, a random other layer, or a random unit direction (:func:`random_control`,
@@ -39,21 +41,25 @@ from __future__ import annotations
 import dataclasses
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Literal, Mapping, Sequence
+from typing import Any, Callable, Iterable, Literal, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
-from tqdm.auto import tqdm
 
+from circuits.driver import Run, drive
 from circuits.errors import SinkscopeError
-from circuits.measure import SinkMeasurement, SinkMeter, iter_batches, nanmean, next_token_loss, provenance
+from circuits.measure import SinkMeasurement, SinkMeter, next_token_loss, provenance
+from circuits.meter import SubBatch
+from circuits.output import to_jsonable
 from circuits.probes import TokenBatch, tokenize
+from circuits.stats import nanmean, paired_bootstrap, valid_positions
 from interventions import registry
 from interventions.base import (
     Compose,
+    HookFactory,
     Intervention,
     InterventionError,
     SiteRole,
@@ -66,12 +72,8 @@ from interventions.base import (
 )
 
 SCHEMA = "sinkscope.effect/1"
-MIN_SEQUENCES = 3  # fewer sequences than this: no bootstrap CI (NaN)
 CONTROL_MODES = ("random", "position", "layer", "direction")
 ControlMode = Literal["random", "position", "layer", "direction"]
-
-#: metric names of :attr:`Effect.frame`, in row order
-METRICS = ("target_sink_score", "next_token_loss", "kl", "sink_rate", "sink_score")
 
 # Hooks of block l that sit after its attention pattern: an edit there first changes the
 # attention (hence the sink score) of block l + 1. Anything else in block l (its input, ln1,
@@ -361,62 +363,141 @@ def random_control(
     raise EffectError(f"no valid random {chosen} control found for {name} in {attempts} draws")
 
 
-# --------------------------------------------------------------------------- statistics
+# --------------------------------------------------------------------------- settings and metrics
 
 
-def paired_bootstrap(
-    deltas: Float[np.ndarray, "seq cells"] | Float[np.ndarray, " seq"],
-    *,
-    confidence: float = 0.95,
-    n_resamples: int = 2000,
-    seed: int = 0,
-) -> tuple[Float[np.ndarray, " cells"], Float[np.ndarray, " cells"]]:
-    """Bootstrap CI over sequences of the mean of per-sequence deltas, for every column.
+@dataclass(frozen=True)
+class EffectSettings:
+    """How an effect is summarised: one object for :func:`measure_effect`, :func:`compare` and the sweep.
 
-    NaN entries (a sequence that does not reach a position) are left out of that column.
-    Columns with fewer than :data:`MIN_SEQUENCES` values get NaN; columns whose values are all
-    equal get a zero-width interval at that value (nothing varies to resample). Others use
-    ``scipy.stats.bootstrap`` (BCa, ``rng=seed``), vectorised over columns that share the same
-    sequences, and the percentile method where BCa is undefined. ``n_resamples=0`` turns the
-    intervals off (all NaN): for exploratory sweeps where only the means are read.
+    ``eps``: threshold of Sink_k^eps. ``layers``, ``positions``: the cells of the per-cell rows
+    (None: all; ``positions="target"``: position 0 and every run's target positions).
+    ``confidence``, ``n_resamples`` (0: no CIs) and ``seed``: the paired bootstrap. The public
+    functions keep these as keyword arguments and build this object from them; it checks the
+    values when built, so a bad setting fails before any forward pass.
     """
-    from scipy import stats
 
-    data = np.asarray(deltas, dtype=np.float64)
-    if data.ndim == 1:
-        data = data[:, None]
-    n, c = data.shape
-    low, high = np.full(c, np.nan), np.full(c, np.nan)
-    if n_resamples == 0:
-        return low, high
-    valid = ~np.isnan(data)
-    patterns, group = np.unique(valid.T, axis=0, return_inverse=True)
-    for g, rows in enumerate(patterns):
-        cols = np.flatnonzero(group.ravel() == g)
-        if rows.sum() < MIN_SEQUENCES:
-            continue
-        block = data[rows][:, cols]
-        flat = np.ptp(block, axis=0) == 0
-        low[cols[flat]] = high[cols[flat]] = block[0, flat]
-        vary_cols, sample = cols[~flat], block[:, ~flat]
-        if not len(vary_cols):
-            continue
-        batch = max(1, min(n_resamples, int(4e6 // max(1, sample.size))))
-        for method in ("BCa", "percentile"):
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                res = stats.bootstrap(
-                    (sample,), np.mean, axis=0, vectorized=True, n_resamples=n_resamples, batch=batch,
-                    confidence_level=confidence, method=method, rng=np.random.default_rng(seed),
-                )
-            lo, hi = np.atleast_1d(res.confidence_interval.low), np.atleast_1d(res.confidence_interval.high)
-            ok = np.isfinite(lo) & np.isfinite(hi)
-            pending = np.isnan(low[vary_cols])
-            low[vary_cols[ok & pending]], high[vary_cols[ok & pending]] = lo[ok & pending], hi[ok & pending]
-            if ok.all():
-                break
-            vary_cols, sample = vary_cols[~ok], sample[:, ~ok]
-    return low, high
+    eps: float = 0.3
+    layers: tuple[int, ...] | None = None
+    positions: tuple[int, ...] | Literal["target"] | None = None
+    confidence: float = 0.95
+    n_resamples: int = 2000
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.eps, (int, float)) and 0 < self.eps < 1):
+            raise EffectError(f"eps must be between 0 and 1, got {self.eps!r}")
+        if not (isinstance(self.confidence, (int, float)) and 0 < self.confidence < 1):
+            raise EffectError(f"confidence must be between 0 and 1, got {self.confidence!r}")
+        if isinstance(self.n_resamples, bool) or not isinstance(self.n_resamples, int) or self.n_resamples < 0:
+            raise EffectError(f"n_resamples must be a non-negative integer (0: no CIs), got {self.n_resamples!r}")
+        if self.layers is not None:
+            object.__setattr__(self, "layers", tuple(int(l) for l in self.layers))
+        if isinstance(self.positions, str):
+            if self.positions != "target":
+                raise EffectError(f"positions must be None, 'target' or a list of positions; got {self.positions!r}")
+        elif self.positions is not None:
+            object.__setattr__(self, "positions", tuple(int(p) for p in self.positions))
+
+    @property
+    def bootstrap(self) -> dict:
+        """The keyword arguments of :func:`circuits.stats.paired_bootstrap`."""
+        return {"confidence": self.confidence, "n_resamples": self.n_resamples, "seed": self.seed}
+
+    def select_layers(self, n_layers: int) -> list[int]:
+        """The layers of the per-cell rows, sorted; out-of-range layers raise :class:`EffectError`."""
+        if self.layers is None:
+            return list(range(n_layers))
+        chosen = sorted(set(self.layers))
+        bad = [l for l in chosen if not 0 <= l < n_layers]
+        if bad:
+            raise EffectError(f"layers {bad} are out of range; the model has {n_layers} layers (0..{n_layers - 1})")
+        return chosen
+
+    def select_positions(self, width: int, targets: Sequence[Target] = ()) -> list[int]:
+        """The positions of the per-cell rows, sorted (``"target"``: 0 and the targets' positions)."""
+        if self.positions is None:
+            return list(range(width))
+        chosen = {0, *(p for t in targets for p in t.positions)} if self.positions == "target" else set(self.positions)
+        bad = [p for p in chosen if not 0 <= p < width]
+        if bad:
+            raise EffectError(f"positions {sorted(bad)} are out of range; the longest sequence has {width} tokens")
+        return sorted(chosen)
+
+    def describe(self, cells: "Cells") -> dict:
+        """The ``settings`` of ``effect.json``."""
+        return {
+            "eps": self.eps, "confidence": self.confidence, "n_resamples": self.n_resamples, "seed": self.seed,
+            "bootstrap": "off (n_resamples=0)" if self.n_resamples == 0 else
+            "scipy.stats.bootstrap over sequences, paired (mean of per-sequence deltas), BCa",
+            "layers": cells.layers if self.layers is not None else "all",
+            "positions": cells.positions if self.positions is not None else "all",
+        }
+
+
+@dataclass(frozen=True)
+class RunView:
+    """One run as :func:`compare` reads it: its measurement, the target it is scored at, and its
+    per-position KL to the clean run (zeros for the clean run itself, NaN when unknown)."""
+
+    meas: SinkMeasurement
+    target: Target
+    kl: Float[np.ndarray, "seq pos"]
+
+
+@dataclass(frozen=True)
+class Cells:
+    """What the per-cell rows cover: the selected layers and positions, and Sink_k^eps's eps."""
+
+    eps: float
+    layers: list[int]
+    positions: list[int]
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One family of rows of :attr:`Effect.frame`, as data.
+
+    ``value(run, cells)``: the run's per-sequence values ``[N, C]``, one column per row;
+    ``labels(cells)``: the layer and position of each row (None: aggregated over it);
+    ``summary``: the :attr:`Effect.summary` key this metric fills, and the position of the row
+    it takes (None: the metric's first row).
+    """
+
+    name: str
+    value: Callable[[RunView, Cells], np.ndarray]
+    labels: Callable[[Cells], tuple[list, list]]
+    summary: tuple[str, int | None] | None = None
+
+
+def _one_row(cells: Cells) -> tuple[list, list]:
+    return [None], [None]
+
+
+def _row_per_position(cells: Cells) -> tuple[list, list]:
+    return [None] * len(cells.positions), list(cells.positions)
+
+
+def _row_per_cell(cells: Cells) -> tuple[list, list]:
+    grid_l, grid_p = np.meshgrid(cells.layers, cells.positions, indexing="ij")
+    return grid_l.ravel().tolist(), grid_p.ravel().tolist()
+
+
+#: the rows of :attr:`Effect.frame`, in order. A new statistic of :class:`SinkMeasurement`
+#: shows up in every effect and sweep table with one more entry here.
+METRIC_TABLE: tuple[Metric, ...] = (
+    # the sink score of each run's own target (planting at p is compared with planting at q)
+    Metric("target_sink_score", lambda r, c: target_sink_score(r.meas, r.target)[:, None], _one_row, ("target_sink_score", None)),
+    # side effects: mean next-token loss and KL to the clean run over a sequence's real positions
+    Metric("next_token_loss", lambda r, c: nanmean(r.meas.next_token_loss, axis=1)[:, None], _one_row, ("next_token_loss", None)),
+    Metric("kl", lambda r, c: nanmean(np.asarray(r.kl, dtype=np.float64), axis=1)[:, None], _one_row, ("kl", None)),
+    # Sink_k^eps per position (per sequence: percent of (layer, head) pairs with alpha > eps)
+    Metric("sink_rate", lambda r, c: 100.0 * r.meas.sink_indicator(c.eps)[:, c.positions], _row_per_position, ("first_token_sink_rate", 0)),
+    # sink score per (layer, position)
+    Metric("sink_score", lambda r, c: r.meas.sink_score[:, c.layers][:, :, c.positions].reshape(r.meas.n_sequences, -1), _row_per_cell),
+)
+#: metric names of :attr:`Effect.frame`, in row order
+METRICS = tuple(m.name for m in METRIC_TABLE)
 
 
 @torch.no_grad()
@@ -477,8 +558,6 @@ class Effect:
 
     def to_json(self) -> dict:
         """The ``effect.json`` document (schema ``sinkscope.effect/1``), JSON-safe (NaN -> null)."""
-        from circuits.output import to_jsonable
-
         meta = dict(self.metadata)
         frame = self.frame.astype(object).where(self.frame.notna(), None)
         return to_jsonable(
@@ -515,40 +594,16 @@ def _spec_text(iv: Intervention) -> str:
         return repr(iv)
 
 
-def _select_positions(positions, width: int, targets: Sequence[Target]) -> list[int]:
-    if positions is None:
-        return list(range(width))
-    if isinstance(positions, str):
-        if positions != "target":
-            raise EffectError(f"positions must be None, 'target' or a list of positions; got {positions!r}")
-        chosen = {0, *(p for t in targets for p in t.positions)}
-    else:
-        chosen = {int(p) for p in positions}
-    bad = [p for p in chosen if not 0 <= p < width]
-    if bad:
-        raise EffectError(f"positions {sorted(bad)} are out of range; the longest sequence has {width} tokens")
-    return sorted(chosen)
-
-
-def _select_layers(layers, n_layers: int) -> list[int]:
-    if layers is None:
-        return list(range(n_layers))
-    chosen = sorted({int(l) for l in layers})
-    bad = [l for l in chosen if not 0 <= l < n_layers]
-    if bad:
-        raise EffectError(f"layers {bad} are out of range; the model has {n_layers} layers (0..{n_layers - 1})")
-    return chosen
-
-
-def _block(metric, layers, positions, clean, intervened, boot, control=None, control_clean=None) -> dict[str, np.ndarray]:
-    """Columns for one metric: ``clean``/``intervened`` (and control) are ``[N, C]`` per-sequence values."""
-    clean = np.asarray(clean, dtype=np.float64)
-    intervened = np.asarray(intervened, dtype=np.float64)
+def _block(metric: Metric, cells: Cells, runs: Mapping[str, RunView], boot: dict) -> dict[str, np.ndarray]:
+    """The columns of one metric's rows, from its per-sequence values ``[N, C]`` in every run."""
+    layers, positions = metric.labels(cells)
+    clean = np.asarray(metric.value(runs["clean"], cells), dtype=np.float64)
+    intervened = np.asarray(metric.value(runs["intervened"], cells), dtype=np.float64)
     c = clean.shape[1]
     delta = intervened - clean
     lo, hi = paired_bootstrap(delta, **boot)
     out = {
-        "metric": np.array([metric] * c, dtype=object),
+        "metric": np.array([metric.name] * c, dtype=object),
         "layer": np.asarray(layers, dtype=object),
         "position": np.asarray(positions, dtype=object),
         "n": (~np.isnan(delta)).sum(0),
@@ -558,9 +613,9 @@ def _block(metric, layers, positions, clean, intervened, boot, control=None, con
         "ci_low": lo,
         "ci_high": hi,
     }
-    if control is not None:
-        control = np.asarray(control, dtype=np.float64)
-        control_delta = control - np.asarray(control_clean, dtype=np.float64)
+    if "control" in runs:
+        control = np.asarray(metric.value(runs["control"], cells), dtype=np.float64)
+        control_delta = control - np.asarray(metric.value(runs["control_clean"], cells), dtype=np.float64)
         did = delta - control_delta
         dlo, dhi = paired_bootstrap(did, **boot)
         out.update(
@@ -568,6 +623,16 @@ def _block(metric, layers, positions, clean, intervened, boot, control=None, con
             did=nanmean(did, axis=0), did_ci_low=dlo, did_ci_high=dhi,
         )
     return out
+
+
+def _settings(settings: EffectSettings | None, **given: Any) -> EffectSettings:
+    """``settings``, or one built from the keyword arguments given (not None); never both."""
+    given = {k: v for k, v in given.items() if v is not None}
+    if settings is None:
+        return EffectSettings(**given)
+    if given:
+        raise EffectError(f"pass either settings or {', '.join(sorted(given))}, not both")
+    return settings
 
 
 def compare(
@@ -581,94 +646,65 @@ def compare(
     control_kl: Float[np.ndarray, "seq pos"] | None = None,
     control_target: Target | None = None,
     control_spec: str | None = None,
-    eps: float = 0.3,
+    eps: float | None = None,
     layers: Sequence[int] | None = None,
     positions: Sequence[int] | Literal["target"] | None = None,
-    confidence: float = 0.95,
-    n_resamples: int = 2000,
-    seed: int = 0,
+    confidence: float | None = None,
+    n_resamples: int | None = None,
+    seed: int | None = None,
+    settings: EffectSettings | None = None,
     metadata: dict | None = None,
 ) -> Effect:
     """Compare two (or three) measurements of the same sequences and build an :class:`Effect`.
 
-    ``frame`` columns: ``metric`` (one of :data:`METRICS`), ``layer`` and ``position``
-    (nullable ints; NA for metrics aggregated over them), ``n`` (sequences contributing),
-    ``clean``, ``intervened``, ``delta`` (mean of per-sequence ``intervened - clean``),
-    ``ci_low``/``ci_high`` (paired bootstrap CI of ``delta``); with a control also ``control``,
-    ``control_delta``, ``did`` (difference of differences) and ``did_ci_low``/``did_ci_high``.
+    ``frame`` columns: ``metric`` (one of :data:`METRICS`, rows in :data:`METRIC_TABLE` order),
+    ``layer`` and ``position`` (nullable ints; NA for metrics aggregated over them), ``n``
+    (sequences contributing), ``clean``, ``intervened``, ``delta`` (mean of per-sequence
+    ``intervened - clean``), ``ci_low``/``ci_high`` (paired bootstrap CI of ``delta``); with a
+    control also ``control``, ``control_delta``, ``did`` (difference of differences) and
+    ``did_ci_low``/``did_ci_high``.
 
-    ``layers``/``positions`` restrict the ``sink_score`` rows (and ``positions`` the
-    ``sink_rate`` rows): None is all, ``"target"`` is position 0 plus the target positions of
-    both runs. ``kl`` None (no logits) leaves the KL row NaN.
+    ``eps``, ``layers``, ``positions``, ``confidence``, ``n_resamples``, ``seed``: the
+    :class:`EffectSettings` (defaults 0.3, all, all, 0.95, 2000, 0), or ``settings`` holding
+    them all (not both). ``layers``/``positions`` restrict the ``sink_score`` rows (and
+    ``positions`` the ``sink_rate`` rows): None is all, ``"target"`` is position 0 plus the
+    target positions of both runs. ``kl`` None (no logits) leaves the KL row NaN.
     """
+    s = _settings(settings, eps=eps, layers=layers, positions=positions, confidence=confidence, n_resamples=n_resamples, seed=seed)
     if clean.sink_score.shape != intervened.sink_score.shape or clean.token_ids != intervened.token_ids:
         raise EffectError("the clean and intervened measurements are not of the same sequences")
     if control is not None and (control.sink_score.shape != clean.sink_score.shape or control_target is None):
         raise EffectError("the control measurement must cover the same sequences and come with its target")
-    if not 0 < eps < 1:
-        raise EffectError(f"eps must be between 0 and 1, got {eps}")
     n, n_layers, width = clean.sink_score.shape
-    boot = {"confidence": confidence, "n_resamples": n_resamples, "seed": seed}
     has_ctrl = control is not None
-    sel_pos = _select_positions(positions, width, [target] + ([control_target] if has_ctrl else []))
-    sel_layers = _select_layers(layers, n_layers)
-    if kl is None:
-        kl = np.full((n, width), np.nan)
-    if has_ctrl and control_kl is None:
-        control_kl = np.full((n, width), np.nan)
+    sel_pos = s.select_positions(width, [target] + ([control_target] if has_ctrl else []))
+    cells = Cells(s.eps, s.select_layers(n_layers), sel_pos)
+    unknown, zeros = np.full((n, width), np.nan), np.zeros((n, width))
+    runs = {"clean": RunView(clean, target, zeros), "intervened": RunView(intervened, target, unknown if kl is None else kl)}
+    if has_ctrl:
+        runs["control"] = RunView(control, control_target, unknown if control_kl is None else control_kl)
+        runs["control_clean"] = RunView(clean, control_target, zeros)
 
-    blocks = []
-    na = [None]
-    # target sink score: each run at its own target
-    t_clean, t_int = target_sink_score(clean, target), target_sink_score(intervened, target)
-    ctrl = {}
-    if has_ctrl:
-        ctrl = dict(control=target_sink_score(control, control_target)[:, None],
-                    control_clean=target_sink_score(clean, control_target)[:, None])
-    blocks.append(_block("target_sink_score", na, na, t_clean[:, None], t_int[:, None], boot, **ctrl))
-    # side effects
-    loss = lambda m: nanmean(m.next_token_loss, axis=1)[:, None]  # noqa: E731
-    if has_ctrl:
-        ctrl = dict(control=loss(control), control_clean=loss(clean))
-    blocks.append(_block("next_token_loss", na, na, loss(clean), loss(intervened), boot, **ctrl))
-    zeros = np.zeros((n, 1))
-    kl_seq = nanmean(np.asarray(kl, dtype=np.float64), axis=1)[:, None]
-    if has_ctrl:
-        ctrl = dict(control=nanmean(np.asarray(control_kl, dtype=np.float64), axis=1)[:, None], control_clean=zeros)
-    blocks.append(_block("kl", na, na, zeros, kl_seq, boot, **ctrl))
-    # Sink_k^eps per position (per sequence: percent of (layer, head) pairs with alpha > eps)
-    rate = lambda m: 100.0 * m.sink_indicator(eps)[:, sel_pos]  # noqa: E731
-    if has_ctrl:
-        ctrl = dict(control=rate(control), control_clean=rate(clean))
-    blocks.append(_block("sink_rate", na * len(sel_pos), sel_pos, rate(clean), rate(intervened), boot, **ctrl))
-    # sink score per (layer, position)
-    grid_l, grid_p = np.meshgrid(sel_layers, sel_pos, indexing="ij")
-    cells = lambda m: m.sink_score[:, sel_layers][:, :, sel_pos].reshape(n, -1)  # noqa: E731
-    if has_ctrl:
-        ctrl = dict(control=cells(control), control_clean=cells(clean))
-    blocks.append(_block("sink_score", grid_l.ravel().tolist(), grid_p.ravel().tolist(), cells(clean), cells(intervened), boot, **ctrl))
-
-    frame = pd.concat([pd.DataFrame(b) for b in blocks], ignore_index=True)
+    frame = pd.concat([pd.DataFrame(_block(m, cells, runs, s.bootstrap)) for m in METRIC_TABLE], ignore_index=True)
     frame["layer"] = frame["layer"].astype("Int64")
     frame["position"] = frame["position"].astype("Int64")
     frame["n"] = frame["n"].astype("int64")
 
     summary = {}
-    for metric in ("target_sink_score", "next_token_loss", "kl"):
-        summary[metric] = _summary_row(frame[frame["metric"] == metric].iloc[0], has_ctrl)
-    first = frame[(frame["metric"] == "sink_rate") & (frame["position"] == 0)]
-    if len(first):
-        summary["first_token_sink_rate"] = _summary_row(first.iloc[0], has_ctrl)
-    settings = {
-        "eps": eps, "confidence": confidence, "n_resamples": n_resamples, "seed": seed,
-        "bootstrap": "off (n_resamples=0)" if n_resamples == 0 else
-        "scipy.stats.bootstrap over sequences, paired (mean of per-sequence deltas), BCa",
-        "layers": sel_layers if layers is not None else "all", "positions": sel_pos if positions is not None else "all",
-    }
-    meta = {**(metadata or {}), "settings": {**(metadata or {}).get("settings", {}), **settings}}
+    for m in METRIC_TABLE:
+        if m.summary is None:
+            continue
+        key, position = m.summary
+        rows = frame[frame["metric"] == m.name]
+        if position is not None:
+            rows = rows[rows["position"] == position]
+        if len(rows):
+            summary[key] = _summary_row(rows.iloc[0], has_ctrl)
+    meta = {**(metadata or {}), "settings": {**(metadata or {}).get("settings", {}), **s.describe(cells)}}
     return Effect(
-        frame=frame, summary=summary, clean=clean, intervened=intervened, kl=np.asarray(kl), intervention=intervention,
-        target=target, control=control, control_kl=None if control_kl is None else np.asarray(control_kl),
+        frame=frame, summary=summary, clean=clean, intervened=intervened, kl=np.asarray(runs["intervened"].kl),
+        intervention=intervention, target=target, control=control,
+        control_kl=None if control_kl is None else np.asarray(control_kl),
         control_spec=control_spec, control_target=control_target, metadata=meta,
     )
 
@@ -709,13 +745,7 @@ def first_token_resid_hooks(n_layers: int, into: dict[int, Tensor]) -> list[tupl
     return [(f"blocks.{l}.hook_resid_post", keep(l)) for l in range(n_layers)]
 
 
-def _check_settings(eps: float, confidence: float, n_resamples: int, batch_size: int) -> None:
-    if not (isinstance(eps, (int, float)) and 0 < eps < 1):
-        raise EffectError(f"eps must be between 0 and 1, got {eps!r}")
-    if not (isinstance(confidence, (int, float)) and 0 < confidence < 1):
-        raise EffectError(f"confidence must be between 0 and 1, got {confidence!r}")
-    if isinstance(n_resamples, bool) or not isinstance(n_resamples, int) or n_resamples < 0:
-        raise EffectError(f"n_resamples must be a non-negative integer (0: no CIs), got {n_resamples!r}")
+def _check_batch_size(batch_size: int) -> None:
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise EffectError(f"batch_size must be a positive integer, got {batch_size!r}")
 
@@ -755,14 +785,16 @@ def measure_effect(
         flag_percent: Sink_k^eps (percent) from which a position counts as a sink and is never
             a random control position.
 
-    Per sub-batch of :func:`~circuits.measure.iter_batches`: a clean forward and an intervened
-    forward with the same :class:`~circuits.measure.SinkMeter` hooks; KL(clean || intervened)
-    is computed while both logits exist. A control adds, per sub-batch, a clean forward (for
-    its KL) and a control forward after the clean measurement is complete (the control's
-    position must avoid the positions the clean run flags as sinks).
+    The six summary settings become one :class:`EffectSettings`. Per sub-batch of
+    :func:`~circuits.driver.iter_batches` the driver (:func:`circuits.driver.drive`) runs a
+    clean forward and an intervened forward with the same :class:`~circuits.measure.SinkMeter`
+    hooks; KL(clean || intervened) is computed while both logits exist. A control is the same
+    pair of runs for the control intervention, after the clean measurement is complete (the
+    control's position must avoid the positions the clean run flags as sinks).
     """
     iv = as_intervention(intervention)
-    _check_settings(eps, confidence, n_resamples, batch_size)
+    settings = EffectSettings(eps=eps, layers=layers, positions=positions, confidence=confidence, n_resamples=n_resamples, seed=seed)
+    _check_batch_size(batch_size)
     if not isinstance(batch, TokenBatch):
         batch = tokenize(model, batch)
     if len(batch) == 0:
@@ -775,28 +807,15 @@ def measure_effect(
     elif control is not None:
         check_control(iv, control)
     n_layers = int(model.cfg.n_layers)
-    width = int(batch.lengths.max())
-    _select_layers(layers, n_layers)  # bad restrictions fail before any forward pass too
-    if positions is not None and not isinstance(positions, str):
-        _select_positions(positions, width, [])
-    chunks = list(iter_batches(batch, batch_size))
-    inverse = np.argsort(np.concatenate(chunks)).tolist()
+    settings.select_layers(n_layers)  # bad restrictions fail before any forward pass too
+    if settings.positions != "target":
+        settings.select_positions(int(batch.lengths.max()))
     meta = {**provenance(model, batch), **(metadata or {})}
+    run = {"batch_size": batch_size, "progress": progress}
 
-    clean_meter, int_meter = SinkMeter(model), SinkMeter(model)
-    kl = np.full((len(batch), width), np.nan)
-    names: set[str] = set()
-    for chunk in tqdm(chunks, desc="effect", unit="batch", disable=not progress or len(chunks) < 2):
-        sub = batch.select(chunk)
-        firsts: dict[int, Tensor] = {}
-        clean_logits = _measured_forward(model, sub, clean_meter, first_token_resid_hooks(n_layers, firsts))
-        hooks = checked_hooks(model, iv, factory.context(sub, sink_directions=firsts))
-        names.update(n for n, _ in hooks)
-        int_logits = _measured_forward(model, sub, int_meter, hooks)
-        kl[chunk, : sub.tokens.shape[1]] = kl_divergence(clean_logits, int_logits, sub.valid).numpy()
-        del clean_logits, int_logits
-    clean = clean_meter.result(meta).select(inverse)
-    intervened = int_meter.result(meta).select(inverse)
+    clean_meter = SinkMeter(model)
+    int_meter, kl, names = _against_clean(model, batch, iv, factory, clean_meter=clean_meter, desc="effect", **run)
+    clean, intervened = clean_meter.result(meta), int_meter.result(meta)
     target = target_of(iv, names, n_layers)
 
     ctrl_meas = ctrl_kl = ctrl_target = ctrl_spec = None
@@ -809,36 +828,52 @@ def measure_effect(
             )
         ctrl_factory = hooks_for(model, ctrl_iv, batch)
         ctrl_factory.shared = factory.shared  # reference statistics (means, sources) are shared
-        ctrl_meter, ctrl_names = SinkMeter(model), set()
-        ctrl_kl = np.full((len(batch), width), np.nan)
-        for chunk in tqdm(chunks, desc="control", unit="batch", disable=not progress or len(chunks) < 2):
-            sub = batch.select(chunk)
-            t = sub.tokens.shape[1]
-            firsts = {l: torch.from_numpy(clean.first_resid[chunk, l]).to(model.cfg.device) for l in range(n_layers)}
-            hooks = checked_hooks(model, ctrl_iv, ctrl_factory.context(sub, sink_directions=firsts))
-            ctrl_names.update(n for n, _ in hooks)
-            clean_logits = model(sub.tokens.to(model.cfg.device))
-            ctrl_logits = _measured_forward(model, sub, ctrl_meter, hooks)
-            ctrl_kl[chunk, :t] = kl_divergence(clean_logits, ctrl_logits, sub.valid).numpy()
-            del clean_logits, ctrl_logits
-        ctrl_meas = ctrl_meter.result(meta).select(inverse)
+        ctrl_meter, ctrl_kl, ctrl_names = _against_clean(model, batch, ctrl_iv, ctrl_factory, clean_meter=None, desc="control", **run)
+        ctrl_meas = ctrl_meter.result(meta)
         ctrl_target = target_of(ctrl_iv, ctrl_names, n_layers)
         ctrl_spec = _spec_text(ctrl_iv)
         meta["control"] = info
 
     return compare(
         clean, intervened, target=target, intervention=_spec_text(iv), kl=kl, control=ctrl_meas, control_kl=ctrl_kl,
-        control_target=ctrl_target, control_spec=ctrl_spec, eps=eps, layers=layers, positions=positions,
-        confidence=confidence, n_resamples=n_resamples, seed=seed, metadata=meta,
+        control_target=ctrl_target, control_spec=ctrl_spec, settings=settings, metadata=meta,
     )
 
 
-def _measured_forward(model, sub: TokenBatch, meter: SinkMeter, hooks) -> Tensor:
-    """One full forward of ``sub`` with ``hooks`` (intervention first) and the meter's hooks."""
-    meter.begin(sub)
-    logits = model.run_with_hooks(sub.tokens.to(model.cfg.device), fwd_hooks=[*hooks, *meter.hooks()], return_type="logits")
-    meter.end(logits)
-    return logits
+def _against_clean(
+    model, batch: TokenBatch, iv: Intervention, factory: HookFactory, *, clean_meter: SinkMeter | None, batch_size: int, progress: bool, desc: str
+) -> tuple[SinkMeter, Float[np.ndarray, "seq pos"], set[str]]:
+    """Per sub-batch, a clean forward then ``iv``'s forward, both through the driver.
+
+    The clean run keeps ``h_0^l`` for the intervention's context (the primary-sink directions)
+    and is measured when ``clean_meter`` is given; the intervened run is measured by the
+    returned meter. KL(clean || intervened) is taken while both logits exist. Returns the
+    meter, the KL ``[N, T]`` and the hook names the intervention used (for its target).
+    """
+    n_layers = int(model.cfg.n_layers)
+    meter, names = SinkMeter(model), set()
+    kl = np.full((len(batch), int(batch.lengths.max())), np.nan)
+    firsts: dict[int, Tensor] = {}
+    clean_logits: list[Tensor] = []
+
+    def keep_firsts(sub: SubBatch):
+        firsts.clear()
+        return first_token_resid_hooks(n_layers, firsts)
+
+    def intervened(sub: SubBatch):
+        hooks = checked_hooks(model, iv, factory.context(sub, sink_directions=firsts))
+        names.update(n for n, _ in hooks)
+        return hooks
+
+    def kl_to_clean(sub: SubBatch, run: int, logits: Tensor) -> None:
+        if run == 0:
+            clean_logits[:] = [logits]
+        else:
+            kl[sub.rows, : sub.tokens.shape[1]] = kl_divergence(clean_logits.pop(), logits, sub.valid).numpy()
+
+    runs = [Run([clean_meter] if clean_meter is not None else [], keep_firsts), Run([meter], intervened)]
+    drive(model, batch, runs, batch_size=batch_size, on_logits=kl_to_clean, progress=progress, desc=desc)
+    return meter, kl, names
 
 
 # ------------------------------------------------------------------------------ output change
@@ -857,23 +892,27 @@ def output_change(
     Per intervention (and the clean run, for reference): ``kl`` = mean over real positions
     of KL(clean ‖ intervened) in nats (:func:`kl_divergence`), ``loss`` =
     mean next-token loss (nats), ``delta_loss`` = intervened − clean, ``top1_agree`` = share of positions where the argmax token is
-    unchanged. Sub-batch by sub-batch: only one sub-batch's logits are alive at a time.
+    unchanged. Per sub-batch (consecutive sequences) the driver runs the clean forward, then each
+    intervention's; only the clean logits and one intervened run's are alive at a time.
     """
     factories = {name: hooks_for(model, iv, batch) for name, iv in interventions.items()}
-    sums = {name: np.zeros(4) for name in ["clean", *factories]}  # kl, loss, agree, count
-    for start in range(0, len(batch), batch_size):
-        sub = batch.select(slice(start, start + batch_size))
-        valid = torch.arange(sub.tokens.shape[1])[None, :] < (sub.lengths[:, None] - 1)  # t+1 is real
-        clean = model(sub.tokens, return_type="logits")
-        clean_top = clean.argmax(-1)
-        for name in sums:
-            logits = clean if name == "clean" else model.run_with_hooks(sub.tokens, fwd_hooks=factories[name](sub), return_type="logits")
-            kl = kl_divergence(clean, logits, valid)
-            nll = next_token_loss(logits, sub)
-            agree = (logits.argmax(-1) == clean_top).float().cpu()
-            sums[name] += [float(kl[valid].sum()), float(nll[valid].sum()), float(agree[valid].sum()), float(valid.sum())]
-            del logits
-        del clean
+    names = ["clean", *factories]
+    sums = {name: np.zeros(4) for name in names}  # kl, loss, agree, count
+    clean: dict[str, Tensor] = {}
+
+    def tally(sub: SubBatch, run: int, logits: Tensor) -> None:
+        valid = valid_positions(sub.lengths, sub.tokens.shape[1], offset=1)  # t+1 is real
+        if run == 0:
+            clean.update(logits=logits, top=logits.argmax(-1))
+        kl = kl_divergence(clean["logits"], logits, valid)
+        nll = next_token_loss(logits, sub)
+        agree = (logits.argmax(-1) == clean["top"]).float().cpu()
+        sums[names[run]] += [float(kl[valid].sum()), float(nll[valid].sum()), float(agree[valid].sum()), float(valid.sum())]
+        if run == len(names) - 1:
+            clean.clear()
+
+    runs = [Run(), *(Run(hooks=factory) for factory in factories.values())]
+    drive(model, batch, runs, batch_size=batch_size, on_logits=tally, by_length=False, desc="output change")
     rows = []
     base_loss = sums["clean"][1] / sums["clean"][3]
     for name, (kl, loss, agree, n) in sums.items():
@@ -883,9 +922,14 @@ def output_change(
 
 __all__ = [
     "CONTROL_MODES",
+    "Cells",
     "Effect",
     "EffectError",
+    "EffectSettings",
     "METRICS",
+    "METRIC_TABLE",
+    "Metric",
+    "RunView",
     "Target",
     "as_intervention",
     "check_control",

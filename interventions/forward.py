@@ -55,7 +55,8 @@ from typing import Any, Callable, Iterable, Iterator, Literal, Sequence
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
-from transformer_lens.model_bridge.exceptions import StopAtLayerException
+
+from circuits.driver import stop_after_last_block
 
 HookFn = Callable[..., Tensor | None]
 FwdHook = tuple[str | Callable[[str], bool], HookFn]
@@ -134,7 +135,7 @@ def capture_resid_pre(
         kwargs["attention_mask"] = attention_mask
     hooks = [(resid_pre_hook(layer), make_hook(layer)) for layer in idx]
     if run == "all_blocks":
-        hooks.append(_end_after_last_block(model))
+        hooks.append(stop_after_last_block(model))
     with model.hooks(fwd_hooks=hooks):
         if run == "logits":
             logits = model.forward(tokens, return_type="logits", **kwargs)
@@ -145,19 +146,6 @@ def capture_resid_pre(
         raise RuntimeError(f"resid_pre hooks did not fire for layers {missing}")
     result = {layer: stored[layer] for layer in idx}
     return (logits, result) if run == "logits" else result
-
-
-def _end_after_last_block(model) -> FwdHook:
-    """A hook that ends the forward on the last block's output, before the final norm.
-
-    It raises the bridge's own stop exception, which ``forward`` catches. Register it after
-    the caller's hooks on that point so they run first.
-    """
-
-    def stop(tensor: Tensor, hook: Any) -> None:
-        raise StopAtLayerException(tensor)
-
-    return (f"blocks.{n_blocks(model) - 1}.hook_out", stop)
 
 
 # --------------------------------------------------------------------------- run from layer
@@ -306,7 +294,7 @@ def run_from_layer(
     elif stop == n:
         # No block n to stop at: end the run on the last block's output, after the caller's
         # hooks there (added last, so it runs last).
-        hooks.append(_end_after_last_block(model))
+        hooks.append(stop_after_last_block(model))
 
     with _skipped_blocks(model, start), model.hooks(fwd_hooks=hooks):
         out = model.forward(

@@ -5,17 +5,22 @@ secondary sink at position p?", "how does the sink score follow the rescaling no
 intervention over layers × positions × strengths, hundreds of forward passes. Three things make
 that affordable and safe:
 
+Every pass goes through the one driver (:func:`circuits.driver.drive`); the sweep only hands it
+its forward function and per-sub-batch state (looked up by the sub-batch's rows).
+
 * **Prefix reuse.** The clean pass runs once per sub-batch, with the measurement hooks, and keeps
   the residual entering every block an item starts at (:func:`interventions.forward.capture_resid_pre`)
   and the clean logits (for the side effects). An item whose hooks start at block
   ``l`` (:attr:`~interventions.base.Intervention.min_layer`) then runs only blocks ``l..`` with
   :func:`interventions.forward.run_from_layer`; its statistics below ``l`` are copied from the
-  clean measurement, which they equal by construction (a test checks the whole item against a
-  full intervened forward on a tiny model, to 1e-5).
-* **Variants in one batch.** Items that start at the same block run together: the sub-batch is
-  stacked ``k`` times along the batch axis and every hook point gets one hook that hands copy
-  ``i`` (rows ``i*b..(i+1)*b``) to item ``i``'s own hooks, intervention first, then item ``i``'s
-  own :class:`~circuits.measure.SinkMeter`. This is generic, not only for strengths, and exact
+  clean measurement (:func:`splice_prefix`, every field with a ``layer`` axis), which they equal
+  by construction (a test checks the whole item against a full intervened forward on a tiny
+  model, to 1e-5).
+* **Variants in one batch.** Items that start at the same block run together as the driver's
+  stacked runs: the sub-batch is stacked ``k`` times along the batch axis and every hook point
+  gets one hook that hands copy ``i`` (rows ``i*b..(i+1)*b``) to item ``i``'s own hooks,
+  intervention first, then item ``i``'s own :class:`~circuits.measure.SinkMeter`
+  (:func:`circuits.driver.stacked_hooks`). This is generic, not only for strengths, and exact
   because every hook acts on each sequence independently: all built-in interventions do
   (reference data such as means or resampled sources is computed in ``prepare``, outside the
   forward). A user kind whose hook mixes sequences *of the activation it is given* must be swept
@@ -43,9 +48,9 @@ import itertools
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Mapping, Sequence
+from typing import Any, Callable, Iterator, Literal, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -53,12 +58,16 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from circuits.measure import SinkMeasurement, SinkMeter, iter_batches, provenance
+from circuits.driver import Run, drive, full_forward
+from circuits.measure import SinkMeasurement, SinkMeter, provenance
+from circuits.meter import SubBatch, axes_of
+from circuits.output import write_json
 from circuits.probes import TokenBatch
 from interventions.base import HookFactory, Intervention, InterventionError, checked_hooks, hook_layer, hooks_for
 from interventions.effect import (
     EffectError,
-    _check_settings,
+    EffectSettings,
+    _check_batch_size,
     _spec_text,
     as_intervention,
     compare,
@@ -72,10 +81,11 @@ from interventions.forward import capture_resid_pre, run_from_layer
 SCHEMA = "sinkscope.sweep/1"
 Format = Literal["parquet", "csv"]
 
-#: SinkMeasurement arrays indexed [sequence, layer, ...]: copied from the clean run below the start block
-LAYER_FIELDS = ("alpha", "sink_score", "resid_norm", "cos_to_first", "first_resid", "top_dims", "top_values", "median_abs")
-#: SinkMeasurement arrays that are not per layer
-OTHER_FIELDS = ("lengths", "next_token_loss")
+#: SinkMeasurement arrays with a layer axis (from the fields' declared axes): copied from the
+#: clean run below the start block
+LAYER_FIELDS = tuple(name for name, axes in SinkMeasurement.axes().items() if "layer" in axes.names)
+#: SinkMeasurement arrays without one
+OTHER_FIELDS = tuple(name for name, axes in SinkMeasurement.axes().items() if "layer" not in axes.names and axes.dtype is not None)
 
 MakeIntervention = Callable[..., Intervention] | str | Intervention
 
@@ -102,11 +112,11 @@ class _Item:
 
 @dataclass
 class _CleanChunk:
-    rows: list[int]
-    sub: TokenBatch
-    resid: dict[int, Tensor]  # residual entering each start block
-    firsts: dict[int, Tensor]  # h_0^l of the clean run: seeds the primary-sink directions
-    logits: Tensor | None  # [b, pos, vocab]: the clean logits, for the KL of every item
+    """What the clean pass keeps of one sub-batch for the items."""
+
+    resid: dict[int, Tensor] = field(default_factory=dict)  # residual entering each start block
+    firsts: dict[int, Tensor] = field(default_factory=dict)  # h_0^l of the clean run: seeds the primary-sink directions
+    logits: Tensor | None = None  # [b, pos, vocab]: the clean logits, for the KL of every item
 
 
 # --------------------------------------------------------------------------- items
@@ -159,52 +169,22 @@ def _digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
-# --------------------------------------------------------------------------- hooks of stacked copies
-
-
-def stacked_hooks(model, copies: Sequence[Sequence[tuple[str, Callable]]], rows: int) -> list[tuple[str, Callable]]:
-    """One hook per hook point for ``len(copies)`` stacked copies of a ``rows``-sequence batch.
-
-    Copy ``i`` occupies rows ``i*rows..(i+1)*rows`` of every activation; its hooks run, in their
-    order, on that slice only. Aliases of one hook point are merged (the first name is used).
-    """
-    hook_dict = model.hook_dict
-    order: list[str] = []
-    by_point: dict[int, list[list[Callable]]] = {}
-    for i, hooks in enumerate(copies):
-        for name, fn in hooks:
-            point = id(hook_dict[name]) if name in hook_dict else name
-            if point not in by_point:
-                by_point[point] = [[] for _ in copies]
-                order.append(name)
-            by_point[point][i].append(fn)
-    names = {id(hook_dict[n]) if n in hook_dict else n: n for n in reversed(order)}
-
-    def composite(fns: list[list[Callable]]):
-        def hook(act: Tensor, hook):
-            pieces, changed = [], False
-            for i, copy_fns in enumerate(fns):
-                piece = act[i * rows : (i + 1) * rows]
-                for fn in copy_fns:
-                    out = fn(piece, hook)
-                    if out is not None:
-                        piece, changed = out, True
-                pieces.append(piece)
-            return torch.cat(pieces, dim=0) if changed else None
-
-        return hook
-
-    return [(names[point], composite(fns)) for point, fns in by_point.items()]
+# --------------------------------------------------------------------------- prefix splice
 
 
 def splice_prefix(measured: SinkMeasurement, clean: SinkMeasurement, start: int) -> SinkMeasurement:
-    """``measured`` with layers ``< start`` taken from ``clean`` (they did not run; unchanged by construction)."""
+    """``measured`` with layers ``< start`` taken from ``clean`` (they did not run; unchanged by
+    construction), in every field whose declared axes have a ``layer`` axis."""
     if start <= 0:
         return measured
     changes = {}
-    for name in LAYER_FIELDS:
+    for name, axes in axes_of(measured).items():
+        layer = axes.index("layer")
+        if layer is None:
+            continue
+        below = (slice(None),) * layer + (slice(0, start),)
         arr = getattr(measured, name).copy()
-        arr[:, :start] = getattr(clean, name)[:, :start]
+        arr[below] = getattr(clean, name)[below]
         changes[name] = arr
     return dataclasses.replace(measured, **changes)
 
@@ -254,7 +234,8 @@ def sweep(
     """
     if format not in ("parquet", "csv"):
         raise EffectError(f"format must be 'parquet' or 'csv', got {format!r}")
-    _check_settings(eps, confidence, n_resamples, batch_size)
+    summary = EffectSettings(eps=eps, layers=layers, positions=positions, confidence=confidence, n_resamples=n_resamples, seed=seed)
+    _check_batch_size(batch_size)
     if len(batch) == 0:
         raise EffectError("empty batch")
     make, made_by = _maker(make_intervention)
@@ -262,9 +243,9 @@ def sweep(
     items_dir = out / "items"
     n_layers = int(model.cfg.n_layers)
     meta = {**provenance(model, batch), **(metadata or {})}
-    settings = {
-        "eps": eps, "layers": None if layers is None else [int(l) for l in layers],
-        "positions": positions if positions is None or isinstance(positions, str) else [int(p) for p in positions],
+    settings = {  # part of every item's key: keep its content stable
+        "eps": summary.eps, "layers": None if summary.layers is None else list(summary.layers),
+        "positions": summary.positions if summary.positions is None or isinstance(summary.positions, str) else list(summary.positions),
         "side_effects": side_effects, "n_resamples": n_resamples, "confidence": confidence, "seed": seed,
     }
     context = _digest({
@@ -292,16 +273,15 @@ def sweep(
     started = time.perf_counter()
     if pending:
         items_dir.mkdir(parents=True, exist_ok=True)
-        runner = _Runner(model, batch, batch_size, side_effects, sorted({i.start for i in pending if i.start is not None}), meta)
+        run = {"batch_size": batch_size, "side_effects": side_effects, "meta": meta}
+        clean, chunks = _clean_pass(model, batch, sorted({i.start for i in pending if i.start is not None}), **run)
         bar = tqdm(total=len(items), initial=len(items) - len(pending), desc="sweep", unit="item", disable=not progress)
         try:
-            for group in runner.groups(pending):
-                measured = runner.run(group, factories)
-                for item, (meas, kl, names) in zip(group, measured):
+            for group in _groups(pending, max(1, batch_size // min(batch_size, len(batch)))):
+                for item, (meas, kl, names) in zip(group, _run_group(model, batch, group, factories, clean, chunks, **run)):
                     effect = compare(
-                        runner.clean, meas, target=target_of(item.intervention, names, n_layers), intervention=item.spec,
-                        kl=kl, eps=eps, layers=layers, positions=positions, confidence=confidence,
-                        n_resamples=n_resamples, seed=seed,
+                        clean, meas, target=target_of(item.intervention, names, n_layers), intervention=item.spec,
+                        kl=kl, settings=summary,
                     )
                     _write_atomic(_item_frame(effect.frame, item), path_of(item), format)
                     bar.update(1)
@@ -329,8 +309,6 @@ def sweep(
         },
         "token_ids": batch.token_ids,
     }
-    from circuits.output import write_json
-
     metadata_path = out / "sweep.json"
     tmp = out / ".sweep.json.tmp"
     write_json(tmp, doc)
@@ -363,91 +341,108 @@ def _read_items(paths: Sequence[Path], format: Format) -> pd.DataFrame:
 # --------------------------------------------------------------------------- running items
 
 
-class _Runner:
-    """The clean pass (once) and the intervened passes of groups of items."""
-
-    def __init__(self, model, batch: TokenBatch, batch_size: int, side_effects: bool, starts: list[int], meta: dict):
-        self.model, self.batch, self.side_effects = model, batch, side_effects
-        self.n_layers = int(model.cfg.n_layers)
-        self.chunk_rows = list(iter_batches(batch, batch_size))
-        self.inverse = np.argsort(np.concatenate(self.chunk_rows)).tolist()
-        self.batch_size, self.meta = batch_size, meta
-        self.width = int(batch.lengths.max())
-        self.chunks, self.clean = self._clean_pass(starts)
-
-    def _clean_pass(self, starts: list[int]) -> tuple[list[_CleanChunk], SinkMeasurement]:
-        model, meter, chunks = self.model, SinkMeter(self.model), []
-        device = model.cfg.device
-        for rows in self.chunk_rows:
-            sub = self.batch.select(rows)
-            firsts: dict[int, Tensor] = {}
-            meter.begin(sub)
-            hooks = [*meter.hooks(), *first_token_resid_hooks(self.n_layers, firsts)]
-            tokens = sub.tokens.to(device)
-            logits = None
-            with model.hooks(fwd_hooks=hooks):
-                if starts and self.side_effects:
-                    logits, resid = capture_resid_pre(model, tokens, starts, run="logits")
-                elif starts:
-                    resid = capture_resid_pre(model, tokens, starts, run="all_blocks")
-                else:
-                    logits, resid = model(tokens), {}
-            meter.end(logits if self.side_effects else None)
-            chunks.append(_CleanChunk(rows, sub, resid, firsts, logits if self.side_effects else None))
-        return chunks, meter.result(self.meta).select(self.inverse)
-
-    def groups(self, items: list[_Item]):
-        """Items that start at the same block, ``k`` at a time (``k`` copies fit in ``batch_size``)."""
-        k = max(1, self.batch_size // max(len(rows) for rows in self.chunk_rows))
-        by_start: dict[int | None, list[_Item]] = {}
-        for item in items:
-            by_start.setdefault(item.start, []).append(item)
-        for group in by_start.values():
-            for i in range(0, len(group), k):
-                yield group[i : i + k]
-
-    def run(self, group: list[_Item], factories: dict[int, HookFactory]) -> list[tuple[SinkMeasurement, np.ndarray, set[str]]]:
-        model, k = self.model, len(group)
-        start = group[0].start
-        meters = [SinkMeter(model) for _ in group]
-        kls = [np.full((len(self.batch), self.width), np.nan) for _ in group]
-        names: list[set[str]] = [set() for _ in group]
-        for chunk in self.chunks:
-            sub, b = chunk.sub, len(chunk.sub)
-            copies = []
-            for i, item in enumerate(group):
-                ctx = factories[item.index].context(sub, sink_directions=chunk.firsts)
-                hooks = checked_hooks(model, item.intervention, ctx)
-                below = [n for n, _ in hooks if start is not None and 0 <= hook_layer(n) < start]
-                if below:
-                    raise InterventionError(
-                        f"{type(item.intervention).__name__}: min_layer is {start} but it hooks {below}; fix layers_touched()"
-                    )
-                names[i].update(n for n, _ in hooks)
-                meters[i].begin(sub)
-                measure_hooks = [h for h in meters[i].hooks() if start is None or hook_layer(h[0]) >= start]
-                copies.append([*hooks, *measure_hooks])
-            fwd = stacked_hooks(model, copies, b)
-            want_logits = self.side_effects
-            if start is None:
-                tokens = sub.tokens.to(model.cfg.device).repeat(k, 1)
-                out = model.run_with_hooks(tokens, fwd_hooks=fwd, return_type="logits" if want_logits else None)
-            else:
-                resid = chunk.resid[start].repeat(k, 1, 1)
-                out = run_from_layer(model, resid, start, fwd_hooks=fwd, return_type="logits" if want_logits else "resid")
-            for i in range(k):
-                logits = out[i * b : (i + 1) * b] if want_logits else None
-                meters[i].end(logits)
-                if want_logits:
-                    kls[i][chunk.rows, : sub.tokens.shape[1]] = kl_divergence(chunk.logits, logits, sub.valid).numpy()
-            del out
-        results = []
-        for i in range(k):
-            meas = meters[i].result(self.meta).select(self.inverse)
-            if start is not None:
-                meas = splice_prefix(meas, self.clean, start)
-            results.append((meas, kls[i] if self.side_effects else None, names[i]))
-        return results
+def _key(sub: SubBatch) -> tuple[int, ...]:
+    return tuple(sub.rows)
 
 
-__all__ = ["LAYER_FIELDS", "OTHER_FIELDS", "SweepResult", "grid_items", "splice_prefix", "stacked_hooks", "sweep"]
+def _clean_pass(
+    model, batch: TokenBatch, starts: list[int], *, batch_size: int, side_effects: bool, meta: dict
+) -> tuple[SinkMeasurement, dict[tuple[int, ...], _CleanChunk]]:
+    """The clean pass, once: measured, and per sub-batch ``h_0^l``, the residual entering every
+    start block (prefix reuse) and, with side effects, the clean logits."""
+    n_layers = int(model.cfg.n_layers)
+    meter = SinkMeter(model)
+    chunks: dict[tuple[int, ...], _CleanChunk] = {}
+
+    def keep_firsts(sub: SubBatch):
+        chunk = chunks[_key(sub)] = _CleanChunk()
+        return first_token_resid_hooks(n_layers, chunk.firsts)
+
+    def capture(model, sub: SubBatch, hooks, logits: bool, copies: int) -> Tensor | None:
+        if not starts:
+            return full_forward(model, sub, hooks, logits, copies)
+        chunk, tokens = chunks[_key(sub)], sub.tokens.to(model.cfg.device)
+        with model.hooks(fwd_hooks=hooks):
+            if logits:
+                out, chunk.resid = capture_resid_pre(model, tokens, starts, run="logits")
+                return out
+            chunk.resid = capture_resid_pre(model, tokens, starts, run="all_blocks")
+        return None
+
+    def keep_logits(sub: SubBatch, run: int, logits: Tensor | None) -> None:
+        chunks[_key(sub)].logits = logits
+
+    drive(model, batch, Run([meter], keep_firsts), batch_size=batch_size, logits=side_effects, forward=capture, on_logits=keep_logits)
+    return meter.result(meta), chunks
+
+
+def _groups(items: list[_Item], k: int) -> Iterator[list[_Item]]:
+    """Items that start at the same block, ``k`` at a time (``k`` copies fit in ``batch_size``)."""
+    by_start: dict[int | None, list[_Item]] = {}
+    for item in items:
+        by_start.setdefault(item.start, []).append(item)
+    for group in by_start.values():
+        for i in range(0, len(group), k):
+            yield group[i : i + k]
+
+
+def _run_group(
+    model,
+    batch: TokenBatch,
+    group: list[_Item],
+    factories: dict[int, HookFactory],
+    clean: SinkMeasurement,
+    chunks: dict[tuple[int, ...], _CleanChunk],
+    *,
+    batch_size: int,
+    side_effects: bool,
+    meta: dict,
+) -> list[tuple[SinkMeasurement, np.ndarray | None, set[str]]]:
+    """The items of one group as stacked runs of the driver, from their start block: per item its
+    measurement (layers below the start copied from ``clean``), KL to the clean run and hook names."""
+    start = group[0].start
+    meters = [SinkMeter(model) for _ in group]
+    names: list[set[str]] = [set() for _ in group]
+    kls = [np.full((len(batch), int(batch.lengths.max())), np.nan) for _ in group]
+
+    def item_hooks(i: int, item: _Item):
+        def hooks(sub: SubBatch):
+            ctx = factories[item.index].context(sub, sink_directions=chunks[_key(sub)].firsts)
+            hooks = checked_hooks(model, item.intervention, ctx)
+            below = [n for n, _ in hooks if start is not None and 0 <= hook_layer(n) < start]
+            if below:
+                raise InterventionError(
+                    f"{type(item.intervention).__name__}: min_layer is {start} but it hooks {below}; fix layers_touched()"
+                )
+            names[i].update(n for n, _ in hooks)
+            return hooks
+
+        return hooks
+
+    def from_start(model, sub: SubBatch, hooks, logits: bool, copies: int) -> Tensor | None:
+        if start is None:
+            return full_forward(model, sub, hooks, logits, copies)
+        # the meters' hooks on blocks below the start do not fire: those layers come from the clean run
+        hooks = [(n, fn) for n, fn in hooks if not 0 <= hook_layer(n) < start]
+        resid = chunks[_key(sub)].resid[start].repeat(copies, 1, 1)
+        out = run_from_layer(model, resid, start, fwd_hooks=hooks, return_type="logits" if logits else "resid")
+        return out if logits else None
+
+    def kl_to_clean(sub: SubBatch, i: int, logits: Tensor) -> None:
+        kls[i][sub.rows, : sub.tokens.shape[1]] = kl_divergence(chunks[_key(sub)].logits, logits, sub.valid).numpy()
+
+    runs = [Run([meter], item_hooks(i, item)) for i, (meter, item) in enumerate(zip(meters, group))]
+    drive(
+        model, batch, runs, batch_size=batch_size, logits=side_effects, stacked=True, forward=from_start,
+        on_logits=kl_to_clean if side_effects else None,
+    )
+    results = []
+    for i, meter in enumerate(meters):
+        meas = meter.result(meta)
+        if start is not None:
+            meas = splice_prefix(meas, clean, start)
+        results.append((meas, kls[i] if side_effects else None, names[i]))
+    return results
+
+
+__all__ = ["LAYER_FIELDS", "OTHER_FIELDS", "SweepResult", "grid_items", "splice_prefix", "sweep"]

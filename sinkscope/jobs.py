@@ -13,11 +13,11 @@ from typing import Sequence
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 
 from circuits import anatomy, plots
 from circuits.measure import SinkMeasurement, measure
 from circuits.probes import TokenizationError, probe_texts, tokenize
+from circuits.stats import bootstrap_ci
 from circuits.output import to_jsonable, write_json
 
 SCHEMA = "sinkscope.sinks/1"
@@ -37,14 +37,14 @@ def measure_texts(
 
 
 def sink_rate_ci(meas: SinkMeasurement, eps: float = 0.3, position: int = 0, confidence: float = 0.95) -> tuple[float, float, float]:
-    """Sink_k^eps (percent) with a bootstrap CI over sequences (scipy.stats.bootstrap, seed 0)."""
+    """Sink_k^eps (percent) with a bootstrap CI over sequences (circuits.stats.bootstrap_ci, seed 0)."""
     per_seq = 100.0 * meas.sink_indicator(eps)[:, position]
     per_seq = per_seq[~np.isnan(per_seq)]
     point = float(per_seq.mean())
     if len(per_seq) < 3 or np.ptp(per_seq) == 0:
         return point, point, point
-    res = stats.bootstrap((per_seq,), np.mean, confidence_level=confidence, n_resamples=2000, random_state=0)
-    return point, float(res.confidence_interval.low), float(res.confidence_interval.high)
+    low, high = bootstrap_ci(per_seq, confidence=confidence, n_resamples=2000, seed=0, legacy_rng=True)
+    return point, float(low[0]), float(high[0])
 
 
 def sinks_document(
