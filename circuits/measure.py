@@ -165,8 +165,13 @@ class SinkMeter(ArrayMeter):
 
     Any forward that fires the standard hook points can feed it (for example the prefix-reuse
     forward of :mod:`interventions.forward`). Its arrays are the measured fields of
-    :class:`SinkMeasurement`, allocated and concatenated from their declared axes.
+    :attr:`result_type` (:class:`SinkMeasurement`), allocated and concatenated from their
+    declared axes.
     """
+
+    #: the dataclass measured; a subclass with more array fields gets them allocated and filled
+    #: (each key of :func:`residual_statistics` is stored in the field of that name)
+    result_type: type[SinkMeasurement] = SinkMeasurement
 
     def __init__(self, model, *, model_name: str | None = None):
         self.n_layers = int(model.cfg.n_layers)
@@ -174,7 +179,7 @@ class SinkMeter(ArrayMeter):
         self.d_model = int(model.cfg.d_model)
         info = getattr(model, "_sinkscope_info", {})
         self.model_name = model_name or info.get("name") or str(getattr(model.cfg, "model_name", "?"))
-        super().__init__(SinkMeasurement.axes(), {"layer": self.n_layers, "head": self.n_heads, "d_model": self.d_model, "k": TOP_DIMS})
+        super().__init__(self.result_type.axes(), {"layer": self.n_layers, "head": self.n_heads, "d_model": self.d_model, "k": TOP_DIMS})
 
     def hooks(self) -> list[Hook]:
         """Forward hooks for every layer's attention pattern and block output."""
@@ -213,7 +218,7 @@ class SinkMeter(ArrayMeter):
     def result(self, metadata: dict | None = None) -> SinkMeasurement:
         """Every sub-batch so far, one row per sequence in the order of the full batch."""
         arrays = self.arrays()
-        return SinkMeasurement(
+        return self.result_type(
             model=self.model_name,
             prepend_bos=self._batches[0].prepend_bos,
             token_ids=self.sequences(lambda b: b.token_ids),

@@ -11,8 +11,10 @@ import json
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
+from helpers import forward_counter
 
 from circuits.measure import SinkMeasurement, measure
 from circuits.models import tiny_model
@@ -22,6 +24,7 @@ from interventions.base import InterventionError, hooks_for, registered_hooks
 from interventions.effect import (
     METRICS,
     EffectError,
+    EffectSettings,
     Target,
     compare,
     first_affected_layer,
@@ -36,7 +39,6 @@ from interventions.effect import (
 )
 from interventions.mlp import AblateMLP, RescaleAlongSink
 from interventions.residual import AmplifyVariance
-from helpers import forward_counter
 
 TEXTS = [
     "The cat sat on the mat, and then it slept.",
@@ -184,6 +186,8 @@ def test_bad_intervention_fails_before_any_forward_pass(llama, batch):
             measure_effect(llama, batch, "ablate-mlp:layer=1", positions=[999])
         with pytest.raises(EffectError, match="n_resamples must be a non-negative integer"):
             measure_effect(llama, batch, "ablate-mlp:layer=1", n_resamples=-1)
+        with pytest.raises(EffectError, match="positions must be None, 'target' or a list"):
+            measure_effect(llama, batch, "ablate-mlp:layer=1", positions="targets")
     assert calls == []
 
 
@@ -235,6 +239,23 @@ def test_difference_of_differences_by_hand():
     doc = json.loads(json.dumps(effect.to_json(), allow_nan=False))
     assert doc["summary"]["target_sink_score"]["did"] == pytest.approx(0.25)
     assert doc["control"]["spec"] == "y" and doc["control"]["target"]["positions"] == [1]
+
+
+def test_settings_object_or_keywords_give_the_same_effect():
+    base = np.full((4, 2, 4), 0.1)
+    hooked = base.copy()
+    hooked[:, 1, 2] = [0.5, 0.6, 0.3, 0.4]
+    args = dict(target=Target((1,), (2,), "hand"), intervention="x")
+    by_keywords = compare(_fake(base), _fake(hooked), eps=0.2, layers=[1], positions=[2, 0], n_resamples=300, seed=3, **args)
+    settings = EffectSettings(eps=0.2, layers=(1,), positions=(2, 0), n_resamples=300, seed=3)
+    by_object = compare(_fake(base), _fake(hooked), settings=settings, **args)
+    pd.testing.assert_frame_equal(by_keywords.frame, by_object.frame)
+    assert by_object.metadata["settings"]["layers"] == [1] and by_object.metadata["settings"]["positions"] == [0, 2]
+    with pytest.raises(EffectError, match="not both"):
+        compare(_fake(base), _fake(hooked), settings=settings, eps=0.2, **args)
+    for bad in (dict(eps=1.5), dict(confidence=0.0), dict(n_resamples=-1), dict(positions="all")):
+        with pytest.raises(EffectError):
+            EffectSettings(**bad)
 
 
 def test_paired_bootstrap_edge_cases():

@@ -10,6 +10,7 @@ from contextlib import contextmanager
 import numpy as np
 import pandas as pd
 import pytest
+from helpers import Interrupt, forward_counter
 
 from circuits.measure import SinkMeasurement
 from circuits.models import tiny_model
@@ -19,7 +20,6 @@ from interventions.effect import EffectError, measure_effect
 from interventions.mlp import AblateMLP
 from interventions.residual import AmplifyVariance
 from interventions.sweep import LAYER_FIELDS, OTHER_FIELDS, grid_items, sweep
-from helpers import Interrupt, forward_counter
 
 TEXTS = [
     "The cat sat on the mat, and then it slept.",
@@ -212,10 +212,11 @@ def test_grid_items_order():
 
 
 def test_every_measurement_array_is_spliced_or_known():
-    """A new per-layer field of SinkMeasurement must be added to LAYER_FIELDS (or the sweep would
-    leave it NaN below the start block)."""
+    """Every array of SinkMeasurement is classified by its declared axes: with a layer axis it is
+    copied from the clean run below the start block (else the sweep would leave it NaN there)."""
     arrays = {
         f.name for f in dataclasses.fields(SinkMeasurement)
         if f.name not in ("model", "prepend_bos", "token_ids", "tokens", "metadata")
     }
     assert arrays == set(LAYER_FIELDS) | set(OTHER_FIELDS)
+    assert set(LAYER_FIELDS) == {"alpha", "sink_score", "resid_norm", "cos_to_first", "first_resid", "top_dims", "top_values", "median_abs"}

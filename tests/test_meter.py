@@ -1,0 +1,177 @@
+"""The meter protocol, the one driver and the shared statistics: every built-in meter is a Meter,
+the driver puts length-sorted sub-batches back in batch order, stacked runs equal separate runs,
+a new per-layer statistic takes a field and a line, and the one bootstrap keeps both published
+random streams.
+
+Tiny seeded Llama (conftest ``llama``); numbers are checked against ``run_with_cache`` or scipy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+from helpers import forward_counter
+from scipy import stats as scipy_stats
+
+import circuits.measure as measure_module
+from circuits import analyses
+from circuits.driver import Run, drive, iter_batches
+from circuits.errors import SinkscopeError
+from circuits.measure import SinkMeasurement, SinkMeter, measure
+from circuits.meter import Meter, MeterError, array
+from circuits.probes import TokenBatch, tokenize
+from circuits.stats import bootstrap_ci, nanmean, paired_bootstrap, valid_positions
+from interventions import effect as effect_module
+from interventions.base import hooks_for
+from interventions.effect import Metric, Target, compare
+from interventions.mlp import AblateMLP
+from interventions.sweep import LAYER_FIELDS, splice_prefix
+
+#: lengths 47, 13, 30, 3 (byte tokens, with BOS): sorted sub-batches of two are rows (0, 2) and (1, 3)
+TEXTS = ["The cat sat on the mat and looked at the door.", "A short one.", "Numbers: 1, 2, 3, 4 and more!", "Hi"]
+
+
+@pytest.fixture(scope="module")
+def batch(llama) -> TokenBatch:
+    return tokenize(llama, TEXTS, prepend_bos=True)
+
+
+def test_every_built_in_meter_follows_the_protocol(llama):
+    for meter in (SinkMeter(llama), analyses.MLPSiteMeter(llama), analyses.AttnOutMeter(llama),
+                  analyses.SuperNeuronMeter(llama), analyses.KVMeter(llama)):
+        assert isinstance(meter, Meter), type(meter).__name__
+
+
+# --------------------------------------------------------------------------- the driver
+
+
+def test_sub_batches_are_sorted_by_length_and_results_come_back_in_batch_order(llama, batch):
+    seen = []
+    meter = SinkMeter(llama)
+    drive(llama, batch, Run([meter]), batch_size=2, on_logits=lambda sub, run, logits: seen.append(list(sub.rows)))
+    order = list(np.argsort(-batch.lengths.numpy(), kind="stable"))
+    assert seen == [order[:2], order[2:]] == [list(r) for r in iter_batches(batch, 2)]
+    got = meter.result()
+    assert got.token_ids == batch.token_ids and list(got.lengths) == batch.lengths.tolist()
+    ref = measure(llama, batch, batch_size=len(batch), progress=False)  # one sub-batch, no reordering
+    for name in ("alpha", "sink_score", "resid_norm", "top_dims", "next_token_loss"):
+        np.testing.assert_allclose(getattr(got, name), getattr(ref, name), atol=1e-6, equal_nan=True)
+
+
+def test_runs_are_separate_forwards_stacked_runs_one(llama, batch):
+    iv = AblateMLP(layers=(1,))
+    factory = hooks_for(llama, iv, batch)
+    logits = {}
+
+    def keep(sub, run, out):
+        logits.setdefault(run, []).append(out.shape)
+
+    separate = [SinkMeter(llama), SinkMeter(llama)]
+    with forward_counter(llama) as calls:
+        drive(llama, batch, [Run([separate[0]]), Run([separate[1]], factory)], batch_size=4, on_logits=keep)
+    assert len(calls) == 2 and logits[0] == logits[1] == [(4, 47, llama.cfg.d_vocab)]
+    stacked = [SinkMeter(llama), SinkMeter(llama)]
+    with forward_counter(llama) as calls:
+        drive(llama, batch, [Run([stacked[0]]), Run([stacked[1]], factory)], batch_size=4, stacked=True)
+    assert len(calls) == 1
+    for a, b in zip(separate, stacked):
+        a, b = a.result(), b.result()
+        np.testing.assert_allclose(a.sink_score, b.sink_score, atol=1e-5, equal_nan=True)
+        np.testing.assert_allclose(a.next_token_loss, b.next_token_loss, atol=1e-5, equal_nan=True)
+    assert not np.allclose(separate[0].result().resid_norm, separate[1].result().resid_norm, equal_nan=True)
+
+
+def test_without_logits_meters_get_none_and_the_forward_stops_after_the_last_block(llama, batch):
+    meter, seen = SinkMeter(llama), []
+    drive(llama, batch, Run([meter]), logits=False, on_logits=lambda sub, run, out: seen.append(out))
+    assert seen == [None] and np.isnan(meter.result().next_token_loss).all()
+
+
+def test_an_empty_batch_is_a_user_error(llama, batch):
+    empty = TokenBatch(batch.tokens[:0], batch.lengths[:0], True, [])
+    with pytest.raises(MeterError, match="empty batch") as err:
+        drive(llama, empty, Run([SinkMeter(llama)]))
+    assert isinstance(err.value, SinkscopeError)
+    with pytest.raises(MeterError, match="no batch was measured"):
+        SinkMeter(llama).result()
+
+
+# --------------------------------------------------------------------------- a new statistic
+
+
+@dataclass(kw_only=True)
+class WithPeak(SinkMeasurement):
+    """Edit 1 of 2: the field, with its axes."""
+
+    resid_peak: np.ndarray = array("seq", "layer", "pos")  # max |h| over dims
+
+
+class PeakMeter(SinkMeter):
+    result_type = WithPeak
+
+
+def test_a_new_per_layer_statistic_takes_a_field_and_a_line(llama, batch, monkeypatch):
+    """A field (``WithPeak``) and the line computing it in the residual hook are all it takes:
+    allocation, the hook write, concatenation across sub-batches and reordering, ``select``,
+    the sweep's layer classification and ``splice_prefix`` follow from the declared axes; one
+    more :class:`~interventions.effect.Metric` puts its delta in every effect table."""
+    base = measure_module.residual_statistics
+
+    def with_peak(resid, lengths):  # edit 2 of 2: the line that computes it
+        out = base(resid, lengths)
+        out["resid_peak"] = torch.where(valid_positions(lengths, resid.shape[1]), resid.abs().amax(-1), torch.nan)
+        return out
+
+    monkeypatch.setattr(measure_module, "residual_statistics", with_peak)
+    meter = PeakMeter(llama)
+    drive(llama, batch, Run([meter]), batch_size=2)  # two sub-batches of different widths, sorted
+    meas = meter.result()
+    assert isinstance(meas, WithPeak) and meas.resid_peak.shape == (4, llama.cfg.n_layers, 47)
+    _, cache = llama.run_with_cache(batch.tokens)
+    valid = batch.valid.numpy()
+    for layer in range(llama.cfg.n_layers):
+        expect = cache[f"blocks.{layer}.hook_resid_post"].abs().amax(-1).numpy()
+        np.testing.assert_allclose(meas.resid_peak[:, layer][valid], expect[valid], rtol=1e-5)
+    assert np.isnan(meas.resid_peak.transpose(0, 2, 1)[~valid]).all()  # pads
+
+    picked = meas.select([2, 0])
+    np.testing.assert_array_equal(picked.resid_peak, meas.resid_peak[[2, 0]])
+    assert "resid_peak" in {n for n, a in WithPeak.axes().items() if "layer" in a.names}
+    assert set(LAYER_FIELDS) < set(WithPeak.axes())  # the sweep's list is derived the same way
+    other = meas.select([0, 1, 2, 3])
+    other.resid_peak = other.resid_peak + 1.0
+    spliced = splice_prefix(other, meas, start=2)
+    np.testing.assert_array_equal(spliced.resid_peak[:, :2], meas.resid_peak[:, :2])
+    np.testing.assert_array_equal(spliced.resid_peak[:, 2:], other.resid_peak[:, 2:])
+
+    # optional third edit: its delta as rows of every effect table
+    peak = Metric("resid_peak_first", lambda run, cells: nanmean(run.meas.resid_peak[:, :, 0], axis=1)[:, None], lambda cells: ([None], [0]))
+    monkeypatch.setattr(effect_module, "METRIC_TABLE", (*effect_module.METRIC_TABLE, peak))
+    eff = compare(meas, other, target=Target((1,), (0,), "test"), intervention="x", n_resamples=0)
+    row = eff.rows("resid_peak_first").iloc[0]
+    assert row["delta"] == pytest.approx(1.0) and row["position"] == 0
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+def test_valid_positions():
+    lengths = torch.tensor([3, 1])
+    assert valid_positions(lengths, 4).tolist() == [[True, True, True, False], [True, False, False, False]]
+    assert valid_positions(lengths, 4, offset=1).tolist() == [[True, True, False, False], [False, False, False, False]]
+
+
+def test_one_bootstrap_keeps_both_random_streams():
+    """``legacy_rng`` is scipy's ``random_state=seed`` (the published Sink_k^eps CIs), the default
+    ``rng=default_rng(seed)`` (effect tables); both in the dtype given."""
+    rng = np.random.default_rng(1)
+    x = (100.0 * rng.integers(0, 270, size=60) / np.float32(270.0)).astype(np.float32)
+    ref = scipy_stats.bootstrap((x,), np.mean, n_resamples=2000, random_state=0).confidence_interval
+    lo, hi = bootstrap_ci(x, seed=0, legacy_rng=True)
+    assert (lo[0], hi[0]) == (ref.low, ref.high)
+    ref = scipy_stats.bootstrap((x.astype(np.float64),), np.mean, n_resamples=2000, rng=np.random.default_rng(0)).confidence_interval
+    lo, hi = paired_bootstrap(x)
+    assert (lo[0], hi[0]) == pytest.approx((ref.low, ref.high), rel=1e-12)
