@@ -12,8 +12,8 @@ packages. This is the one place that knows their quirks:
   compatibility mode centres and folds weights, which changes the residual stream we measure.
 
 Names: ``smollm2-135m`` (default), ``gemma3-270m``, any HF model id TransformerLens supports,
-a local HF folder (e.g. a pre-training lab checkpoint), and ``tiny-gpt2`` / ``tiny-llama`` /
-``tiny-gemma3`` (seeded random weights, byte-level tokenizer) for fast tests.
+a local HF folder (e.g. a pre-training lab checkpoint), and ``tiny-<family>`` for twelve decoder
+families (seeded random weights, byte-level tokenizer) for fast tests.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Callable, Literal, get_args
 
 import torch
 from platformdirs import user_cache_dir
@@ -199,8 +199,10 @@ PACKAGED: dict[str, PackagedModel] = {
     ),
 }
 
-TinyArch = Literal["gpt2", "llama", "gemma3"]
-TINY_MODELS: tuple[str, ...] = ("tiny-gpt2", "tiny-llama", "tiny-gemma3")
+TinyArch = Literal[
+    "gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "gpt-neox", "phi3", "olmo2", "stablelm", "gpt-oss",
+]
+TINY_MODELS: tuple[str, ...] = tuple(f"tiny-{arch}" for arch in get_args(TinyArch))
 
 
 def cache_root() -> Path:
@@ -499,24 +501,37 @@ def byte_tokenizer():
 
 
 def tiny_hf_config(arch: TinyArch, *, n_layers: int = 4, n_ctx: int = 128):
-    """A small HF config of the given architecture (d_model 64, 4 heads, vocab 259)."""
+    """A small HF config of a real decoder family: d_model 64, 4 query heads (2 KV heads where
+    the family has grouped-query attention), d_head 16, vocab 259 (bytes + BOS, EOS, pad).
+
+    Sliding windows (Mistral, Gemma 2/3, gpt-oss) are 32 tokens, so tests of 64 tokens cross
+    them; gpt-oss has its learned attention-sink logits and 4 experts (2 per token).
+    """
     # heavy: transformers/TransformerLens take seconds to import; only building a model needs them
-    from transformers import Gemma3TextConfig, GPT2Config, LlamaConfig
+    import transformers as hf
 
     common = dict(vocab_size=259, bos_token_id=256, eos_token_id=257, pad_token_id=258)
-    if arch == "gpt2":
-        return GPT2Config(n_layer=n_layers, n_head=4, n_embd=64, n_positions=n_ctx, **common)
-    if arch == "llama":
-        return LlamaConfig(
-            num_hidden_layers=n_layers, num_attention_heads=4, num_key_value_heads=2, hidden_size=64,
-            intermediate_size=128, max_position_embeddings=n_ctx, **common,
-        )
-    if arch == "gemma3":
-        return Gemma3TextConfig(
-            num_hidden_layers=n_layers, num_attention_heads=4, num_key_value_heads=2, hidden_size=64, head_dim=16,
-            intermediate_size=128, max_position_embeddings=n_ctx, sliding_window=32, **common,
-        )
-    raise UnknownModelError(f"unknown tiny architecture {arch!r}; choose one of gpt2, llama, gemma3")
+    gqa = dict(num_hidden_layers=n_layers, num_attention_heads=4, num_key_value_heads=2, hidden_size=64,
+               intermediate_size=128, max_position_embeddings=n_ctx, **common)
+    builders = {
+        "gpt2": lambda: hf.GPT2Config(n_layer=n_layers, n_head=4, n_embd=64, n_positions=n_ctx, **common),
+        "llama": lambda: hf.LlamaConfig(**gqa),
+        "mistral": lambda: hf.MistralConfig(**gqa, sliding_window=32),
+        "qwen2": lambda: hf.Qwen2Config(**gqa),
+        "qwen3": lambda: hf.Qwen3Config(**gqa, head_dim=16),
+        "gemma2": lambda: hf.Gemma2Config(**gqa, head_dim=16, sliding_window=32),
+        "gemma3": lambda: hf.Gemma3TextConfig(**gqa, head_dim=16, sliding_window=32),
+        "gpt-neox": lambda: hf.GPTNeoXConfig(num_hidden_layers=n_layers, num_attention_heads=4, hidden_size=64,
+                                             intermediate_size=128, max_position_embeddings=n_ctx, **common),
+        "phi3": lambda: hf.Phi3Config(**gqa),
+        "olmo2": lambda: hf.Olmo2Config(**gqa),
+        "stablelm": lambda: hf.StableLmConfig(**gqa),
+        "gpt-oss": lambda: hf.GptOssConfig(**{**gqa, "intermediate_size": 64}, head_dim=16, num_local_experts=4,
+                                           num_experts_per_tok=2, sliding_window=32),
+    }
+    if arch not in builders:
+        raise UnknownModelError(f"unknown tiny architecture {arch!r}; choose one of {', '.join(get_args(TinyArch))}")
+    return builders[arch]()
 
 
 def tiny_model(arch: TinyArch = "llama", *, seed: int = 0, n_layers: int = 4, dtype: torch.dtype = torch.float32, device: str = "cpu"):
