@@ -348,26 +348,27 @@ def _cached_tokenizer(folder: Path):
     return tokenizer
 
 
-def _load_hf_folder(folder: Path, dtype: torch.dtype, device: str, *, tokenizer_loader=None):
+def _load_hf_folder(folder: Path, placement: Placement, *, tokenizer_loader=None):
     # heavy: transformers/TransformerLens take seconds to import; only building a model needs them
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if (folder / "sinkscope_lab.json").is_file():  # a pre-training lab checkpoint: its own attention
-
+        if placement.device_map is not None:
+            raise PlacementError(f"{folder} is a lab checkpoint: it loads on one device (drop device_map / n_devices)")
         try:
-            model, tokenizer = load_hf_folder(folder, dtype)
+            model, tokenizer = load_hf_folder(folder, placement.dtype)
         except (OSError, ValueError, KeyError, EOFError, RuntimeError) as exc:
             raise CorruptModelError(f"cannot load the lab checkpoint {folder}: {exc}") from exc
-        return model.to(device).eval(), tokenizer
+        return placement.place(model), tokenizer
     try:
         tokenizer = tokenizer_loader(folder) if tokenizer_loader else AutoTokenizer.from_pretrained(folder)
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(folder, **placement.from_pretrained_kwargs())
     except (OSError, ValueError, KeyError, EOFError, RuntimeError) as exc:
         raise CorruptModelError(f"cannot load the model folder {folder}: {exc}") from exc
-    return model.to(device).eval(), tokenizer
+    return placement.place(model), tokenizer
 
 
-def _bridge(hf_model, tokenizer, name: str, dtype: torch.dtype, device: str):
+def _bridge(hf_model, tokenizer, name: str, placement: Placement):
     # heavy: transformers/TransformerLens take seconds to import; only building a model needs them
     from transformer_lens.model_bridge import TransformerBridge
 
@@ -378,7 +379,9 @@ def _bridge(hf_model, tokenizer, name: str, dtype: torch.dtype, device: str):
     # sinkscope never relies on the tokenizer adding BOS (see circuits.probes).
     tokenizer.init_kwargs.setdefault("add_bos_token", True)
     tokenizer.init_kwargs.setdefault("name_or_path", getattr(tokenizer, "name_or_path", "") or "sinkscope")
-    bridge = TransformerBridge.boot_transformers(name, hf_model=hf_model, tokenizer=tokenizer, dtype=dtype, device=device)
+    bridge = TransformerBridge.boot_transformers(
+        name, hf_model=hf_model, tokenizer=tokenizer, dtype=placement.dtype, device=placement.bridge_device(hf_model)
+    )
     if bridge.training:  # the bridge takes the HF model's mode, already eval; train(False) walks every module
         bridge.eval()
     return bridge
@@ -392,18 +395,135 @@ def _quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
-def load_model(name: str = DEFAULT_MODEL, *, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+# --------------------------------------------------------------------------- placement
+
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DtypeName = Literal["float32", "bfloat16", "float16"]
+
+
+class PlacementError(ModelError, ValueError):
+    """A dtype, device or device map that does not exist here (``--device cuda`` without a GPU)."""
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where and in what precision a model's weights live; every loader reads this one object.
+
+    ``device`` is the one device of a single-device model; with a ``device_map`` (transformers /
+    accelerate dispatch over several GPUs, or GPU + CPU) it is None and the bridge takes the
+    device of the embedding. Statistics are reduced in float32 whatever ``dtype`` is.
+    """
+
+    dtype: torch.dtype = torch.float32
+    device: str | None = "cpu"
+    device_map: str | dict | None = None
+    max_memory: dict | None = None
+
+    def from_pretrained_kwargs(self) -> dict:
+        """What transformers' ``from_pretrained`` gets: the dtype, and the dispatch when there is one."""
+        extra = {} if self.device_map is None else {"device_map": self.device_map, "max_memory": self.max_memory}
+        return {"dtype": self.dtype, **extra}
+
+    def place(self, hf_model):
+        """A loaded model on its device, in eval mode (a dispatched model is already placed)."""
+        return (hf_model if self.device_map is not None else hf_model.to(self.device)).eval()
+
+    def bridge_device(self, hf_model) -> str:
+        if self.device is not None:
+            return self.device
+        # heavy: TransformerLens takes seconds to import; only a dispatched model needs this helper
+        from transformer_lens.utilities.multi_gpu import find_embedding_device
+
+        return str(find_embedding_device(hf_model) or next(hf_model.parameters()).device)
+
+
+def _check_device(device: str) -> str:
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise PlacementError(f"unknown device {device!r}; use cpu, cuda, cuda:N or mps") from exc
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise PlacementError(f"device {device!r}: no CUDA GPU is visible here (torch.cuda.is_available() is False); use --device cpu")
+        if parsed.index is not None and parsed.index >= count:
+            raise PlacementError(f"device {device!r}: only {count} CUDA device(s) are visible (cuda:0..cuda:{count - 1})")
+    elif parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise PlacementError(f"device {device!r}: Apple's MPS backend is not available here; use --device cpu")
+    elif parsed.type not in ("cpu", "cuda", "mps"):
+        raise PlacementError(f"device {device!r}: sinkscope runs on cpu, cuda or mps")
+    return str(parsed)
+
+
+def resolve_placement(
+    dtype: torch.dtype | DtypeName = torch.float32,
+    device: str | None = None,
+    *,
+    device_map: str | dict | None = None,
+    n_devices: int | None = None,
+    max_memory: dict | None = None,
+) -> Placement:
+    """Check a placement request against this machine before any weight is read.
+
+    ``dtype``: a torch dtype or its name (``"bfloat16"``). ``device``: ``cpu`` (default),
+    ``cuda``, ``cuda:N``, ``mps``. ``device_map`` / ``max_memory`` go to transformers'
+    ``from_pretrained`` unchanged (``"auto"``, ``"balanced"``, a dict); ``n_devices > 1``
+    splits the model over that many GPUs through TransformerLens' own translation into a
+    balanced device map (``transformer_lens.utilities.multi_gpu.resolve_device_map``).
+    """
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise PlacementError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+        dtype = DTYPES[dtype]
+    if dtype not in DTYPES.values():
+        raise PlacementError(f"dtype {dtype} is not supported; choose one of {', '.join(DTYPES)}")
+    if n_devices is not None:
+        if isinstance(n_devices, bool) or not isinstance(n_devices, int) or n_devices < 1:
+            raise PlacementError(f"n_devices must be a positive integer, got {n_devices!r}")
+        available = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n_devices > 1 and available < n_devices:
+            raise PlacementError(f"n_devices={n_devices} needs {n_devices} CUDA GPUs; {available} visible here")
+    if device is not None and (device_map is not None or (n_devices or 1) > 1):
+        raise PlacementError("give either a device or a device map (device_map / n_devices > 1), not both")
+    if device_map is None and (n_devices or 1) > 1:
+        # heavy: TransformerLens takes seconds to import; only a multi-GPU split needs its translation
+        from transformer_lens.utilities.multi_gpu import resolve_device_map
+
+        device_map, max_memory = resolve_device_map(n_devices, None, None, max_memory)
+    if device_map is not None:
+        return Placement(dtype, None, device_map, max_memory)
+    if max_memory is not None:
+        raise PlacementError("max_memory only applies with a device_map or n_devices > 1")
+    return Placement(dtype, _check_device(device or "cpu"))
+
+
+def load_model(
+    name: str = DEFAULT_MODEL,
+    *,
+    dtype: torch.dtype | DtypeName = torch.float32,
+    device: str | None = None,
+    device_map: str | dict | None = None,
+    n_devices: int | None = None,
+    max_memory: dict | None = None,
+):
     """Load a model by registry name, local HF folder or HF id, as a raw-mode TransformerBridge.
 
     Packaged GGUF models never touch the network; the first load dequantizes and caches them.
     The returned bridge carries ``_sinkscope_info`` (name, source, native BOS policy), which
-    every result records.
+    every result records with the model's dtype.
+
+    Placement (:func:`resolve_placement`, checked before any weight is read): ``dtype``
+    (``torch.bfloat16`` or ``"bfloat16"``), one ``device`` (``"cuda"``), or a split over
+    several: ``device_map`` / ``max_memory`` as transformers takes them, or ``n_devices``.
     """
     if not isinstance(name, str) or not name.strip():
         raise UnknownModelError("a model name is required; see `sinkscope models`")
+    placement = resolve_placement(dtype, device, device_map=device_map, n_devices=n_devices, max_memory=max_memory)
     _quiet_transformers()
     if name in TINY_MODELS:
-        return tiny_model(name[5:], dtype=dtype, device=device)  # type: ignore[arg-type]
+        if placement.device_map is not None:
+            raise PlacementError("tiny test models load on one device; drop device_map / n_devices")
+        return tiny_model(name[5:], dtype=placement.dtype, device=placement.device)  # type: ignore[arg-type]
     if name in PACKAGED:
         spec = PACKAGED[name]
         folder = _cache_dir(name)
@@ -411,40 +531,39 @@ def load_model(name: str = DEFAULT_MODEL, *, dtype: torch.dtype = torch.float32,
             _dequantize_to_cache(spec, folder)
         _upgrade_cache(folder)
         try:
-            hf_model, tokenizer = _load_hf_folder(folder, dtype, device, tokenizer_loader=_cached_tokenizer)
+            hf_model, tokenizer = _load_hf_folder(folder, placement, tokenizer_loader=_cached_tokenizer)
         except CorruptModelError:
             log.warning("sinkscope: the cache at %s is broken; rebuilding it", folder)
             shutil.rmtree(folder, ignore_errors=True)
             _dequantize_to_cache(spec, folder)
-            hf_model, tokenizer = _load_hf_folder(folder, dtype, device, tokenizer_loader=_cached_tokenizer)
-        bridge = _bridge(hf_model, tokenizer, spec.hub_id, dtype, device)
+            hf_model, tokenizer = _load_hf_folder(folder, placement, tokenizer_loader=_cached_tokenizer)
+        bridge = _bridge(hf_model, tokenizer, spec.hub_id, placement)
         bridge._sinkscope_info = {"name": name, "source": spec.pip_name, "hub_id": spec.hub_id, "native_bos": spec.native_bos}
         return bridge
     path = Path(name).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
             raise CorruptModelError(f"{path} is not a Hugging Face model folder (no config.json)")
-        hf_model, tokenizer = _load_hf_folder(path, dtype, device)
-        bridge = _bridge(hf_model, tokenizer, str(path), dtype, device)
+        hf_model, tokenizer = _load_hf_folder(path, placement)
+        bridge = _bridge(hf_model, tokenizer, str(path), placement)
         if (path / "sinkscope_lab.json").is_file():
-
             attach_to_bridge(bridge, hf_model)
         bridge._sinkscope_info = {"name": str(path), "source": "local folder", "native_bos": _tokenizer_adds_bos(tokenizer)}
         return bridge
     if "/" in name and not name.startswith((".", "/")):
-        return _load_hub_model(name, dtype, device)
+        return _load_hub_model(name, placement)
     known = ", ".join([*PACKAGED, *TINY_MODELS])
     raise UnknownModelError(f"unknown model {name!r}; known names: {known} (or an HF id 'org/name', or a local folder)")
 
 
-def _load_hub_model(hub_id: str, dtype: torch.dtype, device: str):
+def _load_hub_model(hub_id: str, placement: Placement):
     # heavy: transformers/TransformerLens take seconds to import; only building a model needs them
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     known = ", ".join([*PACKAGED, *TINY_MODELS])
     try:  # the local HF cache first: no network needed for a model fetched before
         tokenizer = AutoTokenizer.from_pretrained(hub_id, local_files_only=True)
-        hf_model = AutoModelForCausalLM.from_pretrained(hub_id, dtype=dtype, local_files_only=True)
+        hf_model = AutoModelForCausalLM.from_pretrained(hub_id, local_files_only=True, **placement.from_pretrained_kwargs())
     except OSError:
         if os.environ.get("HF_HUB_OFFLINE") or not _hub_reachable():
             raise UnknownModelError(
@@ -453,11 +572,11 @@ def _load_hub_model(hub_id: str, dtype: torch.dtype, device: str):
             ) from None
         try:
             tokenizer = AutoTokenizer.from_pretrained(hub_id)
-            hf_model = AutoModelForCausalLM.from_pretrained(hub_id, dtype=dtype)
+            hf_model = AutoModelForCausalLM.from_pretrained(hub_id, **placement.from_pretrained_kwargs())
         except OSError as exc:
             raise UnknownModelError(f"cannot load {hub_id!r} from the Hugging Face hub: {exc}") from exc
-    hf_model = hf_model.to(device).eval()
-    bridge = _bridge(hf_model, tokenizer, hub_id, dtype, device)
+    hf_model = placement.place(hf_model)
+    bridge = _bridge(hf_model, tokenizer, hub_id, placement)
     bridge._sinkscope_info = {"name": hub_id, "source": "huggingface hub", "native_bos": _tokenizer_adds_bos(tokenizer)}
     return bridge
 
@@ -534,14 +653,15 @@ def tiny_hf_config(arch: TinyArch, *, n_layers: int = 4, n_ctx: int = 128):
     return builders[arch]()
 
 
-def tiny_model(arch: TinyArch = "llama", *, seed: int = 0, n_layers: int = 4, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+def tiny_model(arch: TinyArch = "llama", *, seed: int = 0, n_layers: int = 4, dtype: torch.dtype | DtypeName = torch.float32, device: str = "cpu"):
     """A seeded random model of a real architecture, for fast hand-checkable tests."""
     # heavy: transformers/TransformerLens take seconds to import; only building a model needs them
     from transformers import AutoModelForCausalLM
 
     config = tiny_hf_config(arch, n_layers=n_layers)
     torch.manual_seed(seed)
-    hf_model = AutoModelForCausalLM.from_config(config).to(dtype).to(device).eval()
-    bridge = _bridge(hf_model, byte_tokenizer(), f"tiny-{arch}", dtype, device)
+    placement = resolve_placement(dtype, device)
+    hf_model = placement.place(AutoModelForCausalLM.from_config(config).to(placement.dtype))
+    bridge = _bridge(hf_model, byte_tokenizer(), f"tiny-{arch}", placement)
     bridge._sinkscope_info = {"name": f"tiny-{arch}", "source": f"random (seed {seed})", "native_bos": False}
     return bridge

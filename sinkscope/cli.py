@@ -36,6 +36,21 @@ def _texts(args) -> list[str]:
     return check_texts(texts, args.max_tokens)
 
 
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2-135m", help="a name from `sinkscope models`, a local HF folder or an HF id")
+    p.add_argument("--dtype", default="float32", metavar="{float32,bfloat16,float16}",
+                   help="weights' precision (statistics are reduced in float32 whatever it is)")
+    p.add_argument("--device", default=None, help="cpu (default), cuda, cuda:N or mps")
+
+
+def _load(args):
+    """The model the arguments name, placed as they say (bad dtype or device: one line, exit 2)."""
+    # deferred: the command starts without torch; a job imports what it runs
+    from circuits.models import load_model
+
+    return load_model(args.model, dtype=args.dtype, device=args.device)
+
+
 def _add_input_args(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--text", nargs="+", metavar="STR", help="one or more texts")
@@ -72,7 +87,7 @@ def _run_models(args) -> int:
 
 def _add_measure(sub) -> None:
     p = sub.add_parser("measure", help="measure attention sinks; writes sinks.json and figures")
-    p.add_argument("--model", default="smollm2-135m")
+    _add_model_args(p)
     _add_input_args(p)
     p.add_argument("--eps", type=float, default=0.3, help="threshold of Sink_k^eps (default 0.3)")
     p.add_argument("--out", required=True, type=Path)
@@ -89,7 +104,7 @@ def _run_measure(args) -> int:
     if not 0 < args.eps < 1:
         raise CLIError(f"--eps must be between 0 and 1, got {args.eps}")
     texts = _texts(args)
-    model = load_model(args.model)
+    model = _load(args)
     batch = tokenize(model, texts, prepend_bos=args.prepend_bos, max_tokens=args.max_tokens)
     meas = measure(model, batch, batch_size=args.batch_size, metadata={"max_tokens": args.max_tokens})
     with atomic_output_dir(args.out) as folder:
@@ -105,7 +120,7 @@ def _run_measure(args) -> int:
 
 def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="the main job: measure smollm2-135m on the built-in probes, write a report")
-    p.add_argument("--model", default="smollm2-135m")
+    _add_model_args(p)
     p.add_argument("--n", type=int, default=100, help="number of probe passages (default 100)")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--prepend-bos", action=argparse.BooleanOptionalAction, default=None)
@@ -121,7 +136,7 @@ def _run_demo(args) -> int:
 
     if args.n <= 0:
         raise CLIError(f"--n must be positive, got {args.n}")
-    model = load_model(args.model)
+    model = _load(args)
     with atomic_output_dir(args.out) as folder:
         doc = run_demo(model, folder, n=args.n, max_tokens=args.max_tokens, eps=args.eps, prepend_bos=args.prepend_bos)
     fr = doc["sink_rate"]["first_token"]
@@ -165,7 +180,7 @@ def _run_lab_compare(args) -> int:
 
 def _add_reproduce(sub) -> None:
     p = sub.add_parser("reproduce", help="run every paper analysis (Wong, Li, Gu et al.) on a model; writes report.md")
-    p.add_argument("--model", default="smollm2-135m")
+    _add_model_args(p)
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--size", choices=("full", "ci"), default="full",
                    help="full: 1,024-token traces, about 15 min per model on 2 cores; ci: a small smoke-test setting")
@@ -194,7 +209,7 @@ def _add_intervene(sub) -> None:
         "intervene",
         help="measure an intervention's effect on the sinks (clean vs intervened); writes effect.json and figures",
     )
-    p.add_argument("--model", default="smollm2-135m")
+    _add_model_args(p)
     p.add_argument("--intervention", required=True, metavar="SPEC",
                    help="an intervention spec, e.g. 'ablate-mlp:layer=3,positions=5' or 'amplify-variance:layer=2,positions=7,factor=4'")
     p.add_argument("--control", choices=["random", "position", "layer", "direction"], default=None,
@@ -234,7 +249,7 @@ def _run_intervene(args) -> int:
     intervention = parse_spec(args.intervention)
     for s in strengths:  # every variant is checked before the model is loaded
         intervention.with_strength(s)
-    model = load_model(args.model)
+    model = _load(args)
     batch = tokenize(model, texts, prepend_bos=args.prepend_bos, max_tokens=args.max_tokens)
     settings = dict(eps=args.eps, batch_size=args.batch_size, n_resamples=args.n_resamples, seed=args.seed)
     effect = measure_effect(model, batch, intervention, control=args.control, progress=True,

@@ -47,6 +47,23 @@ def test_misspelt_model_name(tmp_path, capsys):
     assert "unknown model 'smolm2-135m'" in msg and "smollm2-135m" in msg
 
 
+@pytest.mark.parametrize("command", ["measure", "demo", "intervene"])
+def test_a_dtype_or_device_that_does_not_exist_here_is_one_line(tmp_path, capsys, command):
+    extra = {"measure": ["--text", "a b c d"], "demo": [],
+             "intervene": ["--text", "a b c d e f", "--intervention", "ablate-mlp:layers=1"]}[command]
+    msg = _bad(tmp_path, capsys, command, "--model", "tiny-llama", "--dtype", "float8", *extra)
+    assert "unknown dtype 'float8'; choose one of float32, bfloat16, float16" in msg
+    if not __import__("torch").cuda.is_available():
+        msg = _bad(tmp_path, capsys, command, "--model", "tiny-llama", "--device", "cuda", *extra)
+        assert "no CUDA GPU is visible here" in msg
+
+
+def test_measure_in_bfloat16_records_the_dtype(tmp_path, capsys):
+    assert main(["measure", "--model", "tiny-llama", "--dtype", "bfloat16", "--text", "a b c d e f g", "--out", str(tmp_path / "o")]) == 0
+    doc = json.loads((tmp_path / "o" / "sinks.json").read_text())
+    assert doc["metadata"]["dtype"] == "torch.bfloat16"
+
+
 def test_unreadable_prompts_file(tmp_path, capsys):
     missing = tmp_path / "nope.txt"
     assert "cannot read prompts file" in _bad(tmp_path, capsys, "measure", "--model", "tiny-llama", "--prompts", str(missing))

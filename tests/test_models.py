@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
@@ -243,3 +244,90 @@ def test_cached_tokenizer_equals_transformers_auto_tokenizer(name, request, tmp_
     pairs = Tokenizer.from_str(json.dumps(doc))
     for text in texts:
         assert pairs.encode(text).ids == fast.backend_tokenizer.encode(text).ids, text
+
+
+# --------------------------------------------------------------------------- placement: dtype, device, device map
+
+
+def test_dtype_names_resolve_and_unknown_ones_are_refused():
+    assert models.resolve_placement("bfloat16").dtype is torch.bfloat16
+    assert models.resolve_placement(torch.float16).dtype is torch.float16
+    with pytest.raises(models.PlacementError, match="unknown dtype 'float8'; choose one of float32, bfloat16, float16"):
+        models.resolve_placement("float8")
+    with pytest.raises(models.PlacementError, match="not supported"):
+        models.resolve_placement(torch.int8)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_a_gpu_that_is_not_there_is_refused_before_any_weight_is_read(monkeypatch):
+    monkeypatch.setattr(models, "_load_hf_folder", lambda *a, **k: pytest.fail("weights were read"))
+    with pytest.raises(models.PlacementError, match="no CUDA GPU is visible here"):
+        load_model("smollm2-135m", device="cuda")
+    with pytest.raises(models.PlacementError, match="n_devices=2 needs 2 CUDA GPUs; 0 visible"):
+        load_model("smollm2-135m", n_devices=2)
+    with pytest.raises(models.PlacementError, match="unknown device 'tpu0'"):
+        models.resolve_placement(device="tpu0")
+
+
+def test_device_and_device_map_are_exclusive_and_max_memory_needs_a_map():
+    with pytest.raises(models.PlacementError, match="either a device or a device map"):
+        models.resolve_placement(device="cpu", device_map="auto")
+    with pytest.raises(models.PlacementError, match="max_memory only applies"):
+        models.resolve_placement(max_memory={"cpu": "1GiB"})
+
+
+def test_a_device_map_passes_through_to_transformers(tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(2)
+    hf = AutoModelForCausalLM.from_config(models.tiny_hf_config("qwen2")).eval()
+    hf.save_pretrained(tmp_path)
+    models.byte_tokenizer().save_pretrained(tmp_path)
+    seen = []
+    real = AutoModelForCausalLM.from_pretrained.__func__
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained",
+                        classmethod(lambda cls, *a, **k: seen.append(k) or real(cls, *a, **k)))
+    bridge = load_model(str(tmp_path), device_map="cpu", max_memory={"cpu": "2GiB"})  # accelerate's dispatch onto the CPU
+    assert seen == [{"dtype": torch.float32, "device_map": "cpu", "max_memory": {"cpu": "2GiB"}}]
+    assert str(bridge.cfg.device) == "cpu"
+    tokens = torch.tensor([[256, 97, 98, 99, 100]])
+    with torch.no_grad():
+        assert torch.allclose(bridge(tokens), hf(tokens).logits, atol=1e-5)
+
+
+def test_half_precision_models_keep_float32_statistics():
+    from circuits.measure import measure
+    from circuits.probes import tokenize
+
+    model = load_model("tiny-llama", dtype="bfloat16")
+    assert model.cfg.dtype == torch.bfloat16
+    meas = measure(model, tokenize(model, [TEXT]), progress=False)
+    assert meas.alpha.dtype == np.float32 and meas.sink_score.dtype == np.float32
+    assert meas.metadata["dtype"] == "torch.bfloat16"
+
+
+@pytest.mark.real
+@pytest.mark.parametrize("name", list(FIXTURE))
+def test_bfloat16_agrees_with_float32_on_the_packaged_models(name, request):
+    """Measured on 2026-11-30 (8 probe passages x 64 tokens, native BOS policy, CPU):
+
+    | model | max abs d sink score | mean abs d alpha | Sink_1^0.3 fp32 / bf16 |
+    |---|---:|---:|---:|
+    | smollm2-135m | 0.012 | 3.3e-4 | 71.76 / 71.67 % |
+    | gemma3-270m | 0.006 | 2.6e-4 | 78.82 / 78.99 % |
+    | qwen2.5-coder-0.5b | 0.025 | 7.4e-4 | 57.96 / 57.85 % |
+
+    (single alpha cells move more: up to 0.28 on one Qwen head, hence the mean.) Tolerances:
+    about twice the largest measured difference.
+    """
+    from circuits.measure import measure
+    from circuits.probes import probe_texts, tokenize
+
+    fp32 = request.getfixturevalue(FIXTURE[name])
+    bf16 = load_model(name, dtype="bfloat16")
+    batch = tokenize(fp32, probe_texts(8), max_tokens=64)
+    a, b = measure(fp32, batch, progress=False), measure(bf16, batch, progress=False)
+    assert b.alpha.dtype == np.float32
+    assert np.nanmax(np.abs(a.sink_score - b.sink_score)) <= 0.05
+    assert np.nanmean(np.abs(a.alpha - b.alpha)) <= 2e-3
+    assert abs(a.sink_rate(0.3)[0] - b.sink_rate(0.3)[0]) <= 0.5
