@@ -96,7 +96,6 @@ def _add_measure(sub) -> None:
 def _run_measure(args) -> int:
     # deferred: the command starts without torch; a job imports what it runs
     from circuits.measure import measure
-    from circuits.models import load_model
     from circuits.output import atomic_output_dir
     from circuits.probes import tokenize
     from sinkscope.jobs import write_measure_outputs
@@ -130,7 +129,6 @@ def _add_demo(sub) -> None:
 
 def _run_demo(args) -> int:
     # deferred: the command starts without torch; a job imports what it runs
-    from circuits.models import load_model
     from circuits.output import atomic_output_dir
     from sinkscope.jobs import run_demo
 
@@ -228,7 +226,6 @@ def _run_intervene(args) -> int:
     # deferred: the command starts without torch; a job imports what it runs
     # deferred: the command starts without torch; a job imports what it runs
     from circuits import plots
-    from circuits.models import load_model
     from circuits.output import atomic_output_dir, write_json
     from circuits.probes import tokenize
     from interventions.effect import measure_effect

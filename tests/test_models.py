@@ -180,7 +180,8 @@ def test_broken_cache_is_rebuilt(monkeypatch, tmp_path, no_network):
 
 
 def _tiny_bpe_file(path, merges):
-    from tokenizers import Tokenizer, models as tok_models, pre_tokenizers
+    from tokenizers import Tokenizer, pre_tokenizers
+    from tokenizers import models as tok_models
 
     vocab = {c: i for i, c in enumerate(["<unk>", "a", "b", "c", "d", " ", "ab", "abc", "cd", "a b", "a bc"])}
     tok = Tokenizer(tok_models.BPE(vocab=vocab, merges=merges, unk_token="<unk>"))
