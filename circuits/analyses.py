@@ -69,7 +69,7 @@ from circuits.driver import HookSource, Run, drive
 from circuits.measure import lower_median_abs
 from circuits.meter import ArrayMeter, Axes, Meter, MeterError, array, axes_of, per_sequence
 from circuits.probes import TokenBatch
-from circuits.stats import correlations, nanmean
+from circuits.stats import correlations, nanmean, nanmean_t
 
 SITES: tuple[str, ...] = ("input", "gate", "up", "act", "act_x_up", "down", "written")
 SITE_HOOKS: dict[str, str] = {
@@ -476,12 +476,6 @@ class KVMeter(ArrayMeter):
 
     def result(self) -> KVStats:
         return KVStats(**self.arrays(), key_hook=self.key_hook, lengths=self.lengths)
-
-
-def nanmean_t(x: Tensor) -> Tensor:
-    """Mean over the last axis ignoring NaN (an all-NaN row gives NaN)."""
-    ok = ~torch.isnan(x)
-    return torch.where(ok, x, 0.0).sum(-1) / ok.sum(-1)
 
 
 def key_value_norms(stats: KVStats) -> pd.DataFrame:

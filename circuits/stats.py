@@ -9,7 +9,7 @@ call these functions.
 * :func:`valid_positions`: which positions of a right-padded batch are real tokens (or have a
   real token ``offset`` steps later: ``offset=1`` is "has a next token").
 * :func:`nanmean`: ``np.nanmean`` without the warning for all-NaN slices (positions that no
-  sequence reaches are NaN by design).
+  sequence reaches are NaN by design); :func:`nanmean_t`, its torch twin for hooks.
 * :func:`bootstrap_ci`: bias-corrected and accelerated (BCa) bootstrap CIs of the mean over sequences,
   vectorised over columns, with :func:`scipy.stats.bootstrap`; :func:`paired_bootstrap` is its
   use on per-sequence differences of two runs (computed in float64).
@@ -44,6 +44,12 @@ def nanmean(a: np.ndarray, axis=None) -> np.ndarray:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         return np.nanmean(a, axis=axis)
+
+
+def nanmean_t(x: Tensor) -> Tensor:
+    """Mean over the last axis of a tensor ignoring NaN (an all-NaN row gives NaN), inside hooks."""
+    ok = ~torch.isnan(x)
+    return torch.where(ok, x, 0.0).sum(-1) / ok.sum(-1)
 
 
 def bootstrap_ci(
@@ -136,4 +142,4 @@ def correlations(x: np.ndarray, y: np.ndarray) -> dict[str, float]:
     return {"n": n, "pearson": float(pr[0]), "pearson_p": float(pr[1]), "spearman": float(sr[0]), "spearman_p": float(sr[1])}
 
 
-__all__ = ["MIN_SEQUENCES", "bootstrap_ci", "correlations", "nanmean", "paired_bootstrap", "valid_positions"]
+__all__ = ["MIN_SEQUENCES", "bootstrap_ci", "correlations", "nanmean", "nanmean_t", "paired_bootstrap", "valid_positions"]
