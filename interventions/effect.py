@@ -164,7 +164,7 @@ def target_of(intervention: Intervention, hook_names: Iterable[str], n_layers: i
     return Target(tuple(range(first, n_layers)), positions, rule)
 
 
-def target_sink_score(meas: SinkMeasurement, target: Target) -> Float[np.ndarray, "seq"]:
+def target_sink_score(meas: SinkMeasurement, target: Target) -> Float[np.ndarray, " seq"]:
     """Per sequence, the sink score averaged over the target's layers and positions."""
     if not target.layers:
         return np.full(meas.n_sequences, np.nan)

@@ -14,11 +14,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from helpers import forward_counter
 
 from circuits.measure import SinkMeasurement, measure
 from circuits.models import tiny_model
 from circuits.probes import tokenize
+from helpers import forward_counter
 from interventions.attention import IsolateAggregation
 from interventions.base import InterventionError, hooks_for, registered_hooks
 from interventions.effect import (

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 import torch
-from helpers import forward_counter
 from scipy import stats as scipy_stats
 
 import circuits.measure as measure_module
@@ -24,6 +23,7 @@ from circuits.measure import SinkMeasurement, SinkMeter, measure
 from circuits.meter import Meter, MeterError, array
 from circuits.probes import TokenBatch, tokenize
 from circuits.stats import bootstrap_ci, nanmean, paired_bootstrap, valid_positions
+from helpers import forward_counter
 from interventions import effect as effect_module
 from interventions.base import hooks_for
 from interventions.effect import Metric, Target, compare

@@ -10,11 +10,11 @@ from contextlib import contextmanager
 import numpy as np
 import pandas as pd
 import pytest
-from helpers import Interrupt, forward_counter
 
 from circuits.measure import SinkMeasurement
 from circuits.models import tiny_model
 from circuits.probes import tokenize
+from helpers import Interrupt, forward_counter
 from interventions.base import InterventionError, registered_hooks
 from interventions.effect import EffectError, measure_effect
 from interventions.mlp import AblateMLP
