@@ -534,7 +534,8 @@ class Effect:
         summary: the headline rows (target sink score, loss, KL, Sink_1^eps) as a dict.
         clean, intervened, control: the per-sequence measurements (``control`` may be None).
         kl, control_kl: ``[N, T]`` per-position KL(clean || run), NaN at pad positions.
-        intervention, control_spec: text specs (``repr`` for unregistered kinds).
+        intervention, control_intervention: the interventions themselves (the control's is
+            None without a control); :attr:`spec` and :attr:`control_spec` are their text specs.
         target, control_target: the cells each run's ``target_sink_score`` averages.
         metadata: provenance (model, BOS policy, versions), settings and the control's move.
     """
@@ -544,13 +545,22 @@ class Effect:
     clean: SinkMeasurement
     intervened: SinkMeasurement
     kl: np.ndarray
-    intervention: str
+    intervention: Intervention
     target: Target
     control: SinkMeasurement | None = None
     control_kl: np.ndarray | None = None
-    control_spec: str | None = None
+    control_intervention: Intervention | None = None
     control_target: Target | None = None
     metadata: dict = field(default_factory=dict)
+
+    @property
+    def spec(self) -> str:
+        """The intervention's text spec (``repr`` for an unregistered kind)."""
+        return spec_text(self.intervention)
+
+    @property
+    def control_spec(self) -> str | None:
+        return None if self.control_intervention is None else spec_text(self.control_intervention)
 
     def rows(self, metric: str) -> pd.DataFrame:
         """The rows of one metric."""
@@ -566,7 +576,7 @@ class Effect:
                 "model": self.clean.model,
                 "prepend_bos": self.clean.prepend_bos,
                 "positions": "0-based: position 0 is the first token (the papers' Sink_1)",
-                "intervention": self.intervention,
+                "intervention": self.spec,
                 "target": self.target.to_dict(),
                 "control": None if self.control_spec is None else {
                     "spec": self.control_spec,
@@ -587,7 +597,9 @@ class Effect:
         )
 
 
-def _spec_text(iv: Intervention) -> str:
+def spec_text(iv: Intervention) -> str:
+    """The text spec of ``iv`` (:func:`interventions.registry.spec`), or its ``repr`` when its
+    kind is not registered (a class defined in a notebook without ``@register``)."""
     try:
         return registry.spec(iv)
     except InterventionError:
@@ -640,12 +652,12 @@ def compare(
     intervened: SinkMeasurement,
     *,
     target: Target,
-    intervention: str,
+    intervention: Intervention | str,
     kl: Float[np.ndarray, "seq pos"] | None = None,
     control: SinkMeasurement | None = None,
     control_kl: Float[np.ndarray, "seq pos"] | None = None,
     control_target: Target | None = None,
-    control_spec: str | None = None,
+    control_intervention: Intervention | str | None = None,
     eps: float | None = None,
     layers: Sequence[int] | None = None,
     positions: Sequence[int] | Literal["target"] | None = None,
@@ -703,9 +715,10 @@ def compare(
     meta = {**(metadata or {}), "settings": {**(metadata or {}).get("settings", {}), **s.describe(cells)}}
     return Effect(
         frame=frame, summary=summary, clean=clean, intervened=intervened, kl=np.asarray(runs["intervened"].kl),
-        intervention=intervention, target=target, control=control,
+        intervention=as_intervention(intervention), target=target, control=control,
         control_kl=None if control_kl is None else np.asarray(control_kl),
-        control_spec=control_spec, control_target=control_target, metadata=meta,
+        control_intervention=None if control_intervention is None else as_intervention(control_intervention),
+        control_target=control_target, metadata=meta,
     )
 
 
@@ -818,7 +831,7 @@ def measure_effect(
     clean, intervened = clean_meter.result(meta), int_meter.result(meta)
     target = target_of(iv, names, n_layers)
 
-    ctrl_meas = ctrl_kl = ctrl_target = ctrl_spec = None
+    ctrl_meas = ctrl_kl = ctrl_target = ctrl_iv = None
     if control is not None:
         if explicit_control is not None:
             ctrl_iv, info = explicit_control, {"mode": "explicit"}
@@ -831,12 +844,11 @@ def measure_effect(
         ctrl_meter, ctrl_kl, ctrl_names = _against_clean(model, batch, ctrl_iv, ctrl_factory, clean_meter=None, desc="control", **run)
         ctrl_meas = ctrl_meter.result(meta)
         ctrl_target = target_of(ctrl_iv, ctrl_names, n_layers)
-        ctrl_spec = _spec_text(ctrl_iv)
         meta["control"] = info
 
     return compare(
-        clean, intervened, target=target, intervention=_spec_text(iv), kl=kl, control=ctrl_meas, control_kl=ctrl_kl,
-        control_target=ctrl_target, control_spec=ctrl_spec, settings=settings, metadata=meta,
+        clean, intervened, target=target, intervention=iv, kl=kl, control=ctrl_meas, control_kl=ctrl_kl,
+        control_target=ctrl_target, control_intervention=ctrl_iv, settings=settings, metadata=meta,
     )
 
 

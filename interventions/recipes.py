@@ -64,7 +64,6 @@ from interventions.attention import IsolateAggregation
 from interventions.base import Intervention
 from interventions.effect import Effect, intervention_layers, measure_effect, paired_bootstrap
 from interventions.mlp import EditMode, TokenMLPEdit
-from interventions.registry import parse_spec
 from interventions.residual import AmplifyVariance
 from interventions.sweep import sweep
 
@@ -172,24 +171,16 @@ def plant_table(effect: Effect, position: int, *, sink_ratio: float = 5.0) -> pd
     out["ordinary_median"] = med
     out["ratio"] = out["intervened"] / med
     first_seen = min(effect.target.layers) if effect.target.layers else effect.clean.n_layers
-    iv_layers = set(_edited_layers(effect.intervention))
+    iv_layers = set(intervention_layers(effect.intervention) or ())
     out["edited"] = out["layer"].isin(iv_layers)
     significant = out["did_ci_low"] > 0 if has_ctrl else out["ci_low"] > 0
     out["is_sink"] = (out["ratio"] >= sink_ratio) & significant & (out["layer"] >= first_seen)
     out.attrs.update(
-        intervention=effect.intervention, control=effect.control_spec, control_move=effect.metadata.get("control"),
+        intervention=effect.spec, control=effect.control_spec, control_move=effect.metadata.get("control"),
         target_sink_score=effect.summary["target_sink_score"], sink_layers=out.loc[out["is_sink"], "layer"].tolist(),
         sink_ratio=sink_ratio, position=position,
     )
     return out
-
-
-def _edited_layers(intervention: Intervention | str) -> list[int]:
-    try:
-        iv = intervention if isinstance(intervention, Intervention) else parse_spec(intervention)
-        return list(intervention_layers(iv) or [])
-    except Exception:  # an unregistered kind's repr: no layers to mark
-        return []
 
 
 def summarize_plant(table: pd.DataFrame, layers: Sequence[int] | None = None) -> dict:
@@ -335,7 +326,7 @@ def ablate_secondary_sinks(
     drop = (per["clean_score"] - per["ablated_score"]).to_numpy()
     lo, hi = paired_bootstrap(drop, n_resamples=n_resamples, seed=seed)
     summary = {
-        "n_sinks": len(per), "mode": mode, "intervention": effect.intervention, "control": effect.control_spec,
+        "n_sinks": len(per), "mode": mode, "intervention": effect.spec, "control": effect.control_spec,
         "removed": float(1 - per["ablated_flagged"].mean()),
         "clean_score": float(per["clean_score"].mean()), "ablated_score": float(per["ablated_score"].mean()),
         "score_ratio": float(per["ablated_score"].mean() / per["clean_score"].mean()),

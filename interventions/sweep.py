@@ -68,11 +68,11 @@ from interventions.effect import (
     EffectError,
     EffectSettings,
     _check_batch_size,
-    _spec_text,
     as_intervention,
     compare,
     first_token_resid_hooks,
     kl_divergence,
+    spec_text,
     target_of,
     vary,
 )
@@ -142,7 +142,7 @@ def grid_items(grid: Mapping[str, Sequence[Any]]) -> list[dict]:
 def _maker(make: MakeIntervention) -> tuple[Callable[..., Intervention], str]:
     """A function ``**item -> Intervention`` and its description for the metadata."""
     if isinstance(make, Intervention):
-        return (lambda **item: vary(make, **item)), f"vary({_spec_text(make)})"
+        return (lambda **item: vary(make, **item)), f"vary({spec_text(make)})"
     if isinstance(make, str):
         def from_template(**item):
             try:
@@ -261,7 +261,7 @@ def sweep(
         iv = make(**values)
         factory = hooks_for(model, iv, batch)  # validates
         factory.shared = shared  # reference statistics are computed once for all items
-        spec = _spec_text(iv)
+        spec = spec_text(iv)
         plain = {k: _plain(v) for k, v in values.items()}
         key = _digest({"context": context, "spec": spec, "item": plain})[:24]
         start = iv.min_layer
@@ -280,7 +280,7 @@ def sweep(
             for group in _groups(pending, max(1, batch_size // min(batch_size, len(batch)))):
                 for item, (meas, kl, names) in zip(group, _run_group(model, batch, group, factories, clean, chunks, **run)):
                     effect = compare(
-                        clean, meas, target=target_of(item.intervention, names, n_layers), intervention=item.spec,
+                        clean, meas, target=target_of(item.intervention, names, n_layers), intervention=item.intervention,
                         kl=kl, settings=summary,
                     )
                     _write_atomic(_item_frame(effect.frame, item), path_of(item), format)

@@ -254,13 +254,13 @@ def _run_intervene(args) -> int:
     with atomic_output_dir(args.out) as folder:
         doc = effect.to_json()
         tokens = effect.clean.tokens[0] if effect.clean.n_sequences == 1 else None
-        title = f"{effect.clean.model}: {effect.intervention}: change of the sink score (n={effect.clean.n_sequences})"
+        title = f"{effect.clean.model}: {effect.spec}: change of the sink score (n={effect.clean.n_sequences})"
         plots.save(plots.sink_delta_heatmap(effect.frame, tokens=tokens, target_positions=effect.target.positions,
                                             title=title), folder / "sink_delta_heatmap.png")
         if strengths:
             result = sweep(model, batch, intervention, {"strength": strengths}, folder / "sweep", format="csv",
                            progress=True, **settings)
-            plots.save(plots.dose_response(result.frame, title=f"{effect.clean.model}: dose-response of {effect.intervention}"),
+            plots.save(plots.dose_response(result.frame, title=f"{effect.clean.model}: dose-response of {effect.spec}"),
                        folder / "dose_response.png")
             curve = result.frame[result.frame["metric"].isin(["target_sink_score", "next_token_loss", "kl"])]
             keep = ["iv_strength", "spec", "metric", "n", "clean", "intervened", "delta", "ci_low", "ci_high"]
@@ -268,7 +268,7 @@ def _run_intervene(args) -> int:
         write_json(folder / "effect.json", doc)
     t = effect.summary["target_sink_score"]
     kl = effect.summary["kl"]["delta"]
-    print(f"{effect.clean.model}: {effect.intervention}: target sink score {t['clean']:.4f} -> {t['intervened']:.4f} "
+    print(f"{effect.clean.model}: {effect.spec}: target sink score {t['clean']:.4f} -> {t['intervened']:.4f} "
           f"(delta {t['delta']:+.4f}, 95% CI {t['ci95'][0]:+.4f}..{t['ci95'][1]:+.4f}); KL {kl:.4g} nats/token; "
           f"wrote {args.out}/effect.json")
     return 0

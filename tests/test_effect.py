@@ -38,6 +38,7 @@ from interventions.effect import (
     vary,
 )
 from interventions.mlp import AblateMLP, RescaleAlongSink
+from interventions.registry import parse_spec
 from interventions.residual import AmplifyVariance
 
 TEXTS = [
@@ -215,8 +216,8 @@ def test_difference_of_differences_by_hand():
     ctrl = base.copy()
     ctrl[:, 1, 1] = [0.2, 0.1, 0.1, 0.2]  # control target (layer 1, position 1): deltas 0.1 0 0 0.1, mean 0.05
     effect = compare(
-        clean, _fake(hooked, loss=1.5), target=Target((1,), (2,), "hand"), intervention="x",
-        control=_fake(ctrl, loss=1.25), control_target=Target((1,), (1,), "hand"), control_spec="y", n_resamples=2000,
+        clean, _fake(hooked, loss=1.5), target=Target((1,), (2,), "hand"), intervention="ablate-mlp:layers=0",
+        control=_fake(ctrl, loss=1.25), control_target=Target((1,), (1,), "hand"), control_intervention="ablate-mlp:layers=1", n_resamples=2000,
     )
     t = effect.rows("target_sink_score").iloc[0]
     assert t["clean"] == pytest.approx(0.15) and t["intervened"] == pytest.approx(0.45)
@@ -238,14 +239,15 @@ def test_difference_of_differences_by_hand():
     assert math.isnan(effect.rows("kl").iloc[0]["delta"])  # no logits given: KL unknown, not 0
     doc = json.loads(json.dumps(effect.to_json(), allow_nan=False))
     assert doc["summary"]["target_sink_score"]["did"] == pytest.approx(0.25)
-    assert doc["control"]["spec"] == "y" and doc["control"]["target"]["positions"] == [1]
+    assert doc["control"]["spec"] == "ablate-mlp:layers=1" and doc["control"]["target"]["positions"] == [1]
+    assert doc["intervention"] == "ablate-mlp:layers=0" and effect.intervention == parse_spec("ablate-mlp:layers=0")
 
 
 def test_settings_object_or_keywords_give_the_same_effect():
     base = np.full((4, 2, 4), 0.1)
     hooked = base.copy()
     hooked[:, 1, 2] = [0.5, 0.6, 0.3, 0.4]
-    args = dict(target=Target((1,), (2,), "hand"), intervention="x")
+    args = dict(target=Target((1,), (2,), "hand"), intervention="ablate-mlp:layers=0")
     by_keywords = compare(_fake(base), _fake(hooked), eps=0.2, layers=[1], positions=[2, 0], n_resamples=300, seed=3, **args)
     settings = EffectSettings(eps=0.2, layers=(1,), positions=(2, 0), n_resamples=300, seed=3)
     by_object = compare(_fake(base), _fake(hooked), settings=settings, **args)

@@ -150,7 +150,7 @@ def test_a_new_per_layer_statistic_takes_a_field_and_a_line(llama, batch, monkey
     # optional third edit: its delta as rows of every effect table
     peak = Metric("resid_peak_first", lambda run, cells: nanmean(run.meas.resid_peak[:, :, 0], axis=1)[:, None], lambda cells: ([None], [0]))
     monkeypatch.setattr(effect_module, "METRIC_TABLE", (*effect_module.METRIC_TABLE, peak))
-    eff = compare(meas, other, target=Target((1,), (0,), "test"), intervention="x", n_resamples=0)
+    eff = compare(meas, other, target=Target((1,), (0,), "test"), intervention="ablate-mlp:layers=0", n_resamples=0)
     row = eff.rows("resid_peak_first").iloc[0]
     assert row["delta"] == pytest.approx(1.0) and row["position"] == 0
 
