@@ -35,7 +35,7 @@ class TokenBatch:
     """Right-padded token ids with the metadata every result needs."""
 
     tokens: Int[Tensor, "batch pos"]
-    lengths: Int[Tensor, "batch"]
+    lengths: Int[Tensor, " batch"]
     prepend_bos: bool
     str_tokens: list[list[str]] = field(repr=False)
 

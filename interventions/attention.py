@@ -197,7 +197,7 @@ class SigmoidAttention(Intervention):
             check_hook_name(self, "layers", f"blocks.{l}.attn.hook_attn_scores", model)
             check_hook_name(self, "layers", f"blocks.{l}.attn.hook_pattern", model)
 
-    def biases(self, ctx: RunContext) -> Float[Tensor, "batch"]:
+    def biases(self, ctx: RunContext) -> Float[Tensor, " batch"]:
         if self.bias is not None:
             return torch.full((len(ctx.batch),), self.bias)
         return -torch.log(ctx.batch.lengths.to(torch.float32))

@@ -283,7 +283,8 @@ class PatchActivation(Intervention):
             if n_src < need:
                 raise fail(self, "source_text", f"has {n_src} tokens but the patch reads its positions up to {need - 1}")
         if self.hook_name.endswith(("hook_pattern", "hook_attn_scores")) and n_src != width:
-            raise fail(self, "source_text", f"an attention {self.hook_name.rsplit('_', 1)[-1]} needs a source as long as the batch ({width} tokens), got {n_src}")
+            what = self.hook_name.rsplit("_", 1)[-1]
+            raise fail(self, "source_text", f"an attention {what} needs a source as long as the batch ({width} tokens), got {n_src}")
         key = ("patch-source", self.hook_name, self.source_text, ctx.batch.prepend_bos)
         if key not in ctx.shared:
             ctx.shared[key] = capture(model, src_batch.tokens, [self.hook_name])[self.hook_name]

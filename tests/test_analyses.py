@@ -331,11 +331,11 @@ def test_a_claims_rule_text_and_verdict_come_from_the_same_thresholds():
 def test_reproduce_end_to_end_on_a_tiny_model(tmp_path):
     """The whole report machinery on tiny-llama: every claim gets one of the three verdicts,
     every figure the report links exists, numbers.json holds the claims."""
+    import dataclasses
     import json
     import re
 
     from sinkscope.reproduce import SIZES, reproduce
-    import dataclasses
 
     s = dataclasses.replace(SIZES["ci"], n_traces=2, max_tokens=96, plant_n=2, plant_tokens=40, plant_position=20, eps_n=2,
                             eps_tokens=32, keybias_n=2, keybias_tokens=40, keybias_control=20, amplify_factors=(4.0,))

@@ -17,6 +17,7 @@ import torch
 from circuits.measure import measure
 from circuits.models import tiny_model
 from circuits.probes import tokenize
+from helpers import forward_counter
 from interventions.attention import HeadwiseRMSNorm, IsolateAggregation, SigmoidAttention
 from interventions.base import (
     Compose,
@@ -31,7 +32,6 @@ from interventions.base import (
 from interventions.mlp import AblateMLP, PatchActivation, PatchMLP, RescaleAlongSink
 from interventions.registry import KINDS, SpecError, known_kinds, parse_spec, register, spec, unregister
 from interventions.residual import AmplifyVariance
-from helpers import forward_counter
 
 TEXTS = [
     "The cat sat on the mat, and then it slept.",

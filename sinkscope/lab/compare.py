@@ -344,7 +344,7 @@ def plot_convergence(results: dict):
                 color, marker = VARIANT_STYLE[v]
                 axes[0].plot([x["step"] for x in r["records"]], [x["val_loss"] for x in r["records"]],
                              color=color, lw=1, alpha=0.8, label=f"{v} s{r['seed']}")
-        for label, t in conv["targets"].items():
+        for _label, t in conv["targets"].items():
             axes[0].axhline(t, color="#9a9a9a", lw=0.8, ls=":")
         axes[0].set_ylim(top=min(2.6, axes[0].get_ylim()[1]))
         axes[0].set_xlabel("step")
