@@ -13,8 +13,9 @@ Recipes (positions 0-based; position 0 is the papers' Sink_1, the primary sink):
 
 * :func:`plant_sink` — Li et al.'s planting. ``method="isolate"``: in early layers the query at
   position ``p`` attends only to itself (it aggregates like the first token,
-  :class:`~interventions.attention.IsolateAggregation`); ``method="amplify"``: the variance of
-  ``p``'s residual is multiplied at one layer (:class:`~interventions.residual.AmplifyVariance`).
+  :class:`~interventions.attention.IsolateAggregation`); ``method="amplify"``: ``p``'s attention
+  output's deviation from the sequence mean is multiplied in early layers
+  (:class:`~interventions.residual.AmplifyVariance`; ``amplify`` picks its site, mode and mean).
   Returns ``p``'s sink score per layer: clean, intervened, an equal-budget random control
   (the same edit at a random other position, scored at ``p``), the difference of differences
   with its bootstrap CI, the control's score at *its own* planted position, and which layers
@@ -49,7 +50,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Any, Literal, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -77,6 +78,8 @@ class RecipeError(SinkscopeError, ValueError):
 #: defaults chosen from measurements on smollm2-135m (8 probe passages × 64 tokens, position 32):
 #: isolating layers 0-2 plants a sink of score ~0.2 (layers 3-9); layers beyond 2 add nothing.
 DEFAULT_ISOLATE_LAYERS = (0, 1, 2)
+#: Li et al.'s lambda for ``method="amplify"`` when no strength is given (the issue's spec, factor 8)
+DEFAULT_AMPLIFY_FACTOR = 8.0
 
 
 # ============================================================================ planting
@@ -95,15 +98,16 @@ def _ordinary_median(meas: SinkMeasurement, exclude: Sequence[int] = ()) -> Floa
             return np.nanmedian(flat, axis=1)
 
 
-def plant_intervention(method: PlantMethod, position: int, layers: Sequence[int] | None, strength: float | None) -> Intervention:
+def plant_intervention(
+    method: PlantMethod, position: int, layers: Sequence[int] | None, strength: float | None, amplify: Mapping[str, Any] | None = None
+) -> Intervention:
     """The intervention :func:`plant_sink` runs (see there for the defaults)."""
     if method == "isolate":
         return IsolateAggregation(layers=tuple(layers) if layers is not None else DEFAULT_ISOLATE_LAYERS, queries=(position,))
     if method == "amplify":
-        chosen = tuple(layers) if layers is not None else (1,)
-        if len(chosen) != 1:
-            raise RecipeError(f"method='amplify' edits one layer, got layers={list(chosen)}")
-        return AmplifyVariance(layer=chosen[0], positions=(position,), factor=float(strength if strength is not None else 16.0))
+        chosen = tuple(layers) if layers is not None else DEFAULT_ISOLATE_LAYERS
+        factor = float(strength if strength is not None else DEFAULT_AMPLIFY_FACTOR)
+        return AmplifyVariance(layers=chosen, positions=(position,), factor=factor, **dict(amplify or {}))
     raise ValueError(f"method must be 'isolate' or 'amplify', got {method!r}")
 
 
@@ -115,6 +119,7 @@ def plant_sink(
     method: PlantMethod,
     layers: Sequence[int] | None = None,
     strength: float | None = None,
+    amplify: Mapping[str, Any] | None = None,
     control: str | Intervention | None = "random",
     seed: int = 0,
     sink_ratio: float = 5.0,
@@ -126,9 +131,11 @@ def plant_sink(
     Args:
         method: ``"isolate"`` — in each of ``layers`` (default :data:`DEFAULT_ISOLATE_LAYERS`,
             0-2) the query at ``position`` attends only to itself, as the first token must;
-            ``"amplify"`` — ``AmplifyVariance(layer, positions=(position,), factor=strength)``
-            at ``layers=(l,)`` (default layer 1, factor 16), the token's residual spread
-            multiplied by ``strength`` (its mean over dimensions kept).
+            ``"amplify"`` — ``AmplifyVariance(layers, positions=(position,), factor=strength,
+            **amplify)`` (default layers 0-2, factor :data:`DEFAULT_AMPLIFY_FACTOR`): by default
+            the token's attention output after ``W_O`` becomes ``mu + strength (o - mu)``, ``mu``
+            the sequence's mean attention output at that layer; ``amplify`` sets the other
+            fields (``site``, ``mode="norm"`` for the plain-scaling control, ``mu``).
         control: passed to :func:`~interventions.effect.measure_effect`. ``"random"`` moves the
             edit to a random non-sink position ``q`` of the same sequences (same kind, same
             layers, same strength: an equal budget), seeded by ``seed``.
@@ -147,7 +154,7 @@ def plant_sink(
         and ``is_sink``. ``frame.attrs`` holds the specs, the control move, the
         ``target_sink_score`` summary of the effect and ``sink_layers`` (the ``is_sink`` layers).
     """
-    iv = plant_intervention(method, position, layers, strength)
+    iv = plant_intervention(method, position, layers, strength, amplify)
     effect = measure_effect(model, batch, iv, control=control, positions=[position], seed=seed,
                             n_resamples=n_resamples, batch_size=batch_size)
     return plant_table(effect, position, sink_ratio=sink_ratio)
@@ -413,6 +420,7 @@ def rescale_dose_response(
 
 
 __all__ = [
+    "DEFAULT_AMPLIFY_FACTOR",
     "DEFAULT_ISOLATE_LAYERS",
     "RecipeError",
     "ablate_secondary_sinks",

@@ -291,7 +291,7 @@ def test_output_change_identity_and_effect(llama):
     from interventions.residual import AmplifyVariance
 
     batch = _batch(llama)
-    out = output_change(llama, batch, {"identity": AmplifyVariance(layer=1, positions=(2,), factor=1.0), "drop": DropSinkAttention()}, batch_size=2)
+    out = output_change(llama, batch, {"identity": AmplifyVariance(layers=1, positions=(2,), factor=1.0), "drop": DropSinkAttention()}, batch_size=2)
     rows = out.set_index("intervention")
     assert rows.loc["clean", "kl"] == pytest.approx(0, abs=1e-6)
     assert rows.loc["identity", "kl"] == pytest.approx(0, abs=1e-5)

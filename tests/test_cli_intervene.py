@@ -45,7 +45,7 @@ def test_control_and_dose_response(tmp_path, capsys):
     assert code == 0, capsys.readouterr().err
     doc = json.loads((out / "effect.json").read_text())
     assert doc["control"]["mode"] == "position" and doc["control"]["seed"] == 5
-    assert doc["control"]["spec"].startswith("amplify-variance:layer=1,positions=") and doc["control"]["spec"].endswith("factor=3.0")
+    assert doc["control"]["spec"].startswith("amplify-variance:layers=1,positions=") and doc["control"]["spec"].endswith("factor=3.0")
     assert "did" in doc["summary"]["target_sink_score"]
     curve = [r for r in doc["dose_response"] if r["metric"] == "target_sink_score"]
     assert [r["iv_strength"] for r in curve] == [0.5, 1.0, 3.0]

@@ -71,7 +71,7 @@ def ablated(llama, batch):
 
 def test_exact_identity_gives_exact_zeros(llama, batch):
     """factor=1 in 'norm' mode multiplies by 1.0: bit-identical activations, so exactly 0 everywhere."""
-    effect = measure_effect(llama, batch, AmplifyVariance(layer=1, positions=(3,), factor=1.0, mode="norm"), n_resamples=200)
+    effect = measure_effect(llama, batch, AmplifyVariance(layers=1, positions=(3,), factor=1.0, mode="norm"), n_resamples=200)
     frame = effect.frame
     assert set(frame["metric"]) == set(METRICS)
     finite = frame["delta"].notna()
@@ -295,9 +295,9 @@ def test_target_rules():
 
 
 def test_vary_and_relocated_keep_kind_and_strength():
-    iv = AmplifyVariance(layer=1, positions=(3, 5), factor=4.0)
-    assert vary(iv, layer=2, position=7, strength=2.0) == AmplifyVariance(layer=2, positions=(7,), factor=2.0)
-    assert relocated(iv, positions={3: 8, 5: 9}, layers={1: 0}) == AmplifyVariance(layer=0, positions=(8, 9), factor=4.0)
+    iv = AmplifyVariance(layers=1, positions=(3, 5), factor=4.0)
+    assert vary(iv, layer=2, position=7, strength=2.0) == AmplifyVariance(layers=2, positions=(7,), factor=2.0)
+    assert relocated(iv, positions={3: 8, 5: 9}, layers={1: 0}) == AmplifyVariance(layers=0, positions=(8, 9), factor=4.0)
     combo = AblateMLP(layers=(1,), positions=(3,)) + IsolateAggregation(layers=(2,), queries=(3,))
     moved = relocated(combo, positions={3: 6})
     assert moved.parts[0].positions == (6,) and moved.parts[1].queries == (6,)
@@ -309,7 +309,7 @@ def test_vary_and_relocated_keep_kind_and_strength():
 
 
 def test_random_position_control_avoids_sinks_and_targets(llama, batch, ablated):
-    iv = AmplifyVariance(layer=1, positions=(3, 5), factor=4.0)
+    iv = AmplifyVariance(layers=1, positions=(3, 5), factor=4.0)
     short = int(batch.lengths.min())
     flagged = sink_positions(ablated.clean)
     assert 0 in flagged
@@ -317,7 +317,7 @@ def test_random_position_control_avoids_sinks_and_targets(llama, batch, ablated)
     for seed in range(8):
         control, info = random_control(iv, ablated.clean, "random", model=llama, n_positions=short, seed=seed)
         assert info["mode"] == "position" and type(control) is AmplifyVariance
-        assert control.layer == 1 and control.factor == 4.0 and len(control.positions) == 2
+        assert control.layers == (1,) and control.factor == 4.0 and len(control.positions) == 2
         for q in control.positions:
             assert 1 <= q < short - 1 and q not in (3, 5) and q not in flagged
         seen.add(control.positions)
@@ -343,11 +343,11 @@ def test_random_layer_and_direction_controls(llama, batch, ablated):
 
 
 def test_measure_effect_with_a_random_control(llama, batch):
-    iv = AmplifyVariance(layer=1, positions=(4,), factor=6.0)
+    iv = AmplifyVariance(layers=1, positions=(4,), factor=6.0)
     effect = measure_effect(llama, batch, iv, control="random", positions="target", n_resamples=500, seed=2)
     moved = effect.metadata["control"]["moved"]
     q = moved["4"]
-    assert effect.control_spec == f"amplify-variance:layer=1,positions={q},factor=6.0"
+    assert effect.control_spec == f"amplify-variance:layers=1,positions={q},factor=6.0"
     assert effect.control_target.positions == (q,) and effect.target.positions == (4,)
     assert sorted(set(effect.rows("sink_score")["position"])) == sorted({0, 4, q})
     t = effect.rows("target_sink_score").iloc[0]

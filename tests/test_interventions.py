@@ -273,12 +273,12 @@ def test_sigmoid_attention_rows_match_sigmoid_of_scores(models, arch):
 
 
 def test_amplify_variance_scales_the_deviation_std(llama, batch):
-    hooked, clean = run(llama, AmplifyVariance(layer=2, positions=(3, 7), factor=4.0), batch)
+    hooked, clean = run(llama, AmplifyVariance(layers=2, positions=(3, 7), factor=4.0, site="resid_post", mu="dims"), batch)
     h, h0 = hooked["blocks.2.hook_resid_post"], clean["blocks.2.hook_resid_post"]
     torch.testing.assert_close(h[:, [3, 7]].std(-1), 4.0 * h0[:, [3, 7]].std(-1), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(h[:, [3, 7]].mean(-1), h0[:, [3, 7]].mean(-1), atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(h[:, [0, 1, 2, 4]], h0[:, [0, 1, 2, 4]])
-    hooked, clean = run(llama, AmplifyVariance(layer=1, positions=(2,), factor=3.0, mode="norm", site="resid_pre"), batch)
+    hooked, clean = run(llama, AmplifyVariance(layers=1, positions=(2,), factor=3.0, mode="norm", site="resid_pre"), batch)
     torch.testing.assert_close(hooked["blocks.1.hook_resid_pre"][:, 2], 3.0 * clean["blocks.1.hook_resid_pre"][:, 2])
 
 
@@ -286,7 +286,7 @@ def test_amplify_variance_scales_the_deviation_std(llama, batch):
 
 
 def test_composition_applies_both_in_order(llama, batch):
-    iv = AblateMLP(layers=(1,), positions=(4,)) + AmplifyVariance(layer=2, positions=(4,), factor=2.0)
+    iv = AblateMLP(layers=(1,), positions=(4,)) + AmplifyVariance(layers=2, positions=(4,), factor=2.0, site="resid_post", mu="dims")
     assert isinstance(iv, Compose) and iv.min_layer == 1 and iv.strength == 2.0
     hooked, _ = run(llama, iv, batch)
     assert torch.all(hooked["blocks.1.hook_mlp_out"][:, 4] == 0)
@@ -320,7 +320,7 @@ SPECS = [
     "isolate:layers=0-3,queries=7,keys=0|7,heads=1",
     "head-rmsnorm:layers=1,eps=0.001,preserve_scale=true",
     "sigmoid-attn:layers=2,bias=-3.5",
-    "amplify-variance:layer=2,positions=5,factor=4.0,mode=norm",
+    "amplify-variance:layers=2,positions=5,factor=4.0,mode=norm",
 ]
 
 
@@ -339,7 +339,7 @@ def test_spec_grammar_details():
     assert parse_spec("isolate:layers=1,queries=5; head-rmsnorm:layers=2") == Compose(
         (IsolateAggregation(layers=(1,), queries=(5,)), HeadwiseRMSNorm(layers=(2,)))
     )
-    assert spec(both) == "isolate:layers=1,queries=5 + amplify-variance:layer=2,positions=5,factor=4.0"
+    assert spec(both) == "isolate:layers=1,queries=5 + amplify-variance:layers=2,positions=5,factor=4.0"
     assert spec(AblateMLP(layers=(0, 1, 2, 3, 7))) == "ablate-mlp:layers=0-3|7"
     assert parse_spec("sigmoid-attn:layers=1,bias=none").bias is None
 
@@ -355,8 +355,8 @@ def test_spec_errors_name_the_problem():
         parse_spec("ablate-mlp:layers=1,mode=half")
     with pytest.raises(SpecError, match=r"ablate-mlp.layers: range '5-2' runs backwards"):
         parse_spec("ablate-mlp:layers=5-2")
-    with pytest.raises(SpecError, match=r"amplify-variance.layer: takes one value"):
-        parse_spec("amplify-variance:layer=1|2,positions=1,factor=2")
+    with pytest.raises(SpecError, match=r"amplify-variance.factor: takes one value"):
+        parse_spec("amplify-variance:layer=1,positions=1,factor=2|3")
     with pytest.raises(SpecError, match="empty intervention spec"):
         parse_spec("  ")
     with pytest.raises(InterventionError, match=r"AmplifyVariance.factor: must be a finite number, got nan"):
@@ -425,7 +425,7 @@ def test_with_strength_and_min_layer():
     with pytest.raises(InterventionError, match="AblateMLP has no strength to vary"):
         AblateMLP(layers=(1,)).with_strength(1.0)
     with pytest.raises(InterventionError, match="AmplifyVariance.factor: must be a finite number, got inf"):
-        AmplifyVariance(layer=1, positions=(1,), factor=2.0).with_strength(math.inf)
+        AmplifyVariance(layers=1, positions=(1,), factor=2.0).with_strength(math.inf)
 
 
 # --------------------------------------------------------------------------- bad input
@@ -440,8 +440,8 @@ BAD = [
     (lambda: IsolateAggregation(layers=(1,), queries=(60,)), r"IsolateAggregation.queries: position 60 is out of range"),
     (lambda: IsolateAggregation(layers=(1,), queries=(3,), heads=(4,)), r"IsolateAggregation.heads: head 4 is out of range; this model has 4 heads"),
     (lambda: SigmoidAttention(layers=(-1,)), r"SigmoidAttention.layers: must be >= 0, got -1"),
-    (lambda: AmplifyVariance(layer=4, positions=(2,), factor=2.0), r"AmplifyVariance.layer: layer 4 is out of range"),
-    (lambda: AmplifyVariance(layer=1, positions=(2,), factor=float("nan")), r"AmplifyVariance.factor: must be a finite number, got nan"),
+    (lambda: AmplifyVariance(layers=4, positions=(2,), factor=2.0), r"AmplifyVariance.layers: layer 4 is out of range"),
+    (lambda: AmplifyVariance(layers=1, positions=(2,), factor=float("nan")), r"AmplifyVariance.factor: must be a finite number, got nan"),
     (lambda: RescaleAlongSink(layers=(1,), target_norm=float("inf")), r"RescaleAlongSink.target_norm: must be a finite number, got inf"),
     (lambda: SigmoidAttention(layers=(1,), bias=float("nan")), r"SigmoidAttention.bias: must be a finite number"),
     (lambda: AblateMLP(layers=(1,), positions=()), r"AblateMLP.positions: is empty"),

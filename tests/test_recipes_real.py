@@ -63,8 +63,8 @@ def test_isolating_early_aggregation_plants_a_sink(smollm2, batch):
 
 
 def test_amplifying_variance_does_not_plant_a_sink_on_smollm2(smollm2, batch):
-    """Li et al. (ii) does NOT hold on smollm2-135m. Measured: ``amplify-variance:layer=1,
-    positions=32,factor=16`` leaves position 32's sink score over layers 2-29 at 0.0091 against
+    """Amplifying the *residual stream* plants no sink on smollm2-135m. Measured: ``amplify-variance:layers=1,
+    positions=32,factor=16,site=resid_post,mu=dims`` leaves position 32's sink score over layers 2-29 at 0.0091 against
     0.0115 clean (0.79 ×; it *drops* in layers 3-9, DiD CI < 0) and no layer holds a sink.
     Other settings measured with the same batch (mean score in layers 3-8): layer 0, 2, 5 or 9
     with factor 4 or 100, and factor 100 on the embedding (``site=resid_pre``): all 0.00-0.01,
@@ -74,7 +74,8 @@ def test_amplifying_variance_does_not_plant_a_sink_on_smollm2(smollm2, batch):
     massive dimension (507), a direction, not a variance."""
     from interventions.recipes import plant_sink, summarize_plant
 
-    table = plant_sink(smollm2, batch, POSITION, method="amplify", layers=(1,), strength=16.0, control="random", seed=0)
+    table = plant_sink(smollm2, batch, POSITION, method="amplify", layers=(1,), strength=16.0, control="random", seed=0,
+                       amplify=dict(site="resid_post", mu="dims"))  # the residual-stream edit; Li's own site: tests/test_li.py
     s = summarize_plant(table)
     print("amplify", {k: v for k, v in s.items() if k != "layers"})
     assert s["sink_layers"] == []

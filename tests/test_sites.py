@@ -105,8 +105,19 @@ def test_isolate_moves_a_key_that_is_an_edited_query_with_it():
     assert relocated(iv, positions={7: 9}) == get_kind("isolate")(layers=(0,), queries=(9,), keys=(0, 9))
 
 
+@dataclass(frozen=True)
+class OneLayer(Intervention):
+    """A user kind whose layer site is a single int (no built-in kind has one any more)."""
+
+    layer: int
+    positions: tuple[int, ...]
+
+    def hooks(self, model, ctx):
+        return []
+
+
 def test_an_int_layer_site_takes_exactly_one_layer():
-    iv = get_kind("amplify-variance")(layer=2, positions=(5,), factor=4.0)
+    iv = OneLayer(layer=2, positions=(5,))
     assert site_value(iv, "layers") == (2,)
     assert vary(iv, layer=3).layer == 3
     with pytest.raises(InterventionError, match="takes one value"):
@@ -136,7 +147,7 @@ def test_valid_choices_come_from_the_literal_types(kind):
     fields = literal_fields(cls)
     assert fields, f"{kind} has no Literal option"
     required = {"ablate-mlp": dict(layers=(0,)), "rescale-sink": dict(layers=(0,), factor=2.0),
-                "amplify-variance": dict(layer=0, positions=(1,), factor=2.0),
+                "amplify-variance": dict(layers=0, positions=(1,), factor=2.0),
                 "edit-token-mlp": dict(sequences=(0,), layers=(0,), positions=(1,))}[kind]
     for name, choices in fields:
         for good in choices:

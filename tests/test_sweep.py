@@ -65,8 +65,9 @@ def _values(frame: pd.DataFrame, cols=VALUES) -> np.ndarray:
 SPECS = [
     "ablate-mlp:layers=2,positions=5",
     "ablate-mlp:layers=1|3,mode=mean",
-    "amplify-variance:layer=1,positions=4,factor=5.0",
-    "amplify-variance:layer=2,positions=4,factor=3.0,site=resid_pre",
+    "amplify-variance:layers=1,positions=4,factor=5.0",
+    "amplify-variance:layers=1|2,positions=4,factor=3.0,site=z",
+    "amplify-variance:layers=2,positions=4,factor=3.0,site=resid_pre",
     "isolate:layers=2,queries=6",
     "rescale-sink:layers=1,factor=4.0",
     "sigmoid-attn:layers=3",
@@ -191,7 +192,7 @@ def test_bad_grid_fails_before_any_forward_pass(llama, batch, tmp_path):
         with pytest.raises(InterventionError, match="layer 7 is out of range"):
             sweep(llama, batch, TEMPLATE, {"layer": [1, 7], "position": [3]}, tmp_path / "a", progress=False)
         with pytest.raises(InterventionError, match="finite"):
-            sweep(llama, batch, AmplifyVariance(layer=1, positions=(3,), factor=2.0), {"strength": [1.0, float("nan")]},
+            sweep(llama, batch, AmplifyVariance(layers=1, positions=(3,), factor=2.0), {"strength": [1.0, float("nan")]},
                   tmp_path / "b", progress=False)
         with pytest.raises(InterventionError, match="cannot vary 'strength'"):
             sweep(llama, batch, AblateMLP(layers=(1,)), {"strength": [1.0]}, tmp_path / "b", progress=False)

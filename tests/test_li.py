@@ -1,0 +1,171 @@
+"""Li et al. as the paper does it (issue 11 §1-2): variance amplification at the attention output,
+the variance discrepancy across a batch of random sequences, DomRatio, super neurons from the
+weights, and planting (i) at position 10.
+
+Unit tests run on the seeded tiny Llama (4 layers, d_model 64, 4 heads of 16): every number is
+recomputed by hand from the clean run's cache. Real-model tests (marked ``real``) run on
+smollm2-135m; each threshold comes from a measurement written in the test's docstring.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from circuits.probes import tokenize
+from interventions.base import InterventionError, registered_hooks
+from interventions.registry import parse_spec, spec
+from interventions.residual import AmplifyVariance
+
+TEXTS = [
+    "The cat sat on the mat and looked at the bird outside.",
+    "A short one.",
+    "Numbers like 12 and 7 appear in this sentence about counting things slowly.",
+]
+
+
+@pytest.fixture(scope="module")
+def batch(llama):
+    return tokenize(llama, TEXTS)
+
+
+def cache(model, batch, iv=None) -> dict[str, torch.Tensor]:
+    """The run's activations (intervened when ``iv`` is given); no hook may be left behind."""
+    with torch.no_grad():
+        if iv is None:
+            return model.run_with_cache(batch.tokens)[1]
+        with iv.applied(model, batch):
+            out = model.run_with_cache(batch.tokens)[1]
+    assert registered_hooks(model) == {}
+    return out
+
+
+def position_mean(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Per sequence, the mean of ``x[i, :n_i]`` over positions (by a Python loop, as by hand)."""
+    return torch.stack([x[i, : int(n)].mean(0) for i, n in enumerate(lengths)])
+
+
+# --------------------------------------------------------------------------- intervention (ii)
+
+
+@pytest.mark.parametrize("site,hook", [("attn_out", "blocks.{l}.hook_attn_out"), ("z", "blocks.{l}.attn.hook_z")])
+def test_deviation_mode_is_mu_plus_lambda_times_the_deviation(llama, batch, site, hook):
+    """One edited layer: the hooked activation at the chosen positions is exactly
+    mu + lambda (o - mu), mu the mean over the sequence's real positions (per head for z); every
+    other position is unchanged, and pads do not enter mu."""
+    layer, positions, lam = 1, (2, 5), 3.0
+    clean = cache(llama, batch)
+    got = cache(llama, batch, AmplifyVariance(layers=layer, positions=positions, factor=lam, site=site))
+    o, new = clean[hook.format(l=layer)], got[hook.format(l=layer)]
+    mu = position_mean(o, batch.lengths)  # [b, d] or [b, h, d]
+    assert int(batch.lengths.min()) < o.shape[1]  # the batch has pads, so excluding them matters
+    for p in positions:
+        torch.testing.assert_close(new[:, p], mu + lam * (o[:, p] - mu), atol=1e-5, rtol=1e-5)
+    others = [p for p in range(o.shape[1]) if p not in positions]
+    torch.testing.assert_close(new[:, others], o[:, others])
+    # with the pads included, mu would differ (pads hold real activations of pad tokens)
+    assert not torch.allclose(o.mean(1), mu, atol=1e-4)
+
+
+@pytest.mark.parametrize("site,hook", [("attn_out", "blocks.{l}.hook_attn_out"), ("z", "blocks.{l}.attn.hook_z"),
+                                       ("resid_post", "blocks.{l}.hook_resid_post"), ("resid_pre", "blocks.{l}.hook_resid_pre")])
+def test_norm_mode_is_plain_scaling(llama, batch, site, hook):
+    clean = cache(llama, batch)
+    got = cache(llama, batch, AmplifyVariance(layers=2, positions=(4,), factor=5.0, mode="norm", site=site))
+    o, new = clean[hook.format(l=2)], got[hook.format(l=2)]
+    torch.testing.assert_close(new[:, 4], 5.0 * o[:, 4], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(new[:, :4], o[:, :4])
+
+
+@pytest.mark.parametrize("site,hook", [("attn_out", "blocks.{l}.hook_attn_out"), ("z", "blocks.{l}.attn.hook_z")])
+def test_mu_dims_keeps_the_token_mean_over_its_dimensions(llama, batch, site, hook):
+    clean = cache(llama, batch)
+    got = cache(llama, batch, AmplifyVariance(layers=0, positions=(3,), factor=4.0, site=site, mu="dims"))
+    o, new = clean[hook.format(l=0)][:, 3], got[hook.format(l=0)][:, 3]
+    mean = o.mean(-1, keepdim=True)
+    torch.testing.assert_close(new, mean + 4.0 * (o - mean), atol=1e-5, rtol=1e-5)
+
+
+def test_a_range_of_layers_is_edited_in_order(llama, batch):
+    """layers=0-2: each layer's attention output is amplified around *its own* mean, computed in
+    the run that already carries the earlier layers' edits; layer 3 is untouched."""
+    iv = parse_spec("amplify-variance:site=attn_out,layers=0-2,positions=4,factor=2")
+    assert iv == AmplifyVariance(layers=(0, 1, 2), positions=(4,), factor=2.0)
+    assert iv.min_layer == 0 and iv.layers_touched() == (0, 1, 2)
+    got = cache(llama, batch, iv)
+    # re-run the same edits one layer at a time to recover the pre-edit activation of each layer
+    for layer in (0, 1, 2):
+        before = cache(llama, batch, AmplifyVariance(layers=tuple(range(layer)), positions=(4,), factor=2.0)) if layer else cache(llama, batch)
+        o = before[f"blocks.{layer}.hook_attn_out"]
+        mu = position_mean(o, batch.lengths)
+        torch.testing.assert_close(got[f"blocks.{layer}.hook_attn_out"][:, 4], mu + 2.0 * (o[:, 4] - mu), atol=1e-4, rtol=1e-4)
+
+
+def test_factor_one_is_the_identity_and_the_edit_reaches_the_residual(llama, batch):
+    clean = cache(llama, batch)
+    same = cache(llama, batch, AmplifyVariance(layers=(0, 1), positions=(3,), factor=1.0))
+    torch.testing.assert_close(same["blocks.3.hook_resid_post"], clean["blocks.3.hook_resid_post"], atol=1e-5, rtol=1e-5)
+    got = cache(llama, batch, AmplifyVariance(layers=1, positions=(3,), factor=4.0))
+    # the residual after block 1 carries the edited attention output: resid_mid = resid_pre + attn_out
+    delta = got["blocks.1.hook_attn_out"][:, 3] - clean["blocks.1.hook_attn_out"][:, 3]
+    assert delta.abs().max() > 1e-3
+    torch.testing.assert_close(got["blocks.1.hook_resid_pre"], clean["blocks.1.hook_resid_pre"])
+    torch.testing.assert_close(got["blocks.1.hook_resid_post"][:, :3], clean["blocks.1.hook_resid_post"][:, :3], atol=1e-5, rtol=1e-5)
+
+
+def test_spec_syntax_and_field_errors(llama, batch):
+    iv = parse_spec("amplify-variance:site=attn_out,layers=0-2,positions=10,factor=8")
+    assert (iv.site, iv.mode, iv.mu, iv.layers) == ("attn_out", "deviation", "positions", (0, 1, 2))
+    assert spec(iv) == "amplify-variance:layers=0-2,positions=10,factor=8.0"
+    assert parse_spec(spec(iv)) == iv
+    assert parse_spec("amplify-variance:layer=2,positions=3,factor=2,mode=norm,site=z,mu=dims") == AmplifyVariance(
+        layers=(2,), positions=(3,), factor=2.0, mode="norm", site="z", mu="dims")
+    with pytest.raises(InterventionError, match=r"AmplifyVariance.site: must be one of 'attn_out', 'z', 'resid_post', 'resid_pre'; got 'mlp'"):
+        AmplifyVariance(layers=1, positions=(2,), factor=2.0, site="mlp")
+    with pytest.raises(InterventionError, match=r"AmplifyVariance.mu: must be one of 'positions', 'dims'; got 'batch'"):
+        AmplifyVariance(layers=1, positions=(2,), factor=2.0, mu="batch")
+    with pytest.raises(InterventionError, match=r"AmplifyVariance.layers: layer 4 is out of range; this model has 4 layers"):
+        with AmplifyVariance(layers=(2, 4), positions=(2,), factor=2.0).applied(llama, batch):
+            pytest.fail("no forward pass may run")
+    assert registered_hooks(llama) == {}
+
+
+@pytest.mark.real
+def test_deviation_amplification_at_attn_out_plants_a_sink_on_smollm2(smollm2):
+    """Li et al. (ii) at the paper's site holds on smollm2-135m (plain scaling does not).
+
+    Measured (8 built-in probe passages × 64 tokens, no BOS, CPU float32; ``amplify-variance:
+    site=attn_out,layers=0-2,positions=10,factor=λ``; score = mean sink score of position 10 over
+    layers 3-29): clean 0.0080 (primary sink 0.51). Deviation mode, λ = 1, 2, 4, 8, 16: 0.0080,
+    0.0081, 0.1133, 0.0536, 0.0764 (≈ 0.2 per layer in layers 3-8 at λ = 4). Norm mode (the
+    control): 0.0080, 0.0104, 0.0119, 0.0142, 0.0150. Spearman rho(λ, deviation score) = 0.70;
+    deviation / norm at λ = 8: 3.8 ×, at λ = 16: 5.1 ×. The curve is not monotone: it peaks at
+    λ = 4. ``site=z`` gives the same numbers to 4 decimals (W_O is linear, and the mean over
+    positions commutes with it). For comparison, ``site=resid_post,mu=dims`` (the toolkit's
+    earlier edit) at λ = 8: see ``tests/test_recipes_real.py`` (no sink).
+    """
+    from scipy.stats import spearmanr
+
+    from circuits.measure import measure
+    from circuits.probes import probe_texts
+
+    b = tokenize(smollm2, probe_texts(8), prepend_bos=False, max_tokens=64)
+    late = list(range(3, int(smollm2.cfg.n_layers)))
+
+    def score(iv=None) -> float:
+        hooks = iv.hooks_for(smollm2, b) if iv is not None else ()
+        return float(np.nanmean(measure(smollm2, b, hooks=hooks, progress=False).sink_score[:, late, 10]))
+
+    grid = (1.0, 2.0, 4.0, 8.0, 16.0)
+    clean = score()
+    dev = [score(AmplifyVariance(layers=(0, 1, 2), positions=(10,), factor=f)) for f in grid]
+    norm = [score(AmplifyVariance(layers=(0, 1, 2), positions=(10,), factor=f, mode="norm")) for f in grid]
+    rho = spearmanr(grid, dev)[0]
+    print("clean", clean, "deviation", dev, "norm", norm, "rho", rho)
+    assert clean < 0.015
+    assert dev[0] == pytest.approx(clean, abs=1e-4) and norm[0] == pytest.approx(clean, abs=1e-4)
+    assert rho >= 0.5
+    assert min(dev[2:]) >= 0.03  # λ ≥ 4: at least ~4 × clean (measured 6.7-14 ×)
+    assert dev[3] >= 2.5 * norm[3] and dev[4] >= 2.5 * norm[4]
+    assert max(norm) < 0.03
