@@ -57,7 +57,7 @@ distribution is the acting layer's business: :func:`interventions.effect.output_
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Literal, Sequence
 
 import numpy as np
 import pandas as pd
@@ -69,7 +69,7 @@ from circuits.driver import HookSource, Run, drive
 from circuits.measure import lower_median_abs
 from circuits.meter import ArrayMeter, Axes, Meter, MeterError, array, axes_of, per_sequence
 from circuits.probes import TokenBatch
-from circuits.stats import correlations, nanmean, nanmean_t
+from circuits.stats import correlations, nanmean, nanmean_t, valid_positions
 
 SITES: tuple[str, ...] = ("input", "gate", "up", "act", "act_x_up", "down", "written")
 SITE_HOOKS: dict[str, str] = {
@@ -395,6 +395,249 @@ def super_neurons(
     return pd.DataFrame(rows, columns=columns).sort_values(["layer", "ratio"], ascending=[True, False], ignore_index=True)
 
 
+# ------------------------------------------------------------------------------ Li et al. as defined
+
+
+def random_tokens(model, n: int, length: int, *, seed: int = 0) -> TokenBatch:
+    """``n`` sequences of ``length`` token ids drawn uniformly from the vocabulary, no BOS.
+
+    Li et al.'s input for the variance discrepancy: random tokens rule out any effect of a BOS
+    or of natural text. The tokenizer's special ids (BOS, EOS, pad, ...) are never drawn, so no
+    sequence starts with a token the model learned to treat as a start. Seeded (a CPU
+    ``torch.Generator``), so the same call gives the same batch on every machine.
+    """
+    vocab = int(model.cfg.d_vocab)
+    special = set(getattr(getattr(model, "tokenizer", None), "all_special_ids", None) or [])
+    allowed = torch.tensor([t for t in range(vocab) if t not in special])
+    gen = torch.Generator().manual_seed(int(seed))
+    tokens = allowed[torch.randint(len(allowed), (int(n), int(length)), generator=gen)]
+    str_tokens = [[str(int(t)) for t in row] for row in tokens]
+    return TokenBatch(tokens, torch.full((int(n),), int(length)), False, str_tokens)
+
+
+@dataclass
+class BatchVariance:
+    """Li et al.'s variance discrepancy: per layer and position, the variance of an attention
+    output *across the sequences of a batch*, per dimension, then averaged over dimensions.
+
+    ``z``: the value aggregation before ``W_O`` (``attn.hook_z``, all heads' ``d_head``
+    dimensions together); ``out``: the attention output after ``W_O`` (``hook_attn_out``).
+    Sample variance (``ddof=1``) over the ``n`` sequences that reach the position. Not the
+    variance over the dimensions of one vector (:class:`AttnOutStats` ``z_var``, "within-vector").
+    """
+
+    z: np.ndarray  # [L, T]
+    out: np.ndarray  # [L, T]
+    n: np.ndarray  # [T]: sequences that reach each position
+
+
+class BatchVarianceMeter:
+    """Accumulates, per layer and position, the sum and sum of squares of every dimension of
+    ``hook_z`` and ``hook_attn_out`` over the batch's sequences (float64), so
+    :meth:`result` gives the across-batch variance without keeping any activation.
+
+    A statistic across sequences has no per-sequence rows, so this meter implements the
+    :class:`~circuits.meter.Meter` protocol directly rather than on :class:`ArrayMeter`.
+    """
+
+    SITES = {"z": "attn.hook_z", "out": "hook_attn_out"}
+
+    def __init__(self, model):
+        self.n_layers = int(model.cfg.n_layers)
+        self._sums: dict[tuple[str, int], list[Tensor]] = {}
+        self._count: Tensor | None = None
+        self._lengths: Tensor | None = None
+
+    def begin(self, batch: TokenBatch) -> None:
+        self._lengths = batch.lengths
+
+    def hooks(self):
+        return [(f"blocks.{l}.{hook}", self._hook(key, l)) for l in range(self.n_layers) for key, hook in self.SITES.items()]
+
+    def _hook(self, key: str, layer: int):
+        def hook(x: Float[Tensor, "batch pos *feature"], hook):
+            x = x.detach().double().flatten(2)  # [b, t, d]
+            valid = valid_positions(self._lengths.to(x.device), x.shape[1]).to(x.dtype)[..., None]
+            x = x * valid
+            s1, s2 = x.sum(0).cpu(), (x * x).sum(0).cpu()
+            if (key, layer) in self._sums:
+                old1, old2 = self._sums[(key, layer)]
+                s1, s2 = _add_rows(old1, s1), _add_rows(old2, s2)
+            self._sums[(key, layer)] = [s1, s2]
+            if key == "z" and layer == 0:
+                count = valid[..., 0].sum(0).cpu()
+                self._count = count if self._count is None else _add_rows(self._count, count)
+
+        return hook
+
+    def end(self, logits=None) -> None:
+        self._lengths = None
+
+    def result(self) -> BatchVariance:
+        if self._count is None:
+            raise MeterError("BatchVarianceMeter: no batch was measured")
+        n = self._count
+        out = {}
+        for key in self.SITES:
+            rows = []
+            for l in range(self.n_layers):
+                s1, s2 = self._sums[(key, l)]
+                s1, s2 = _pad_rows(s1, len(n)), _pad_rows(s2, len(n))
+                k = n[:, None]
+                var = (s2 - s1 * s1 / k.clamp_min(1)) / (k - 1).clamp_min(1)
+                var = torch.where(k > 1, var, torch.nan)
+                rows.append(var.mean(-1).numpy())
+            out[key] = np.stack(rows)
+        return BatchVariance(out["z"], out["out"], n.numpy().astype(np.int64))
+
+
+def _pad_rows(x: Tensor, rows: int) -> Tensor:
+    """``x`` with zero rows appended along axis 0 up to ``rows`` (sub-batches of other widths)."""
+    return x if x.shape[0] >= rows else torch.cat([x, x.new_zeros(rows - x.shape[0], *x.shape[1:])])
+
+
+def _add_rows(a: Tensor, b: Tensor) -> Tensor:
+    """``a + b`` along axis 0 (positions), the shorter one padded with zeros."""
+    rows = max(a.shape[0], b.shape[0])
+    return _pad_rows(a, rows) + _pad_rows(b, rows)
+
+
+def kendall_tau(x: np.ndarray, y: np.ndarray) -> float:
+    """Kendall's tau-b between two orderings, over the finite pairs; NaN with < 3 pairs."""
+    from scipy import stats  # heavy: scipy.stats adds ~0.5 s to an import of circuits
+
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    ok = np.isfinite(x) & np.isfinite(y)
+    return float(stats.kendalltau(x[ok], y[ok])[0]) if ok.sum() >= 3 else float("nan")
+
+
+def batch_variance_table(var: BatchVariance) -> pd.DataFrame:
+    """Per layer: the across-batch variance at position 0 (``z_first``, ``out_first``), the median
+    over positions >= 1 (``*_rest``), their ratio, Spearman's rho of variance against position
+    (negative: it decays), and Kendall's tau between the orderings of positions by ``z`` and
+    by ``out`` variance (does ``W_O`` preserve the ordering? Li et al.: about 0.32)."""
+    rows = []
+    pos = np.arange(var.z.shape[1])
+    for l in range(var.z.shape[0]):
+        row = {"layer": l}
+        for key in ("z", "out"):
+            a = getattr(var, key)[l]
+            with np.errstate(all="ignore"):
+                rest = float(np.nanmedian(a[1:])) if len(a) > 1 else float("nan")
+            row.update({f"{key}_first": float(a[0]), f"{key}_rest": rest, f"{key}_ratio": float(a[0]) / rest if rest else float("nan"),
+                        f"{key}_rho_position": correlations(pos, a)["spearman"]})
+        row["kendall_z_out"] = kendall_tau(var.z[l], var.out[l])
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def batch_variance(model, n: int = 64, length: int = 64, *, seed: int = 0, batch_size: int = 16) -> BatchVariance:
+    """:class:`BatchVariance` of ``n`` random-token sequences of ``length`` tokens (:func:`random_tokens`)."""
+    meter = BatchVarianceMeter(model)
+    observe(model, random_tokens(model, n, length, seed=seed), [meter], batch_size=batch_size)
+    return meter.result()
+
+
+DomSite = Literal["resid_post", "resid_pre", "ln1"]
+DOM_HOOKS: dict[str, str] = {"resid_post": "hook_resid_post", "resid_pre": "hook_resid_pre", "ln1": "ln1.hook_out"}
+
+
+@dataclass
+class DomRatioStats:
+    dom_ratio: np.ndarray = array("seq", "layer")  # [N, L]: max_j |h_0j| / mean_k |h_0k| of the first token
+    dom_dim: np.ndarray = array("seq", "layer", dtype=np.int64)  # [N, L]: the j of that max
+    lengths: np.ndarray = per_sequence(np.int64)
+
+
+class DomRatioMeter(ArrayMeter):
+    """Li et al.'s dimension disparity of the first token, ``DomRatio(h_0) = max_j |h_0j| / mean_k |h_0k|``,
+    per layer, at ``where``: ``"resid_post"`` (the block output, default), ``"resid_pre"`` (the
+    block input) or ``"ln1"`` (the block input after its RMSNorm, gain included: "after RMSNorm
+    at layer L" as the paper reports it, about 263 at layer 2 of Llama-2-7B)."""
+
+    def __init__(self, model, where: DomSite = "resid_post"):
+        if where not in DOM_HOOKS:
+            raise MeterError(f"DomRatioMeter.where must be one of {', '.join(DOM_HOOKS)}; got {where!r}")
+        self.n_layers, self.where = int(model.cfg.n_layers), where
+        super().__init__(axes_of(DomRatioStats), {"layer": self.n_layers})
+
+    def hooks(self):
+        return [(f"blocks.{l}.{DOM_HOOKS[self.where]}", self._hook(l)) for l in range(self.n_layers)]
+
+    def _hook(self, layer):
+        def hook(h: Float[Tensor, "batch pos d_model"], hook):
+            a = h.detach().float()[:, 0].abs()
+            top = a.max(-1)
+            self.put("dom_ratio", layer, top.values / a.mean(-1))
+            self.put("dom_dim", layer, top.indices)
+
+        return hook
+
+    def result(self) -> DomRatioStats:
+        return DomRatioStats(**self.arrays(), lengths=self.lengths)
+
+
+def dom_ratio_table(stats: DomRatioStats) -> pd.DataFrame:
+    """Per layer: the mean DomRatio of the first token over sequences and its most frequent dimension."""
+    dims = [int(np.bincount(col[col >= 0]).argmax()) for col in stats.dom_dim.T]
+    return pd.DataFrame({"layer": np.arange(stats.dom_ratio.shape[1]), "dom_ratio": nanmean(stats.dom_ratio, axis=0), "dom_dim": dims})
+
+
+def mlp_weights(model, layer: int) -> dict[str, Float[Tensor, "rows cols"]]:
+    """The gated MLP's weights of a layer as the HF linear layers hold them: ``gate`` and ``up``
+    ``[d_mlp, d_model]`` (row c: neuron c's input weights, the paper's *column* of ``W_gate`` /
+    ``W_up``), ``down`` ``[d_model, d_mlp]`` (column c: what neuron c writes, the paper's *row*
+    of ``W_down``)."""
+    mlp = model.blocks[layer].mlp
+    get = lambda part: getattr(mlp, part).original_component.weight.detach().float()  # noqa: E731
+    if not all(hasattr(mlp, part) for part in ("gate", "in", "out")):
+        raise MeterError("weight super neurons need a gated MLP (gate, up and down projections)")
+    return {"gate": get("gate"), "up": get("in"), "down": get("out")}
+
+
+def weight_neurons(model) -> pd.DataFrame:
+    """Every MLP neuron's weights, one row per (layer, channel): ``gate_norm`` and ``up_norm``
+    (L2 norms of its input weights), ``norm_ratio`` (``gate_norm · up_norm`` over the layer's
+    median of it), and its ``W_down`` write: ``down_norm``, ``down_top_dim`` (the residual
+    dimension it writes most) and ``down_top_share`` (that dimension's share of the squared
+    norm: 1 = writes one dimension only; 1/d_model = spread evenly), ``down_kurtosis``
+    (excess kurtosis of its entries: heavy tails)."""
+    frames = []
+    for l in range(int(model.cfg.n_layers)):
+        w = mlp_weights(model, l)
+        g, u = w["gate"].norm(dim=1), w["up"].norm(dim=1)
+        d = w["down"].T  # [d_mlp, d_model]
+        sq = d * d
+        gu = g * u
+        z = (d - d.mean(1, keepdim=True)) / d.std(1, keepdim=True).clamp_min(1e-12)
+        frames.append(pd.DataFrame({
+            "layer": l, "channel": np.arange(len(g)), "gate_norm": g.cpu().numpy(), "up_norm": u.cpu().numpy(),
+            "norm_ratio": (gu / gu.median()).cpu().numpy(), "down_norm": d.norm(dim=1).cpu().numpy(),
+            "down_top_dim": sq.argmax(1).cpu().numpy(), "down_top_share": (sq.max(1).values / sq.sum(1).clamp_min(1e-30)).cpu().numpy(),
+            "down_kurtosis": ((z ** 4).mean(1) - 3).cpu().numpy(),
+        }))
+    return pd.concat(frames, ignore_index=True)
+
+
+def weight_super_neurons(neurons: pd.DataFrame, *, min_ratio: float = 5.0, top: int | None = None) -> pd.DataFrame:
+    """The neurons of :func:`weight_neurons` whose ``norm_ratio`` is at least ``min_ratio`` (Li et
+    al.: "a few columns with very large norms"; they give no threshold, ``min_ratio`` is the
+    toolkit's choice), largest first; ``top`` keeps only that many."""
+    out = neurons[neurons["norm_ratio"] >= min_ratio].sort_values("norm_ratio", ascending=False, ignore_index=True)
+    return out if top is None else out.head(top)
+
+
+def cross_check_super_neurons(by_weights: pd.DataFrame, by_activations: pd.DataFrame) -> dict:
+    """How the weight-based super neurons (:func:`weight_super_neurons`) and the activation-based
+    ones (:func:`super_neurons`) agree: the (layer, channel) pairs in both, in either only, and
+    the share of the activation-based ones the weights find."""
+    w = {(int(l), int(c)) for l, c in zip(by_weights["layer"], by_weights["channel"])}
+    a = {(int(l), int(c)) for l, c in zip(by_activations["layer"], by_activations["channel"])}
+    both = sorted(w & a)
+    return {"both": both, "weights_only": sorted(w - a), "activations_only": sorted(a - w), "n_weights": len(w), "n_activations": len(a),
+            "recall": len(both) / len(a) if a else float("nan")}
+
+
 # ------------------------------------------------------------------------------ keys and values
 
 
@@ -505,4 +748,7 @@ __all__ = [
     "SITE_HOOKS", "SuperNeuronStats", "correlations", "creation_layer_mlp", "down_projection", "key_hook_name",
     "key_value_norms", "nanmean_t", "observe",
     "site_baseline", "super_neurons", "variance_by_position", "variance_profile",
+    "BatchVariance", "BatchVarianceMeter", "DOM_HOOKS", "DomRatioMeter", "DomRatioStats", "DomSite", "batch_variance",
+    "batch_variance_table", "cross_check_super_neurons", "dom_ratio_table", "kendall_tau", "mlp_weights", "random_tokens",
+    "weight_neurons", "weight_super_neurons",
 ]

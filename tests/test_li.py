@@ -169,3 +169,109 @@ def test_deviation_amplification_at_attn_out_plants_a_sink_on_smollm2(smollm2):
     assert min(dev[2:]) >= 0.03  # λ ≥ 4: at least ~4 × clean (measured 6.7-14 ×)
     assert dev[3] >= 2.5 * norm[3] and dev[4] >= 2.5 * norm[4]
     assert max(norm) < 0.03
+
+
+# --------------------------------------------------------------------------- the quantities as defined
+
+
+def test_random_tokens_are_seeded_without_bos_or_special_ids(llama):
+    from circuits.analyses import random_tokens
+
+    a, b = random_tokens(llama, 6, 12, seed=3), random_tokens(llama, 6, 12, seed=3)
+    assert torch.equal(a.tokens, b.tokens) and not torch.equal(a.tokens, random_tokens(llama, 6, 12, seed=4).tokens)
+    assert a.tokens.shape == (6, 12) and a.prepend_bos is False and (a.lengths == 12).all()
+    assert not set(a.tokens.flatten().tolist()) & set(llama.tokenizer.all_special_ids)
+
+
+def test_batch_variance_is_the_variance_across_sequences(llama):
+    """By hand from a cache: per layer and position, the per-dimension sample variance over the
+    batch's sequences, averaged over dimensions; sub-batches accumulate to the same numbers."""
+    from circuits.analyses import BatchVarianceMeter, batch_variance, batch_variance_table, observe, random_tokens
+
+    b = random_tokens(llama, 7, 9, seed=0)
+    var = batch_variance(llama, 7, 9, seed=0, batch_size=3)  # 3 sub-batches of 3, 3, 1
+    clean = cache(llama, b)
+    for layer in (0, 3):
+        z = clean[f"blocks.{layer}.attn.hook_z"].flatten(2)
+        out = clean[f"blocks.{layer}.hook_attn_out"]
+        np.testing.assert_allclose(var.z[layer], z.var(0, unbiased=True).mean(-1).numpy(), rtol=1e-4)
+        np.testing.assert_allclose(var.out[layer], out.var(0, unbiased=True).mean(-1).numpy(), rtol=1e-4)
+    assert list(var.n) == [7] * 9
+    one = BatchVarianceMeter(llama)
+    observe(llama, b, [one], batch_size=7)
+    np.testing.assert_allclose(one.result().z, var.z, rtol=1e-5)
+    table = batch_variance_table(var)
+    assert list(table["layer"]) == [0, 1, 2, 3]
+    assert table.loc[0, "z_first"] == pytest.approx(var.z[0, 0]) and table.loc[0, "z_rest"] == pytest.approx(np.median(var.z[0, 1:]))
+    assert -1 <= table.loc[0, "kendall_z_out"] <= 1
+
+
+def test_batch_variance_leaves_pads_out(llama, batch):
+    from circuits.analyses import BatchVarianceMeter, observe
+
+    meter = BatchVarianceMeter(llama)
+    observe(llama, batch, [meter], batch_size=2)
+    var = meter.result()
+    lengths = batch.lengths.tolist()
+    assert list(var.n) == [sum(n > t for n in lengths) for t in range(max(lengths))]
+    last = max(lengths) - 1  # only one sequence reaches it: no variance
+    assert np.isnan(var.z[:, last]).all()
+    t = min(lengths) - 1  # every sequence reaches it
+    z = cache(llama, batch)["blocks.1.attn.hook_z"].flatten(2)
+    assert var.z[1, t] == pytest.approx(float(z[:, t].var(0, unbiased=True).mean()), rel=1e-4)
+
+
+def test_kendall_tau_by_hand():
+    from circuits.analyses import kendall_tau
+
+    assert kendall_tau([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert kendall_tau([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert kendall_tau([1, 2, 3], [1, 3, 2]) == pytest.approx(1 / 3)  # concordant 2, discordant 1
+    assert np.isnan(kendall_tau([1, 2], [1, 2]))
+
+
+@pytest.mark.parametrize("where,hook", [("resid_post", "blocks.{l}.hook_resid_post"), ("ln1", "blocks.{l}.ln1.hook_out")])
+def test_dom_ratio_of_the_first_token(llama, batch, where, hook):
+    from circuits.analyses import DomRatioMeter, dom_ratio_table, observe
+
+    meter = DomRatioMeter(llama, where=where)
+    observe(llama, batch, [meter], batch_size=2)
+    st = meter.result()
+    clean = cache(llama, batch)
+    for layer in range(4):
+        h0 = clean[hook.format(l=layer)][:, 0].abs()
+        np.testing.assert_allclose(st.dom_ratio[:, layer], (h0.max(-1).values / h0.mean(-1)).numpy(), rtol=1e-5)
+        np.testing.assert_array_equal(st.dom_dim[:, layer], h0.argmax(-1).numpy())
+    table = dom_ratio_table(st)
+    assert table["dom_ratio"].to_numpy() == pytest.approx(st.dom_ratio.mean(0))
+    with pytest.raises(Exception, match="where must be one of"):
+        DomRatioMeter(llama, where="mlp")
+
+
+def test_weight_neurons_by_hand(llama):
+    """Column norms of W_gate / W_up per neuron (HF rows), the W_down write's top dimension and share;
+    a neuron planted with a 20 × larger gate and up row stands out with norm_ratio ≈ 400."""
+    import copy
+
+    from circuits.analyses import cross_check_super_neurons, weight_neurons, weight_super_neurons
+
+    model = copy.deepcopy(llama)
+    mlp = model.blocks[1].mlp
+    with torch.no_grad():
+        mlp.gate.original_component.weight[7] *= 20
+        getattr(mlp, "in").original_component.weight[7] *= 20
+        mlp.out.original_component.weight[:, 7] = 0
+        mlp.out.original_component.weight[5, 7] = 3.0
+    table = weight_neurons(model)
+    assert len(table) == 4 * int(model.cfg.d_mlp)
+    row = table[(table["layer"] == 1) & (table["channel"] == 7)].iloc[0]
+    g = mlp.gate.original_component.weight[7].norm().item()
+    assert row["gate_norm"] == pytest.approx(g, rel=1e-5)
+    assert row["down_top_dim"] == 5 and row["down_top_share"] == pytest.approx(1.0) and row["down_norm"] == pytest.approx(3.0)
+    assert row["norm_ratio"] > 100
+    found = weight_super_neurons(table, min_ratio=50)
+    assert [(int(r.layer), int(r.channel)) for r in found.itertuples()] == [(1, 7)]
+    import pandas as pd
+
+    check = cross_check_super_neurons(found, pd.DataFrame({"layer": [1, 2], "channel": [7, 3]}))
+    assert check["both"] == [(1, 7)] and check["activations_only"] == [(2, 3)] and check["recall"] == 0.5
