@@ -53,7 +53,7 @@ def _g2(n, th):
     layers = n["sink_layers"]
     v = np.array([r["v_ratio"] for r in n["kv_norms"]], dtype=float)[layers]
     k = np.array([r["k_ratio"] for r in n["kv_norms"]], dtype=float)[layers]
-    return {"v_ratio": float(np.nanmedian(v)), "k_ratio": float(np.nanmedian(k)), "sink_layers": anatomy.layer_ranges(layers)}
+    return {"v_ratio": float(np.nanmedian(v)), "k_ratio": float(np.nanmedian(k)), "sink_layers": anatomy.layer_ranges(layers, "none")}
 
 
 G2 = Claim(

@@ -44,7 +44,7 @@ def _l1(n, th):
     early = ratio[: max(1, len(ratio) // 3)]
     early_hits = [int(l) for l in np.flatnonzero(early >= th["ratio"])]
     return {"median_ratio": float(np.nanmedian(ratio)), "early_hits": early_hits, "n_early_hits": len(early_hits),
-            "all_hits": anatomy.layer_ranges(np.flatnonzero(ratio >= th["ratio"])), "ratio": th["ratio"]}
+            "all_hits": anatomy.layer_ranges(np.flatnonzero(ratio >= th["ratio"]), "none"), "ratio": th["ratio"]}
 
 
 L1 = Claim(
@@ -131,7 +131,7 @@ CLAIMS: tuple[Claim, ...] = (L1, L2, L3, L4)
 def _summary(table: pd.DataFrame, condition: str) -> dict:
     out = recipes.summarize_plant(table)
     keep = ("clean", "primary", "control", "did", "did_ci_low", "control_own", "vs_clean", "vs_primary")
-    return {"condition": condition, "layers": anatomy.layer_ranges(out["layers"]), "score": out["intervened"],
+    return {"condition": condition, "layers": anatomy.layer_ranges(out["layers"], "none"), "score": out["intervened"],
             **{k: out.get(k, float("nan")) for k in keep}, "sink_layers": anatomy.layer_ranges(out["sink_layers"] or [], "none")}
 
 
