@@ -11,12 +11,13 @@ metrics are the toolkit's documented choices.
 
 Planting (L3, L4) is :func:`~interventions.recipes.plant_sink` on ``Settings.plant_n`` probe
 passages, at position ``Settings.plant_position``, with its random control (the same edit at a
-random other position, same layers and strength): (i) ``isolate`` — the position attends only to
-itself in layers :data:`~interventions.recipes.DEFAULT_ISOLATE_LAYERS`; (ii) ``amplify`` — its
-variance multiplied by each of ``Settings.amplify_factors`` at the layer whose block output makes
-the first token's norm jump most (the random control runs for the largest factor, which the
-verdict reads). Each is scored over the layers after the edit
-(:func:`~interventions.recipes.summarize_plant`).
+random other position, same layers and strength), both in the recipe's early layers
+(:data:`~interventions.recipes.DEFAULT_ISOLATE_LAYERS`): (i) ``isolate`` — the position attends
+only to itself; (ii) ``amplify`` — its attention output's deviation from the sequence mean,
+``mu + lambda (o - mu)``, multiplied by each ``lambda`` of ``Settings.amplify_factors`` (the random
+control runs for the largest, which the verdict reads), and Li et al.'s control at that
+``lambda``, plain scaling ``lambda o`` (``mode="norm"``), shown next to it. Each is scored over the
+layers after the edit (:func:`~interventions.recipes.summarize_plant`).
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ import pandas as pd
 
 from circuits import analyses, anatomy
 from circuits.long_inputs import LongInputs
-from circuits.measure import SinkMeter, nanmean
 from circuits.probes import probe_texts, tokenize
 from interventions import recipes
 from sinkscope.reproduce.claims import AllOf, Claim, Measured, Test
@@ -98,17 +98,23 @@ L2 = Claim(
 def _plant(kind: str):
     def evidence(n, th):
         row = n["planting_summary"][kind]
-        return {k: row[k] for k in ("condition", "layers", "score", "clean", "primary", "control", "did", "did_ci_low", "vs_clean", "vs_primary")} | {
-            "position": n["plant_position"]}
+        keys = ("condition", "layers", "score", "clean", "primary", "control", "did", "did_ci_low", "vs_clean", "vs_primary")
+        ev = {k: row[k] for k in keys} | {"position": n["plant_position"]}
+        if kind == "amplify":
+            ev["plain_scaling_vs_clean"] = n["planting_summary"]["plain_scaling"]["vs_clean"]
+        return ev
 
     return evidence
 
 
 def _plant_text(e) -> str:
-    return (f"{e['condition']}: sink score of position {e['position']} over layers {e['layers']} = {e['score']:.3f} "
+    text = (f"{e['condition']}: sink score of position {e['position']} over layers {e['layers']} = {e['score']:.3f} "
             f"vs {e['clean']:.3f} clean ({e['vs_clean']:.1f} ×) and {e['primary']:.3f} for the clean primary sink; "
             f"random control (the same edit at another position) {e['control']:.3f} here, difference of differences "
             f"{e['did']:.3f} (CI low {e['did_ci_low']:.3f})")
+    if "plain_scaling_vs_clean" in e:
+        text += f"; plain scaling (Li et al.'s control) {e['plain_scaling_vs_clean']:.1f} × clean"
+    return text
 
 
 _PLANT = {"holds": 5.0, "partly": 2.0, "vs_primary": 0.5}
@@ -135,35 +141,35 @@ def _summary(table: pd.DataFrame, condition: str) -> dict:
             **{k: out.get(k, float("nan")) for k in keep}, "sink_layers": anatomy.layer_ranges(out["sink_layers"] or [], "none")}
 
 
-def planting(model, s: Settings, progress: bool = False) -> tuple[pd.DataFrame, dict]:
-    """Both planting interventions (see the module docstring): a tidy ``(condition, layer,
-    score)`` table of the planted position's sink score, and a summary per intervention."""
+def planting(model, s: Settings) -> tuple[pd.DataFrame, dict]:
+    """Both planting interventions and the plain-scaling control (see the module docstring): a
+    tidy ``(condition, layer, score)`` table of the planted position's sink score, and a summary
+    per run."""
     batch = tokenize(model, probe_texts(s.plant_n), max_tokens=s.plant_tokens)
-    p = s.plant_position
-    clean = SinkMeter(model)
-    analyses.observe(model, batch, [clean], batch_size=8, progress=progress)
-    jump = int(np.argmax(np.diff(nanmean(clean.result().resid_norm[:, :, 0], axis=0))))  # block whose output makes ||h_0|| jump most
+    p, fmax = s.plant_position, max(s.amplify_factors)
     iso = recipes.plant_sink(model, batch, p, method="isolate", control="random", batch_size=8)
-    fmax = max(s.amplify_factors)
-    amps = {f: recipes.plant_sink(model, batch, p, method="amplify", layers=(jump,), strength=f,
-                                  control="random" if f == fmax else None, batch_size=8) for f in s.amplify_factors}
-    isolated = anatomy.layer_ranges(recipes.DEFAULT_ISOLATE_LAYERS)
+    amps = {f: recipes.plant_sink(model, batch, p, method="amplify", strength=f, control="random" if f == fmax else None, batch_size=8)
+            for f in s.amplify_factors}
+    plain = recipes.plant_sink(model, batch, p, method="amplify", strength=fmax, amplify={"mode": "norm"}, control=None, batch_size=8)
+    edited = anatomy.layer_ranges(recipes.DEFAULT_ISOLATE_LAYERS)
     curves = {
         "clean: planted position": iso["clean"], "clean: primary sink (position 0)": iso["primary"],
-        f"isolate (layers {isolated}): planted position": iso["intervened"],
-        f"isolate, random control: position {p}": iso["control"], "isolate, random control: its own position": iso["control_own"],
-        **{f"amplify ×{f:g} at layer {jump}: planted position": amps[f]["intervened"] for f in s.amplify_factors},
+        "isolate: planted position": iso["intervened"], f"isolate, random control: position {p}": iso["control"],
+        "isolate, random control: its own position": iso["control_own"],
+        **{f"amplify deviation ×{f:g}: planted position": amps[f]["intervened"] for f in s.amplify_factors},
+        f"plain scaling ×{fmax:g}: planted position": plain["intervened"],
     }
     rows = pd.DataFrame([dict(condition=c, layer=l, score=float(v)) for c, arr in curves.items() for l, v in enumerate(arr)])
     summary = {
-        "isolate": {**_summary(iso, f"isolate (layers {isolated})"), "edited_layers": isolated},
-        "amplify": {**_summary(amps[fmax], f"amplify ×{fmax:g} at layer {jump}"), "edited_layers": str(jump), "edit_layer": jump},
+        "isolate": {**_summary(iso, f"isolate (layers {edited})"), "edited_layers": edited},
+        "amplify": {**_summary(amps[fmax], f"amplify deviation ×{fmax:g} (layers {edited}, attention output)"), "edited_layers": edited},
+        "plain_scaling": {**_summary(plain, f"plain scaling ×{fmax:g} (layers {edited}, attention output)"), "edited_layers": edited},
         "amplify_by_factor": {f"{f:g}": recipes.summarize_plant(amps[f])["vs_clean"] for f in s.amplify_factors},
     }
     return rows, summary
 
 
-def measure(model, obs: LongInputs, s: Settings, progress: bool = False) -> Measured:
+def measure(model, obs: LongInputs, s: Settings) -> Measured:
     """Every number L1-L4 read: the variance of attention outputs, the super neurons and massive
     dimensions (from the long-input pass ``obs``), and both plantings (their own runs)."""
     meas = obs.sinks
@@ -171,7 +177,7 @@ def measure(model, obs: LongInputs, s: Settings, progress: bool = False) -> Meas
     sn = analyses.super_neurons(obs.super_neurons, model, min_ratio=L2.thresholds["min_ratio"])
     massive = anatomy.massive_dimensions(meas)
     t0 = time.perf_counter()
-    plant, summary = planting(model, s, progress)
+    plant, summary = planting(model, s)
     timings = {"li_planting": time.perf_counter() - t0}
     numbers = {
         "variance": var.to_dict(orient="records"), "super_neurons": sn.to_dict(orient="records"),

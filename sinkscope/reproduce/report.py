@@ -184,16 +184,16 @@ def li_section(res: Measured, model, obs: LongInputs, s: Settings, figure: Figur
                "li_super_neurons", "Strongest super neurons, labelled by the residual dimension they write most"),
         md_table(sn.sort_values("ratio", ascending=False).head(12)) if len(sn) else "(no super neuron)", "",
         f"Planting on {s.plant_n} probe passages × {s.plant_tokens} tokens, planted position {s.plant_position}, with "
-        f"`interventions.recipes.plant_sink` (the same protocol as the recipe): (i) `isolate` in layers "
-        f"{summary['isolate']['edited_layers']}; (ii) `amplify-variance` at layer "
-        f"{summary['amplify']['edit_layer']} (largest jump of the first token's norm), factors {list(s.amplify_factors)}. Scores are "
-        "means over the layers after the edit. Controls: the same position in the clean run, and a random control (the same edit "
-        f"moved to a random other position, scored at position {s.plant_position} and at its own position).",
+        f"`interventions.recipes.plant_sink` (the same protocol as the recipe), in layers {summary['isolate']['edited_layers']}: "
+        "(i) `isolate`, the position attends only to itself; (ii) `amplify-variance`, its attention output's deviation from the "
+        f"sequence mean multiplied by λ in {list(s.amplify_factors)}, and Li et al.'s control, plain scaling by the largest λ. "
+        "Scores are means over the layers after the edit. Controls: the same position in the clean run, and a random control "
+        f"(the same edit moved to a random other position, scored at position {s.plant_position} and at its own position).",
         "",
         figure(paper_plots.planting_plot(f["planting"], title=f"{name}: sink score of the planted position {s.plant_position}"),
                "li_planting", "Sink score by layer of the planted position under each intervention, with controls"),
-        md_table(pd.DataFrame([summary[c] for c in ("isolate", "amplify")])), "",
-        "Amplification, planted score over clean by factor: "
+        md_table(pd.DataFrame([summary[c] for c in ("isolate", "amplify", "plain_scaling")])), "",
+        "Deviation amplification, planted score over clean by λ: "
         + ", ".join(f"×{k}: {v:.2f}" for k, v in summary["amplify_by_factor"].items()) + ".",
         "",
     ]
@@ -296,7 +296,7 @@ def reproduce(
     timings["main_pass"] = time.perf_counter() - t0
     papers = (
         ("wong", wong, lambda: wong.measure(model, obs, s), wong_section),
-        ("li", li, lambda: li.measure(model, obs, s, progress), li_section),
+        ("li", li, lambda: li.measure(model, obs, s), li_section),
         ("gu", gu, lambda: gu.measure(model, obs, s, progress, checkpoints), gu_section),
     )
     numbers, findings, sections = {}, [], []
