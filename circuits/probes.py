@@ -14,6 +14,7 @@ token of every sequence); the measurement excludes pad queries and keys using ``
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -59,6 +60,10 @@ class TokenBatch:
         return TokenBatch(self.tokens[idx, :width], lengths, self.prepend_bos, [self.str_tokens[i] for i in idx])
 
 
+#: The shortest sequence worth measuring: a sink needs at least one later query.
+MIN_TOKENS = 2
+
+
 def check_texts(texts: str | Sequence[str], max_tokens: int | None = None) -> list[str]:
     """The model-independent checks of :func:`tokenize`, cheap enough to run before loading."""
     if isinstance(texts, str):
@@ -69,8 +74,9 @@ def check_texts(texts: str | Sequence[str], max_tokens: int | None = None) -> li
     for i, text in enumerate(texts):
         if not isinstance(text, str) or not text.strip():
             raise TokenizationError(f"text {i} is empty")
-    if max_tokens is not None and max_tokens <= 0:
-        raise TokenizationError(f"max_tokens must be positive, got {max_tokens}")
+    if max_tokens is not None and max_tokens < MIN_TOKENS:
+        raise TokenizationError(
+            f"max_tokens must be at least {MIN_TOKENS} (a sink is attention from later queries), got {max_tokens}")
     return texts
 
 
@@ -91,10 +97,10 @@ def tokenize(
     Args:
         prepend_bos: prepend the tokenizer's BOS token. ``None`` means the model's native policy
             (see :func:`default_prepend_bos`); the resolved value is recorded in the batch.
-        max_tokens: truncate each sequence (BOS included) to this many tokens.
+        max_tokens: truncate each sequence (BOS included) to this many tokens (at least 2).
 
     Raises:
-        TokenizationError: an empty text, ``max_tokens <= 0``, or a sequence longer than the
+        TokenizationError: an empty text, ``max_tokens < 2``, or a sequence longer than the
             model's context (``model.cfg.n_ctx``) after truncation.
     """
     texts = check_texts(texts, max_tokens)
@@ -114,7 +120,8 @@ def tokenize(
         n_ctx = int(model.cfg.n_ctx)
         if len(ids) > n_ctx:
             raise TokenizationError(
-                f"text {i} has {len(ids)} tokens, more than the model's context of {n_ctx}; pass max_tokens"
+                f"text {i} has {len(ids)} tokens, more than the model's context of {n_ctx}; "
+                f"truncate it with max_tokens (--max-tokens) <= {n_ctx}"
             )
         rows.append(ids)
     lengths = torch.tensor([len(r) for r in rows])
@@ -156,22 +163,115 @@ def reasoning_texts(n: int | None = None) -> list[str]:
     return traces if n is None else traces[:n]
 
 
-def read_prompts_file(path: str | Path) -> list[str]:
-    """Prompts from a file: one per blank-line-separated paragraph, or JSON list of strings."""
+#: Prompt file formats (README, "Prompt files"): ``paragraphs`` (blank-line separated),
+#: ``lines`` (one prompt per non-empty line), ``json`` (a list of strings, or of objects with a
+#: ``text`` field), ``jsonl`` (one JSON object with a ``text`` field, or a JSON string, per line).
+PROMPT_FORMATS = ("paragraphs", "lines", "json", "jsonl")
+_EXTENSIONS = {".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl", ".txt": "text", ".md": "text", ".text": "text"}
+
+
+_BLANK_LINE = re.compile(r"\r?\n[ \t\r]*\n")
+
+
+class PromptsFileError(TokenizationError):
+    """A prompts file that cannot be read, or whose format is wrong or ambiguous."""
+
+
+def read_prompts(path: str | Path, format: str | None = None) -> tuple[list[str], str]:
+    """Prompts from a file and the format they were read in (one of :data:`PROMPT_FORMATS`).
+
+    ``format=None`` picks it from the extension (``.json``, ``.jsonl``/``.ndjson``, ``.txt``/``.md``)
+    and the content, only where that is unambiguous: a text file whose lines are not separated by
+    blank lines could be one prompt or one per line, and is refused with a message naming
+    ``--prompts-format``. A text file that starts with ``[`` stays text; a UTF-8 BOM is ignored;
+    a JSON object where a list belongs is an error, never one literal prompt.
+    """
     path = Path(path)
+    if format is not None and format not in PROMPT_FORMATS:
+        raise PromptsFileError(f"unknown prompts format {format!r}; choose one of {', '.join(PROMPT_FORMATS)}")
     try:
-        raw = path.read_text(encoding="utf-8")
+        raw = path.read_text(encoding="utf-8-sig")  # -sig: a byte-order mark is not part of the text
     except (OSError, UnicodeDecodeError) as exc:
-        raise TokenizationError(f"cannot read prompts file {path}: {exc.__class__.__name__}: {exc}") from exc
-    if raw.lstrip().startswith("["):
-        try:
-            items = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            raise TokenizationError(f"prompts file {path} looks like JSON but is not valid: {exc}") from exc
-        if not all(isinstance(x, str) for x in items):
-            raise TokenizationError(f"prompts file {path}: a JSON prompts file must be a list of strings")
-        return items
-    prompts = [p.strip() for p in raw.split("\n\n") if p.strip()]
+        raise PromptsFileError(f"cannot read prompts file {path}: {exc.__class__.__name__}: {exc}") from exc
+    if not raw.strip():
+        raise PromptsFileError(f"prompts file {path} holds no text")
+    fmt = format or _sniff_format(path, raw)
+    prompts = {"paragraphs": _paragraphs, "lines": _lines, "json": _json_list, "jsonl": _json_lines}[fmt](path, raw)
     if not prompts:
-        raise TokenizationError(f"prompts file {path} holds no text")
+        raise PromptsFileError(f"prompts file {path} holds no prompts (read as {fmt})")
+    return prompts, fmt
+
+
+def read_prompts_file(path: str | Path, format: str | None = None) -> list[str]:
+    """The prompts of :func:`read_prompts` without the format."""
+    return read_prompts(path, format)[0]
+
+
+def _sniff_format(path: Path, raw: str) -> str:
+    kind = _EXTENSIONS.get(path.suffix.lower())
+    head = raw.lstrip()
+    if kind is None and head[:1] in "[{":  # no telling extension: JSON only if it parses as such
+        try:
+            json.loads(raw)
+            kind = "json"
+        except json.JSONDecodeError:
+            kind = "jsonl" if head[:1] == "{" and _all_json_lines(raw) else "text"
+    if kind != "text":
+        return kind or "paragraphs"
+    if _BLANK_LINE.search(raw.strip()):
+        return "paragraphs"
+    if len(_lines(path, raw)) > 1:
+        raise PromptsFileError(
+            f"prompts file {path} has {len(_lines(path, raw))} lines and no blank line between them: pass "
+            "--prompts-format lines (one prompt per line) or --prompts-format paragraphs (the whole file is one prompt)"
+        )
+    return "paragraphs"
+
+
+def _all_json_lines(raw: str) -> bool:
+    try:
+        return all(isinstance(json.loads(line), dict) for line in raw.splitlines() if line.strip())
+    except json.JSONDecodeError:
+        return False
+
+
+def _paragraphs(path: Path, raw: str) -> list[str]:
+    return [p.strip() for p in _BLANK_LINE.split(raw) if p.strip()]
+
+
+def _lines(path: Path, raw: str) -> list[str]:
+    return [line.strip() for line in raw.splitlines() if line.strip()]
+
+
+def _prompt_of(item, where: str) -> str:
+    if isinstance(item, dict):
+        item = item.get("text")
+    if not isinstance(item, str):
+        raise PromptsFileError(f"{where}: each prompt must be a string or an object with a string 'text' field")
+    return item
+
+
+def _json_list(path: Path, raw: str) -> list[str]:
+    try:
+        items = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise PromptsFileError(f"prompts file {path} is not valid JSON: {exc}") from None
+    if not isinstance(items, list):
+        kind = "object" if isinstance(items, dict) else type(items).__name__
+        raise PromptsFileError(
+            f"prompts file {path} holds a JSON {kind}, not a list: write a list of strings, or JSONL (one object with a 'text' field per line)"
+        )
+    return [_prompt_of(item, f"prompts file {path}, item {i}") for i, item in enumerate(items)]
+
+
+def _json_lines(path: Path, raw: str) -> list[str]:
+    prompts = []
+    for number, line in enumerate(raw.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise PromptsFileError(f"prompts file {path}, line {number}: not valid JSON ({exc.msg})") from None
+        prompts.append(_prompt_of(item, f"prompts file {path}, line {number}"))
     return prompts

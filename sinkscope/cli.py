@@ -2,19 +2,27 @@
 
 Every subcommand is a pair: ``_add_<name>(subparsers)`` declares its arguments and
 ``_run_<name>(args)`` does the work. Bad input (an unknown model, an empty text, a broken file,
-a bad intervention spec, ...) becomes one line on stderr and exit code 2, never a traceback;
-outputs go through :func:`circuits.output.atomic_output_dir`, so a failed run leaves nothing
-half-written.
+a bad intervention spec, an ``--out`` that cannot be written, ...) becomes one line on stderr and
+exit code 2, never a traceback, and is found before any work where it can be; outputs go through
+:func:`circuits.output.atomic_output_dir`, so a failed or interrupted run (Ctrl-C or SIGTERM)
+leaves nothing half-written and never mixes two runs' files.
+
+Building the parser imports neither torch nor transformers (``sinkscope --help`` and argument
+errors answer at once; ``tests/test_cli.py`` checks ``sys.modules``): every heavy import is
+deferred into the ``_run_<name>`` that needs it.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from circuits.errors import SinkscopeError
+from sinkscope.lab.cli import add_lab_compare, add_pretrain, run_lab_compare, run_pretrain
 
 EXIT_BAD_INPUT = 2
 
@@ -23,17 +31,50 @@ class CLIError(SinkscopeError):
     """A problem with what the user asked for; printed as one line, exit code 2."""
 
 
+class Interrupted(KeyboardInterrupt):
+    """An interruption after which something was kept on purpose; the message says what."""
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, no usage block
         raise CLIError(message)
 
 
 def _texts(args) -> list[str]:
+    """The texts the arguments name, checked; a prompts file's count and format are printed."""
     # deferred: the command starts without torch; a job imports what it runs
-    from circuits.probes import check_texts, read_prompts_file
+    from circuits.probes import check_texts, read_prompts
 
-    texts = read_prompts_file(args.prompts) if args.prompts is not None else list(args.text)
+    if args.prompts is None:
+        texts = list(args.text)
+    else:
+        texts, fmt = read_prompts(args.prompts, args.prompts_format)
+        print(f"read {len(texts)} prompt{'s' if len(texts) != 1 else ''} from {args.prompts} ({fmt})", flush=True)
     return check_texts(texts, args.max_tokens)
+
+
+def _check_eps(eps: float) -> None:
+    if not (math.isfinite(eps) and 0 < eps < 1):  # NaN fails every comparison: test it by name
+        raise CLIError(f"--eps must be a number strictly between 0 and 1, got {eps}")
+
+
+def _check_positive(flag: str, value: int) -> None:
+    if value < 1:
+        raise CLIError(f"{flag} must be a positive integer, got {value}")
+
+
+def _check_out(args) -> None:
+    """``--out`` is checked before any work (again when the result is swapped in)."""
+    # deferred: the command starts without torch; a job imports what it runs
+    from circuits.output import check_output_dir
+
+    check_output_dir(args.out)
+
+
+def _check_context(model, max_tokens: int | None) -> None:
+    n_ctx = int(model.cfg.n_ctx)
+    if max_tokens is not None and max_tokens > n_ctx:
+        raise CLIError(f"--max-tokens must be <= {n_ctx} (the context of {model.cfg.model_name}), got {max_tokens}")
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -54,8 +95,12 @@ def _load(args):
 def _add_input_args(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--text", nargs="+", metavar="STR", help="one or more texts")
-    src.add_argument("--prompts", metavar="FILE", help="a file of prompts (blank-line separated, or a JSON list)")
-    p.add_argument("--max-tokens", type=int, default=None, metavar="N", help="truncate each sequence to N tokens")
+    src.add_argument("--prompts", metavar="FILE",
+                     help="a file of prompts: blank-line separated paragraphs, one per line, a JSON list or JSONL")
+    p.add_argument("--prompts-format", choices=("paragraphs", "lines", "json", "jsonl"), default=None,
+                   help="how to read --prompts (default: from the extension and content where unambiguous)")
+    p.add_argument("--max-tokens", type=int, default=None, metavar="N",
+                   help="truncate each sequence to N tokens (2 up to the model's context)")
     p.add_argument("--prepend-bos", action=argparse.BooleanOptionalAction, default=None,
                    help="prepend the BOS token (default: what the model's own tokenizer does)")
     p.add_argument("--batch-size", type=int, default=8, metavar="B")
@@ -100,18 +145,28 @@ def _run_measure(args) -> int:
     from circuits.probes import tokenize
     from sinkscope.jobs import write_measure_outputs
 
-    if not 0 < args.eps < 1:
-        raise CLIError(f"--eps must be between 0 and 1, got {args.eps}")
+    _check_eps(args.eps)
+    _check_positive("--batch-size", args.batch_size)
+    _check_out(args)
     texts = _texts(args)
     model = _load(args)
+    _check_context(model, args.max_tokens)
     batch = tokenize(model, texts, prepend_bos=args.prepend_bos, max_tokens=args.max_tokens)
     meas = measure(model, batch, batch_size=args.batch_size, metadata={"max_tokens": args.max_tokens})
     with atomic_output_dir(args.out) as folder:
         doc = write_measure_outputs(meas, folder, eps=args.eps)
-    fr = doc["sink_rate"]["first_token"]
-    print(f"{meas.model}: Sink_1^{args.eps} = {fr['value']:.1f} % over {meas.n_sequences} sequences; "
-          f"{len(doc['secondary'])} secondary-sink candidates; wrote {args.out}/sinks.json")
+    print(f"{meas.model}: Sink_1^{args.eps} = {_with_ci(doc['sink_rate']['first_token'])} over {meas.n_sequences} "
+          f"sequence{'s' if meas.n_sequences != 1 else ''}; {len(doc['secondary'])} secondary-sink candidates; "
+          f"wrote {args.out}/sinks.json")
     return 0
+
+
+def _with_ci(first_token: dict) -> str:
+    """``70.9 % (95 % CI 69.2-72.4 %)``, or the reason there is no CI (one sequence)."""
+    ci = first_token.get("ci95")
+    if ci is None or None in ci:
+        return f"{first_token['value']:.1f} % (no CI: {first_token.get('ci95_note', 'not computed')})"
+    return f"{first_token['value']:.1f} % (95 % CI {ci[0]:.1f}-{ci[1]:.1f} %)"
 
 
 # --------------------------------------------------------------------------- demo
@@ -130,47 +185,19 @@ def _add_demo(sub) -> None:
 def _run_demo(args) -> int:
     # deferred: the command starts without torch; a job imports what it runs
     from circuits.output import atomic_output_dir
+    from circuits.probes import check_texts
     from sinkscope.jobs import run_demo
 
-    if args.n <= 0:
-        raise CLIError(f"--n must be positive, got {args.n}")
+    _check_positive("--n", args.n)
+    _check_eps(args.eps)
+    check_texts(["demo"], args.max_tokens)
+    _check_out(args)
     model = _load(args)
+    _check_context(model, args.max_tokens)
     with atomic_output_dir(args.out) as folder:
         doc = run_demo(model, folder, n=args.n, max_tokens=args.max_tokens, eps=args.eps, prepend_bos=args.prepend_bos)
-    fr = doc["sink_rate"]["first_token"]
-    print(f"{doc['model']}: Sink_1^{args.eps} = {fr['value']:.1f} %; report: {args.out}/report.md")
+    print(f"{doc['model']}: Sink_1^{args.eps} = {_with_ci(doc['sink_rate']['first_token'])}; report: {args.out}/report.md")
     return 0
-
-
-# --------------------------------------------------------------------------- pre-training lab
-
-
-def _add_pretrain(sub) -> None:
-    # deferred: the command starts without torch; a job imports what it runs
-    from sinkscope.lab.cli import add_pretrain
-
-    add_pretrain(sub)
-
-
-def _run_pretrain(args) -> int:
-    # deferred: the command starts without torch; a job imports what it runs
-    from sinkscope.lab.cli import run_pretrain
-
-    return run_pretrain(args)
-
-
-def _add_lab_compare(sub) -> None:
-    # deferred: the command starts without torch; a job imports what it runs
-    from sinkscope.lab.cli import add_lab_compare
-
-    add_lab_compare(sub)
-
-
-def _run_lab_compare(args) -> int:
-    # deferred: the command starts without torch; a job imports what it runs
-    from sinkscope.lab.cli import run_lab_compare
-
-    return run_lab_compare(args)
 
 
 # --------------------------------------------------------------------------- reproduce
@@ -191,6 +218,9 @@ def _run_reproduce(args) -> int:
     from circuits.output import atomic_output_dir
     from sinkscope.reproduce import reproduce
 
+    if args.checkpoints is not None and not args.checkpoints.is_dir():
+        raise CLIError(f"--checkpoints {args.checkpoints}: no such folder")
+    _check_out(args)
     with atomic_output_dir(args.out) as folder:  # the model is loaded inside, so its load time is reported
         doc = reproduce(args.model, folder, size=args.size, checkpoints=args.checkpoints)
     counts = {v: sum(c["verdict"] == v for c in doc["claims"]) for v in ("holds", "partly holds", "does not hold")}
@@ -224,54 +254,90 @@ def _add_intervene(sub) -> None:
 
 def _run_intervene(args) -> int:
     # deferred: the command starts without torch; a job imports what it runs
-    # deferred: the command starts without torch; a job imports what it runs
-    from circuits import plots
-    from circuits.output import atomic_output_dir, write_json
     from circuits.probes import tokenize
     from interventions.effect import measure_effect
     from interventions.registry import parse_spec
-    from interventions.sweep import sweep
 
-    if not 0 < args.eps < 1:
-        raise CLIError(f"--eps must be between 0 and 1, got {args.eps}")
+    _check_eps(args.eps)
     if args.n_resamples < 0:
         raise CLIError(f"--n-resamples must be 0 (no CIs) or positive, got {args.n_resamples}")
-    if args.batch_size < 1:
-        raise CLIError(f"--batch-size must be positive, got {args.batch_size}")
+    _check_positive("--batch-size", args.batch_size)
     strengths = list(args.strengths or [])
     bad = [s for s in strengths if not math.isfinite(s)]
     if bad:
         raise CLIError(f"--strengths must be finite numbers, got {bad[0]}")
+    _check_out(args)
     texts = _texts(args)
     intervention = parse_spec(args.intervention)
     for s in strengths:  # every variant is checked before the model is loaded
         intervention.with_strength(s)
     model = _load(args)
+    _check_context(model, args.max_tokens)
     batch = tokenize(model, texts, prepend_bos=args.prepend_bos, max_tokens=args.max_tokens)
     settings = dict(eps=args.eps, batch_size=args.batch_size, n_resamples=args.n_resamples, seed=args.seed)
     effect = measure_effect(model, batch, intervention, control=args.control, progress=True,
                             metadata={"max_tokens": args.max_tokens}, **settings)
+    doc = _write_effect(args, model, batch, effect, intervention, strengths, settings)
+    t = effect.summary["target_sink_score"]
+    kl = effect.summary["kl"]["delta"]
+    ci = (f"95% CI {t['ci95'][0]:+.4f}..{t['ci95'][1]:+.4f}" if "ci95_note" not in doc
+          else f"no CI: {doc['ci95_note']}")
+    print(f"{effect.clean.model}: {effect.spec}: target sink score {t['clean']:.4f} -> {t['intervened']:.4f} "
+          f"(delta {t['delta']:+.4f}, {ci}); KL {kl:.4g} nats/token; wrote {args.out}/effect.json")
+    return 0
+
+
+def _sweep_partial(args, batch, intervention, strengths, settings) -> Path:
+    """Where an interrupted ``--strengths`` sweep keeps its finished items: a hidden folder next to
+    ``--out`` named by everything that decides them, so only the same command resumes them."""
+    # deferred: the command starts without torch; a job imports what it runs
+    import hashlib
+    import json
+
+    key = json.dumps([args.model, args.dtype, args.intervention, strengths, batch.token_ids, settings], sort_keys=True)
+    out = args.out.absolute()
+    return out.parent / f".{out.name}.sweep-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+
+
+def _write_effect(args, model, batch, effect, intervention, strengths, settings) -> dict:
+    """effect.json and its figures, plus the dose-response sweep with ``--strengths``, atomically.
+
+    The sweep runs in :func:`_sweep_partial`'s folder, which survives an interruption (the sweep
+    skips finished items when the same command is run again) and moves into ``--out`` at the end.
+    """
+    # deferred: the command starts without torch; a job imports what it runs
+    import os
+
+    from circuits import plots
+    from circuits.output import atomic_output_dir, write_json
+    from interventions.sweep import sweep
+    from sinkscope.jobs import CI_NEEDS_TWO
+
     with atomic_output_dir(args.out) as folder:
         doc = effect.to_json()
+        if effect.clean.n_sequences < 2 and args.n_resamples:
+            doc["ci95_note"] = CI_NEEDS_TWO
         tokens = effect.clean.tokens[0] if effect.clean.n_sequences == 1 else None
         title = f"{effect.clean.model}: {effect.spec}: change of the sink score (n={effect.clean.n_sequences})"
         plots.save(plots.sink_delta_heatmap(effect.frame, tokens=tokens, target_positions=effect.target.positions,
                                             title=title), folder / "sink_delta_heatmap.png")
         if strengths:
-            result = sweep(model, batch, intervention, {"strength": strengths}, folder / "sweep", format="csv",
-                           progress=True, **settings)
+            partial = _sweep_partial(args, batch, intervention, strengths, settings)
+            try:
+                result = sweep(model, batch, intervention, {"strength": strengths}, partial, format="csv",
+                               progress=True, **settings)
+            except KeyboardInterrupt:
+                done = len(list((partial / "items").glob("*.csv")))
+                raise Interrupted(f"{done} of {len(strengths)} finished sweep items are kept in {partial}; "
+                                  "run the same command again to resume") from None
+            os.replace(partial, folder / "sweep")
             plots.save(plots.dose_response(result.frame, title=f"{effect.clean.model}: dose-response of {effect.spec}"),
                        folder / "dose_response.png")
             curve = result.frame[result.frame["metric"].isin(["target_sink_score", "next_token_loss", "kl"])]
             keep = ["iv_strength", "spec", "metric", "n", "clean", "intervened", "delta", "ci_low", "ci_high"]
             doc["dose_response"] = curve[keep].astype(object).where(curve[keep].notna(), None).to_dict(orient="records")
         write_json(folder / "effect.json", doc)
-    t = effect.summary["target_sink_score"]
-    kl = effect.summary["kl"]["delta"]
-    print(f"{effect.clean.model}: {effect.spec}: target sink score {t['clean']:.4f} -> {t['intervened']:.4f} "
-          f"(delta {t['delta']:+.4f}, 95% CI {t['ci95'][0]:+.4f}..{t['ci95'][1]:+.4f}); KL {kl:.4g} nats/token; "
-          f"wrote {args.out}/effect.json")
-    return 0
+    return doc
 
 
 COMMANDS = {
@@ -279,8 +345,8 @@ COMMANDS = {
     "measure": (_add_measure, _run_measure),
     "demo": (_add_demo, _run_demo),
     "intervene": (_add_intervene, _run_intervene),
-    "pretrain": (_add_pretrain, _run_pretrain),
-    "lab-compare": (_add_lab_compare, _run_lab_compare),
+    "pretrain": (add_pretrain, run_pretrain),
+    "lab-compare": (add_lab_compare, run_lab_compare),
     "reproduce": (_add_reproduce, _run_reproduce),
 }
 
@@ -293,16 +359,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _terminate(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM unwinds like Ctrl-C: staging folders are removed on the way out
+
+
 def main(argv: list[str] | None = None) -> int:
+    in_main_thread = threading.current_thread() is threading.main_thread()  # only it may set handlers
+    previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
     try:
         args = build_parser().parse_args(argv)
         return COMMANDS[args.command][1](args)
     except SinkscopeError as exc:
         print(f"sinkscope: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except Interrupted as exc:
+        print(f"sinkscope: interrupted; {exc}", file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
         print("sinkscope: interrupted; nothing was written", file=sys.stderr)
         return 130
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

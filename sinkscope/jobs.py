@@ -47,6 +47,16 @@ def sink_rate_ci(meas: SinkMeasurement, eps: float = 0.3, position: int = 0, con
     return point, float(low[0]), float(high[0])
 
 
+#: Said, in the output and in sinks.json, instead of a CI over one sequence.
+CI_NEEDS_TWO = "a confidence interval needs at least two sequences"
+
+
+def _first_token(meas: SinkMeasurement, point: float, lo: float, hi: float) -> dict:
+    if meas.n_sequences < 2:
+        return {"value": point, "ci95": None, "ci95_note": CI_NEEDS_TWO}
+    return {"value": point, "ci95": [lo, hi]}
+
+
 def sinks_document(
     meas: SinkMeasurement,
     *,
@@ -73,7 +83,7 @@ def sinks_document(
             "sink_rate": {
                 "eps": eps,
                 "per_position": meas.sink_rate(eps),
-                "first_token": {"value": point, "ci95": [lo, hi]},
+                "first_token": _first_token(meas, point, lo, hi),
             },
             "sink_score": meas.sink_score_mean(),
             "primary_sink": anatomy.primary_sink_layers(meas, eps).to_dict(orient="records"),
@@ -135,7 +145,8 @@ def demo_report(meas: SinkMeasurement, doc: dict, *, eps: float, seconds: float)
         "",
         "## Primary sink",
         "",
-        f"- **Sink_1^{eps}** (first token, Gu et al.): **{fr['value']:.1f} %** (95 % bootstrap CI over sequences {fr['ci95'][0]:.1f}-{fr['ci95'][1]:.1f} %).",
+        f"- **Sink_1^{eps}** (first token, Gu et al.): **{fr['value']:.1f} %** "
+        + (f"(95 % bootstrap CI over sequences {fr['ci95'][0]:.1f}-{fr['ci95'][1]:.1f} %)." if fr["ci95"] else f"(no CI: {fr['ci95_note']})."),
         f"- Layers where at least half of the (head, sequence) pairs give the first token alpha > {eps}: "
         f"{anatomy.layer_ranges(holding)} ({len(holding)} of {meas.n_layers}).",
         f"- Layers where it does not: {anatomy.layer_ranges(weak, 'none')}.",

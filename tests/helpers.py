@@ -2,10 +2,23 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 
 from sinkscope.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args: str, timeout: int = 300, env: dict | None = None, **popen) -> subprocess.CompletedProcess:
+    """The real console entry point, in a subprocess (exit code and stderr as a user sees them)."""
+    return subprocess.run(
+        [sys.executable, "-m", "sinkscope.cli", *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+        env={**os.environ, "TOKENIZERS_PARALLELISM": "false", **(env or {})}, **popen,
+    )
 
 
 def expect_bad_input(capsys, tmp_path: Path, argv: list[str]) -> str:
@@ -18,6 +31,18 @@ def expect_bad_input(capsys, tmp_path: Path, argv: list[str]) -> str:
     assert "Traceback" not in err[0]
     assert not out.exists(), "nothing may be written on bad input"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")], "no staging folder left"
+    return err[0]
+
+
+def expect_bad_out(capsys, argv: list[str], out: Path) -> str:
+    """Run ``sinkscope argv --out out`` where ``out`` cannot be used: exit 2, one line, out unchanged."""
+    before = sorted(p.name for p in out.parent.iterdir()) if out.parent.is_dir() else None
+    code = main([*argv, "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and err[0].startswith("sinkscope: error: "), err
+    if before is not None:
+        assert sorted(p.name for p in out.parent.iterdir()) == before, "nothing may be written next to --out"
     return err[0]
 
 

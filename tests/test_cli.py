@@ -3,25 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-from helpers import expect_bad_input
+from helpers import expect_bad_input, run_cli
 from sinkscope.cli import main
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def run_cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    """The real console entry point, in a subprocess (exit code and stderr as a user sees them)."""
-    return subprocess.run(
-        [sys.executable, "-m", "sinkscope.cli", *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT,
-        env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
-    )
 
 
 def _bad(tmp_path, capsys, *args):
@@ -37,9 +23,9 @@ def test_text_longer_than_context(tmp_path, capsys):
     assert "more than the model's context of 128" in msg
 
 
-@pytest.mark.parametrize("value", ["0", "-3"])
-def test_nonpositive_max_tokens(tmp_path, capsys, value):
-    assert "max_tokens must be positive" in _bad(tmp_path, capsys, "measure", "--model", "tiny-llama", "--text", "hi", "--max-tokens", value)
+@pytest.mark.parametrize("value", ["0", "-3", "1"])
+def test_max_tokens_below_two_is_refused_a_sink_needs_later_queries(tmp_path, capsys, value):
+    assert "max_tokens must be at least 2" in _bad(tmp_path, capsys, "measure", "--model", "tiny-llama", "--text", "hi", "--max-tokens", value)
 
 
 def test_misspelt_model_name(tmp_path, capsys):

