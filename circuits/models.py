@@ -5,7 +5,10 @@ on a machine without a hub the only real pretrained models are GGUF files shippe
 packages. This is the one place that knows their quirks:
 
 * the GGUF is dequantized to fp32 by transformers (needs the ``gguf`` package), which takes
-  20-60 s, so the result is cached as safetensors under ``$XDG_CACHE_HOME/sinkscope/models``;
+  20-60 s, so the result is cached as safetensors under ``$XDG_CACHE_HOME/sinkscope/models``,
+  built under a lock (a second process waits and uses it), with every file's size and sha256
+  (sampled for the weights) recorded in its COMPLETE marker and checked on each load, so a
+  truncated or damaged cache, or a killed build's leftovers, are rebuilt or swept;
 * the leftover ``quantization_config`` must be dropped before saving, and Gemma 3 needs its
   ``architectures`` set before TransformerLens will wrap it;
 * the bridge is booted with ``hf_model=`` so it never calls the hub, and stays in raw mode:
@@ -18,14 +21,17 @@ families (seeded random weights, byte-level tokenizer) for fast tests.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import importlib.util
 import json
 import logging
 import os
+import re
 import shutil
-import socket
 import tempfile
+import urllib.error
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal, get_args
@@ -34,6 +40,7 @@ import torch
 from platformdirs import user_cache_dir
 
 from circuits.errors import SinkscopeError
+from circuits.output import locked, sweep_stale
 from circuits.variants import attach_to_bridge, load_hf_folder
 
 log = logging.getLogger(__name__)
@@ -55,6 +62,14 @@ class MissingPackageError(ModelError, ImportError):
 
 class CorruptModelError(ModelError):
     """A model file exists but cannot be read (truncated GGUF, broken cache, bad folder)."""
+
+
+class ModelConfigError(ModelError):
+    """A model loads but cannot run: its config contradicts its weights or architecture."""
+
+
+class NonFiniteModelError(CorruptModelError):
+    """A model loads but its activations are NaN or infinite: the weights are broken."""
 
 
 @dataclass(frozen=True)
@@ -218,6 +233,99 @@ def _cache_is_complete(path: Path) -> bool:
     return (path / "COMPLETE").is_file()
 
 
+#: Files up to this size are hashed whole; larger ones (the weights) at sampled blocks.
+_HASH_WHOLE_BYTES = 8 << 20
+_SAMPLE_BLOCKS, _SAMPLE_BYTES = 64, 64 << 10
+
+
+def _fingerprint(path: Path) -> dict:
+    """Size and a cheap sha256 of a cache file: whole for small files; for the weights the first
+    and last MiB plus 64 blocks of 64 KiB spread evenly (about 6 MB read, milliseconds), so a
+    truncated file is caught by its size and a damaged one by its sample where it was hit."""
+    size = path.stat().st_size
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        if size <= _HASH_WHOLE_BYTES:
+            h.update(f.read())
+        else:
+            offsets = [0, *(i * (size - _SAMPLE_BYTES) // (_SAMPLE_BLOCKS - 1) for i in range(_SAMPLE_BLOCKS)), size - (1 << 20)]
+            for offset in offsets:
+                f.seek(offset)
+                h.update(f.read(1 << 20 if offset in (0, size - (1 << 20)) else _SAMPLE_BYTES))
+    return {"bytes": size, "sha256": h.hexdigest(), "sampled": size > _HASH_WHOLE_BYTES}
+
+
+def _fingerprints(folder: Path) -> dict[str, dict]:
+    return {p.name: _fingerprint(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != "COMPLETE"}
+
+
+def _cache_problem(folder: Path) -> str | None:
+    """Why a cache folder cannot be used as it is (None: complete and intact).
+
+    The COMPLETE marker records every file's :func:`_fingerprint` when the cache is built; a
+    marker written by an earlier sinkscope without them gets them recorded on first use
+    (:func:`_record_fingerprints`), and the load itself then checks that the files parse.
+    """
+    marker = folder / "COMPLETE"
+    if not marker.is_file():
+        return "it is incomplete (no COMPLETE marker)" if folder.exists() else "it is not built yet"
+    try:
+        files = json.loads(marker.read_text()).get("files")
+    except (OSError, ValueError, AttributeError):
+        return "its COMPLETE marker is unreadable"
+    for name, want in (files or {}).items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        size = path.stat().st_size
+        if size != want["bytes"]:
+            return f"{name} is {size:,} bytes, {want['bytes']:,} when it was built (truncated or damaged)"
+        if _fingerprint(path)["sha256"] != want["sha256"]:
+            return f"{name} differs from what was built (checksum mismatch)"
+    return None
+
+
+def _record_fingerprints(folder: Path) -> None:
+    """Add the files' fingerprints to an earlier sinkscope's COMPLETE marker (atomically)."""
+    marker = folder / "COMPLETE"
+    info = json.loads(marker.read_text())
+    if "files" in info:
+        return
+    info["files"] = _fingerprints(folder)
+    tmp = folder / ".COMPLETE.tmp"
+    tmp.write_text(json.dumps(info))
+    os.replace(tmp, marker)
+
+
+def _ensure_cache(spec: "PackagedModel", folder: Path, *, rebuild: str | None = None) -> None:
+    """Make ``folder`` a complete, intact cache of ``spec``, building it at most once at a time.
+
+    Builds run under an exclusive lock on the cache root: a second process that wants the same
+    cache waits, then finds it complete and uses it. Staging folders left by a killed build are
+    swept first. ``rebuild`` (a reason) forces a rebuild of a cache that loaded badly.
+    """
+    sweep_stale(folder)  # cheap (one directory listing); a live build's staging is kept
+    if rebuild is None and _cache_problem(folder) is None and _has_fingerprints(folder):
+        return
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with locked(folder.parent):
+        problem = rebuild or _cache_problem(folder)
+        if problem is None:
+            _upgrade_cache(folder)
+            _record_fingerprints(folder)
+            return
+        if folder.exists():
+            log.warning("sinkscope: the cache at %s is unusable (%s); rebuilding it", folder, problem)
+        _dequantize_to_cache(spec, folder)
+
+
+def _has_fingerprints(folder: Path) -> bool:
+    try:
+        return "files" in json.loads((folder / "COMPLETE").read_text())
+    except (OSError, ValueError):
+        return False
+
+
 @dataclass(frozen=True)
 class ModelStatus:
     name: str
@@ -268,13 +376,19 @@ def _dequantize_to_cache(spec: PackagedModel, target: Path) -> None:
     model.hf_quantizer = None
     if spec.architectures:
         model.config.architectures = list(spec.architectures)
+    _write_cache(model, tokenizer, target, {"source": str(gguf_path), "hub_id": spec.hub_id})
+
+
+def _write_cache(model, tokenizer, target: Path, info: dict) -> None:
+    """Save a model and tokenizer as a cache folder, atomically, its files fingerprinted in COMPLETE."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{spec.name}-", dir=target.parent))
+    # the staging name carries this process' id: a build killed outright is swept by the next one
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.staging-{os.getpid()}-", dir=target.parent))
     try:
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
         merges = _compact_merges(staging / "tokenizer.json")
-        (staging / "COMPLETE").write_text(json.dumps({"source": str(gguf_path), "hub_id": spec.hub_id, "merges": merges}))
+        (staging / "COMPLETE").write_text(json.dumps({**info, "merges": merges, "files": _fingerprints(staging)}))
         if target.exists():
             shutil.rmtree(target)
         os.replace(staging, target)
@@ -379,12 +493,35 @@ def _bridge(hf_model, tokenizer, name: str, placement: Placement):
     # sinkscope never relies on the tokenizer adding BOS (see circuits.probes).
     tokenizer.init_kwargs.setdefault("add_bos_token", True)
     tokenizer.init_kwargs.setdefault("name_or_path", getattr(tokenizer, "name_or_path", "") or "sinkscope")
-    bridge = TransformerBridge.boot_transformers(
-        name, hf_model=hf_model, tokenizer=tokenizer, dtype=placement.dtype, device=placement.bridge_device(hf_model)
-    )
+    try:
+        bridge = TransformerBridge.boot_transformers(
+            name, hf_model=hf_model, tokenizer=tokenizer, dtype=placement.dtype, device=placement.bridge_device(hf_model)
+        )
+    except (RuntimeError, ValueError, KeyError, AttributeError, AssertionError) as exc:
+        raise ModelConfigError(f"{name}: TransformerLens cannot wrap this model ({exc.__class__.__name__}: {exc})") from exc
     if bridge.training:  # the bridge takes the HF model's mode, already eval; train(False) walks every module
         bridge.eval()
+    _check_runs(bridge, name)
     return bridge
+
+
+def _check_runs(bridge, name: str) -> None:
+    """One 4-token forward: a config that contradicts the weights (a GPT-2 config with a key-value
+    head count) fails here with a clear line instead of deep inside the first measurement, and
+    weights that give NaN or infinite logits are refused instead of measured."""
+    tokens = (torch.arange(1, 5) % int(bridge.cfg.d_vocab))[None].to(bridge.cfg.device)
+    try:
+        with torch.no_grad():
+            logits = bridge(tokens, return_type="logits")
+    except (RuntimeError, ValueError, IndexError) as exc:
+        raise ModelConfigError(
+            f"{name}: the model cannot run a forward pass; its config is inconsistent with its architecture or weights "
+            f"(n_heads {bridge.cfg.n_heads}, n_key_value_heads {getattr(bridge.cfg, 'n_key_value_heads', None)}, "
+            f"d_model {bridge.cfg.d_model}): {exc.__class__.__name__}: {str(exc).splitlines()[0]}"
+        ) from exc
+    if not bool(torch.isfinite(logits).all()):
+        raise NonFiniteModelError(f"{name}: the weights load but give non-finite (NaN or infinite) activations "
+                                  "on a 4-token input; the model file is broken")
 
 
 def _quiet_transformers() -> None:
@@ -527,17 +664,14 @@ def load_model(
     if name in PACKAGED:
         spec = PACKAGED[name]
         folder = _cache_dir(name)
-        if not _cache_is_complete(folder):
-            _dequantize_to_cache(spec, folder)
-        _upgrade_cache(folder)
+        _ensure_cache(spec, folder)
         try:
             hf_model, tokenizer = _load_hf_folder(folder, placement, tokenizer_loader=_cached_tokenizer)
-        except CorruptModelError:
-            log.warning("sinkscope: the cache at %s is broken; rebuilding it", folder)
-            shutil.rmtree(folder, ignore_errors=True)
-            _dequantize_to_cache(spec, folder)
+            bridge = _bridge(hf_model, tokenizer, spec.hub_id, placement)
+        except CorruptModelError as exc:  # files that parse badly, or weights that give NaN: rebuild once
+            _ensure_cache(spec, folder, rebuild=str(exc))
             hf_model, tokenizer = _load_hf_folder(folder, placement, tokenizer_loader=_cached_tokenizer)
-        bridge = _bridge(hf_model, tokenizer, spec.hub_id, placement)
+            bridge = _bridge(hf_model, tokenizer, spec.hub_id, placement)
         bridge._sinkscope_info = {"name": name, "source": spec.pip_name, "hub_id": spec.hub_id, "native_bos": spec.native_bos}
         return bridge
     path = Path(name).expanduser()
@@ -550,45 +684,65 @@ def load_model(
             attach_to_bridge(bridge, hf_model)
         bridge._sinkscope_info = {"name": str(path), "source": "local folder", "native_bos": _tokenizer_adds_bos(tokenizer)}
         return bridge
-    if "/" in name and not name.startswith((".", "/")):
+    if _HUB_ID.fullmatch(name):  # "gpt2", "Qwen/Qwen3-4B": the local HF cache, then the hub
         return _load_hub_model(name, placement)
-    known = ", ".join([*PACKAGED, *TINY_MODELS])
-    raise UnknownModelError(f"unknown model {name!r}; known names: {known} (or an HF id 'org/name', or a local folder)")
+    raise UnknownModelError(f"{_unknown(name)}: not a sinkscope name, no local folder {str(path)!r} exists, "
+                            f"and it is no Hugging Face id; known names: {', '.join([*PACKAGED, *TINY_MODELS])}")
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+
+
+def _unknown(name: str) -> str:
+    close = difflib.get_close_matches(name, [*PACKAGED, *TINY_MODELS], n=1)
+    return f"unknown model {name!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
 
 
 def _load_hub_model(hub_id: str, placement: Placement):
+    """A Hugging Face id: from the local HF cache, else from the hub when it answers one quick
+    connect; the error says which of the two failed and why."""
     # heavy: transformers/TransformerLens take seconds to import; only building a model needs them
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     known = ", ".join([*PACKAGED, *TINY_MODELS])
+    what = (f"{_unknown(hub_id)}: not a sinkscope name" if "/" not in hub_id else f"model {hub_id!r}") + \
+        ", not in the local Hugging Face cache"
     try:  # the local HF cache first: no network needed for a model fetched before
         tokenizer = AutoTokenizer.from_pretrained(hub_id, local_files_only=True)
         hf_model = AutoModelForCausalLM.from_pretrained(hub_id, local_files_only=True, **placement.from_pretrained_kwargs())
-    except OSError:
-        if os.environ.get("HF_HUB_OFFLINE") or not _hub_reachable():
-            raise UnknownModelError(
-                f"{hub_id!r} is not in the local Hugging Face cache and the hub cannot be reached; "
-                f"offline names: {known}"
-            ) from None
+    except (OSError, ValueError):  # ValueError: an id the hub's naming rules refuse
+        if os.environ.get("HF_HUB_OFFLINE"):
+            raise UnknownModelError(f"{what}, and HF_HUB_OFFLINE is set; offline names: {known}") from None
+        if not _hub_reachable():
+            raise UnknownModelError(f"{what}, and the hub ({_hub_host()}) cannot be reached; offline names: {known}") from None
         try:
             tokenizer = AutoTokenizer.from_pretrained(hub_id)
             hf_model = AutoModelForCausalLM.from_pretrained(hub_id, **placement.from_pretrained_kwargs())
-        except OSError as exc:
-            raise UnknownModelError(f"cannot load {hub_id!r} from the Hugging Face hub: {exc}") from exc
+        except (OSError, ValueError) as exc:
+            raise UnknownModelError(f"{what}, and the hub ({_hub_host()}) could not provide it: "
+                                    f"{str(exc).splitlines()[0]}") from exc
     hf_model = placement.place(hf_model)
     bridge = _bridge(hf_model, tokenizer, hub_id, placement)
     bridge._sinkscope_info = {"name": hub_id, "source": "huggingface hub", "native_bos": _tokenizer_adds_bos(tokenizer)}
     return bridge
 
 
+def _hub_host() -> str:
+    return os.environ.get("HF_ENDPOINT", "https://huggingface.co").split("://")[-1].split("/")[0]
+
+
 def _hub_reachable(timeout: float = 3.0) -> bool:
-    """One quick TCP connect instead of transformers' minute of retries when offline."""
-    host = os.environ.get("HF_ENDPOINT", "https://huggingface.co").split("://")[-1].split("/")[0]
+    """One quick HTTPS request to the hub (any HTTP answer counts) instead of transformers'
+    minute of retries: a dropped connection times out after ``timeout`` s, and a network that
+    accepts every connection but cannot speak TLS to the hub (a captive proxy) fails at once."""
+    url = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/") + "/api/models?limit=1"
     try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-        return True
-    except OSError:
+        urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return True  # the hub answered, if only with an error status
+    except (OSError, ValueError):  # URLError, timeouts, TLS failures, a malformed HF_ENDPOINT
         return False
+    return True
 
 
 def _tokenizer_adds_bos(tokenizer) -> bool:

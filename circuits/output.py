@@ -148,8 +148,12 @@ def check_output_dir(out: str | Path, *, label: str = "--out") -> Path:
 
 
 @contextmanager
-def _locked(folder: Path) -> Iterator[None]:
-    """An exclusive lock on a folder (flock on its descriptor: nothing is left behind)."""
+def locked(folder: Path) -> Iterator[None]:
+    """An exclusive lock on an existing folder, held across processes until the block ends.
+
+    ``flock`` on the folder's own descriptor: no lock file is left behind, and the kernel
+    releases the lock when its holder dies, so a killed run never blocks the next one.
+    """
     fd = os.open(folder, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
@@ -184,7 +188,7 @@ def atomic_output_dir(out: str | Path) -> Iterator[Path]:
     try:
         yield staging
         write_manifest(staging, pid=os.getpid())
-        with _locked(parent):
+        with locked(parent):
             check_output_dir(out)
             _swap_in(staging, out.absolute())
     finally:
