@@ -14,9 +14,10 @@ passages, at position ``Settings.plant_position``, with its random control (the 
 random other position, same layers and strength), both in the recipe's early layers
 (:data:`~interventions.recipes.DEFAULT_ISOLATE_LAYERS`): (i) ``isolate`` — the position attends
 only to itself; (ii) ``amplify`` — its attention output's deviation from the sequence mean,
-``mu + lambda (o - mu)``, multiplied by each ``lambda`` of ``Settings.amplify_factors`` (the random
-control runs for the largest, which the verdict reads), and Li et al.'s control at that
-``lambda``, plain scaling ``lambda o`` (``mode="norm"``), shown next to it. Each is scored over the
+``mu + lambda (o - mu)``, multiplied by each ``lambda`` of ``Settings.amplify_factors``. The verdict
+reads the recipe's own ``lambda`` (:data:`~interventions.recipes.DEFAULT_AMPLIFY_FACTOR`, run even
+when the grid lacks it), the one the random control and Li et al.'s control, plain scaling
+``lambda o`` (``mode="norm"``), run at; the other values draw the curve. Each is scored over the
 layers after the edit (:func:`~interventions.recipes.summarize_plant`).
 """
 
@@ -146,25 +147,27 @@ def planting(model, s: Settings) -> tuple[pd.DataFrame, dict]:
     tidy ``(condition, layer, score)`` table of the planted position's sink score, and a summary
     per run."""
     batch = tokenize(model, probe_texts(s.plant_n), max_tokens=s.plant_tokens)
-    p, fmax = s.plant_position, max(s.amplify_factors)
+    p, lam = s.plant_position, recipes.DEFAULT_AMPLIFY_FACTOR
+    factors = sorted({*s.amplify_factors, lam})
     iso = recipes.plant_sink(model, batch, p, method="isolate", control="random", batch_size=8)
-    amps = {f: recipes.plant_sink(model, batch, p, method="amplify", strength=f, control="random" if f == fmax else None, batch_size=8)
-            for f in s.amplify_factors}
-    plain = recipes.plant_sink(model, batch, p, method="amplify", strength=fmax, amplify={"mode": "norm"}, control=None, batch_size=8)
+    amps = {f: recipes.plant_sink(model, batch, p, method="amplify", strength=f, control="random" if f == lam else None, batch_size=8)
+            for f in factors}
+    plain = recipes.plant_sink(model, batch, p, method="amplify", strength=lam, amplify={"mode": "norm"}, control=None, batch_size=8)
     edited = anatomy.layer_ranges(recipes.DEFAULT_ISOLATE_LAYERS)
     curves = {
         "clean: planted position": iso["clean"], "clean: primary sink (position 0)": iso["primary"],
         "isolate: planted position": iso["intervened"], f"isolate, random control: position {p}": iso["control"],
         "isolate, random control: its own position": iso["control_own"],
-        **{f"amplify deviation ×{f:g}: planted position": amps[f]["intervened"] for f in s.amplify_factors},
-        f"plain scaling ×{fmax:g}: planted position": plain["intervened"],
+        **{f"amplify deviation ×{f:g}: planted position": amps[f]["intervened"] for f in factors},
+        f"plain scaling ×{lam:g}: planted position": plain["intervened"],
     }
     rows = pd.DataFrame([dict(condition=c, layer=l, score=float(v)) for c, arr in curves.items() for l, v in enumerate(arr)])
     summary = {
         "isolate": {**_summary(iso, f"isolate (layers {edited})"), "edited_layers": edited},
-        "amplify": {**_summary(amps[fmax], f"amplify deviation ×{fmax:g} (layers {edited}, attention output)"), "edited_layers": edited},
-        "plain_scaling": {**_summary(plain, f"plain scaling ×{fmax:g} (layers {edited}, attention output)"), "edited_layers": edited},
-        "amplify_by_factor": {f"{f:g}": recipes.summarize_plant(amps[f])["vs_clean"] for f in s.amplify_factors},
+        "amplify": {**_summary(amps[lam], f"amplify deviation ×{lam:g} (layers {edited}, attention output)"), "edited_layers": edited,
+                    "factor": lam},
+        "plain_scaling": {**_summary(plain, f"plain scaling ×{lam:g} (layers {edited}, attention output)"), "edited_layers": edited},
+        "amplify_by_factor": {f"{f:g}": recipes.summarize_plant(amps[f])["vs_clean"] for f in factors},
     }
     return rows, summary
 

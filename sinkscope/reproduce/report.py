@@ -186,7 +186,9 @@ def li_section(res: Measured, model, obs: LongInputs, s: Settings, figure: Figur
         f"Planting on {s.plant_n} probe passages × {s.plant_tokens} tokens, planted position {s.plant_position}, with "
         f"`interventions.recipes.plant_sink` (the same protocol as the recipe), in layers {summary['isolate']['edited_layers']}: "
         "(i) `isolate`, the position attends only to itself; (ii) `amplify-variance`, its attention output's deviation from the "
-        f"sequence mean multiplied by λ in {list(s.amplify_factors)}, and Li et al.'s control, plain scaling by the largest λ. "
+        f"sequence mean multiplied by λ in {list(summary['amplify_by_factor'])} (the verdict reads λ = "
+        f"{summary['amplify']['factor']:g}, the recipe's default), and Li et al.'s control, plain "
+        "scaling by that λ. "
         "Scores are means over the layers after the edit. Controls: the same position in the clean run, and a random control "
         f"(the same edit moved to a random other position, scored at position {s.plant_position} and at its own position).",
         "",
