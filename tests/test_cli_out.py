@@ -127,8 +127,8 @@ def test_two_processes_writing_one_out_end_with_one_whole_result(tmp_path):
 # --------------------------------------------------------------------------- interrupted, terminated, killed
 
 
-def test_sigterm_removes_the_staging_folder(tmp_path):
-    out = tmp_path / "out"
+def _hanging_run(out: Path) -> subprocess.Popen:
+    """``sinkscope measure`` stopped inside its staging folder (writing figures hangs)."""
     script = textwrap.dedent("""
         import sys, time
         import sinkscope.jobs as jobs
@@ -142,11 +142,26 @@ def test_sigterm_removes_the_staging_folder(tmp_path):
     proc = subprocess.Popen([sys.executable, "-c", script, str(out)], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "writing"
-    assert [p for p in tmp_path.iterdir() if p.name.startswith(".out.staging-")]
+    assert [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.staging-")]
+    return proc
+
+
+def test_sigterm_removes_the_staging_folder(tmp_path):
+    proc = _hanging_run(tmp_path / "out")
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "interrupted; nothing was written" in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_staging_folder_of_a_sigkilled_run_is_swept_by_the_next_run(tmp_path, capsys):
+    out = tmp_path / "out"
+    proc = _hanging_run(out)
+    proc.kill()
+    proc.communicate(timeout=60)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out.staging-")], "SIGKILL runs no handler"
+    assert main(["measure", *TINY, "--text", "a b c d", "--out", str(out)]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
 def _dead_pid() -> int:
