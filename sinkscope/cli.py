@@ -15,7 +15,10 @@ deferred into the ``_run_<name>`` that needs it.
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import math
+import os
 import signal
 import sys
 import threading
@@ -290,10 +293,6 @@ def _run_intervene(args) -> int:
 def _sweep_partial(args, batch, intervention, strengths, settings) -> Path:
     """Where an interrupted ``--strengths`` sweep keeps its finished items: a hidden folder next to
     ``--out`` named by everything that decides them, so only the same command resumes them."""
-    # deferred: the command starts without torch; a job imports what it runs
-    import hashlib
-    import json
-
     key = json.dumps([args.model, args.dtype, args.intervention, strengths, batch.token_ids, settings], sort_keys=True)
     out = args.out.absolute()
     return out.parent / f".{out.name}.sweep-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
@@ -306,8 +305,6 @@ def _write_effect(args, model, batch, effect, intervention, strengths, settings)
     skips finished items when the same command is run again) and moves into ``--out`` at the end.
     """
     # deferred: the command starts without torch; a job imports what it runs
-    import os
-
     from circuits import plots
     from circuits.output import atomic_output_dir, write_json
     from interventions.sweep import sweep
