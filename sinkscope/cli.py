@@ -8,7 +8,7 @@ exit code 2, never a traceback, and is found before any work where it can be; ou
 leaves nothing half-written and never mixes two runs' files.
 
 Building the parser imports neither torch nor transformers (``sinkscope --help`` and argument
-errors answer at once; ``tests/test_cli.py`` checks ``sys.modules``): every heavy import is
+errors answer at once; ``tests/test_cli_inputs.py`` checks ``sys.modules``): every heavy import is
 deferred into the ``_run_<name>`` that needs it.
 """
 
