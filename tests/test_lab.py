@@ -93,11 +93,11 @@ def test_bridge_computes_the_variants_attention(variant, tmp_path):
 
 def test_plain_hf_loading_is_not_used_for_lab_folders(tmp_path):
     """A lab folder must not come back as a softmax model with the extra weights dropped."""
-    from circuits.models import _load_hf_folder, byte_tokenizer
+    from circuits.models import _load_hf_folder, byte_tokenizer, resolve_placement
 
     model = _perturbed_tiny_model("key-bias")
     V.save_hf_folder(model, byte_tokenizer(), tmp_path, {})
-    loaded, _ = _load_hf_folder(tmp_path, torch.float32, "cpu")
+    loaded, _ = _load_hf_folder(tmp_path, resolve_placement())
     torch.testing.assert_close(loaded.model.layers[0].self_attn.sinks, model.model.layers[0].self_attn.sinks)
     assert loaded.config._attn_implementation == "sinkscope_keybias"
 
