@@ -1,4 +1,4 @@
-"""The sink as a key bias (Gu et al.): zero its value, or take its attention away.
+"""The sink as a key bias (Gu et al.): zero its value, replace it by the mean value, or take its attention away.
 
 Why these two. Gu et al. argue that the sink *stores attention mass* while its value vector
 contributes little to the heads' outputs, much like a learnable key bias with zero value. Two
@@ -8,6 +8,9 @@ edits separate the two roles:
   chosen layers: the sink keeps the attention mass it receives, but that mass now carries
   nothing (its column of the pattern is zeroed *without* renormalising). If the sink is a key
   bias, the outputs barely change.
+* :class:`MeanSinkValue` — the sink's value vector is replaced by the mean value of the
+  sequence's *other real* tokens at that layer (per kv head). It answers the objection that a
+  zero value is out of distribution: the mass the sink holds now carries an ordinary value.
 * :class:`DropSinkAttention` — no later query may attend to the sink position(s): their
   scores are set to the model's mask value before the softmax, so the mass the sink held is
   *renormalised* over the other keys. If the sink is a key bias, this is what hurts: the
@@ -91,6 +94,49 @@ class ZeroSinkValue(Intervention):
         return [(f"blocks.{l}.attn.hook_pattern", zero_column) for l in layers]
 
 
+@register("mean-sink-value")
+@dataclass(frozen=True)
+class MeanSinkValue(Intervention):
+    """The value vector at ``positions`` (default the first token) becomes the mean of the value
+    vectors at the sequence's other real (non-pad) positions, at ``layers`` (None: all).
+
+    Implemented on ``blocks.L.attn.hook_v`` (``[batch, pos, kv_head, d_head]``), so every query
+    reads the mean value, the sink's own row included: the like-for-like zero edit is
+    ``zero-sink-value:include_self=true``. Pads and the replaced positions are left out of the
+    mean; a sequence with no other real token keeps its value.
+    """
+
+    layers: tuple[int, ...] | None = None
+    positions: tuple[int, ...] = (0,)
+
+    sites: ClassVar[Sites] = Sites(layers="layers", positions="positions")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "layers", coerce_ints(self, "layers", self.layers))
+        object.__setattr__(self, "positions", coerce_ints(self, "positions", self.positions, allow_none=False))
+
+    def layers_touched(self) -> tuple[int, ...]:
+        return (0,) if self.layers is None else self.layers
+
+    def hooks(self, model, ctx: RunContext) -> list[Hook]:
+        positions = list(self.positions)
+        valid = ctx.batch.valid
+
+        def mean_v(v: Float[Tensor, "batch pos kv_head d_head"], hook) -> Tensor:
+            others = valid.to(v.device)[:, : v.shape[1]].clone()
+            others[:, [p for p in positions if p < v.shape[1]]] = False
+            weight = others.to(v.dtype)[:, :, None, None]
+            count = weight.sum(dim=1)  # [batch, 1, 1]
+            mean = (v * weight).sum(dim=1) / count.clamp(min=1.0)  # [batch, kv_head, d_head]
+            out = v.clone()
+            for p in positions:
+                if p < v.shape[1]:
+                    out[:, p] = torch.where(count > 0, mean, v[:, p])
+            return out
+
+        return [(f"blocks.{l}.attn.hook_v", mean_v) for l in _layers(self.layers, model)]
+
+
 def later_queries(keys: list[int] | tuple[int, ...], width: int, device) -> Tensor:
     """``[query, key]`` mask: True at (q, k) for each k in ``keys`` and every query q > k."""
     block = torch.zeros(width, width, dtype=torch.bool, device=device)
@@ -133,4 +179,4 @@ class DropSinkAttention(Intervention):
         return [(f"blocks.{l}.attn.hook_attn_scores", hook) for l in _layers(self.layers, model)]
 
 
-__all__ = ["DropSinkAttention", "ZeroSinkValue", "later_queries"]
+__all__ = ["DropSinkAttention", "MeanSinkValue", "ZeroSinkValue", "later_queries"]

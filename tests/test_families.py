@@ -45,6 +45,7 @@ SPECS = {
     "amplify-variance": "amplify-variance:layer=1,positions=10,factor=8",
     "zero-sink-value": "zero-sink-value:layers=1-2",
     "drop-sink-attention": "drop-sink-attention:layers=1-2",
+    "mean-sink-value": "mean-sink-value:layers=1-2",
 }
 
 
