@@ -8,6 +8,8 @@ pandas table, so the same numbers feed the CLI, the reports and the notebooks.
   creation layer, lifetime, class and the attention the token really receives.
 * :func:`massive_activations` — residual dimensions far above the median (Sun et al.).
 * :func:`sink_window` — Wong et al.'s optional "sink clipper" layer window.
+* :func:`sink_levels` — Wong et al.'s "sink levels": the count histogram over (creation layer,
+  lifetime) of the flagged tokens, which their code plots as log(1 + count).
 * :func:`attended_secondary` — the secondary sinks that also receive outsized attention, and
   :func:`live_per_layer` — how many of them are flagged at each layer (the pairing science.md
   asks for on models, such as Gemma 3, where the hidden-state rule alone flags ordinary tokens).
@@ -84,11 +86,19 @@ def secondary_sinks(
     *,
     use_window: bool = False,
     include_noise: bool = False,
+    abs_cos: bool = True,
+    skip_first: int = 1,
 ) -> pd.DataFrame:
     """Tokens whose hidden state aligns with the first token's, per Wong et al.
 
-    A token t > 0 is flagged at layer l when |cos(h_t^l, h_0^l)| > ``thresholds.cos``. Its
-    lifetime is the number of flagged layers, its creation layer the first one. ``peak_score``
+    A token t >= ``skip_first`` is flagged at layer l when |cos(h_t^l, h_0^l)| > ``thresholds.cos``
+    (``abs_cos=False``: the signed cosine). Its lifetime is the number of flagged layers, which
+    need not be contiguous (as in the authors' code), its creation layer the first one.
+
+    Defaults and the authors' code: they scan only the sink-clipper window (``use_window=True``;
+    the default here is False, every layer, because on 30-layer models the window can be a few
+    layers wide; the reports show both), use |cos| (``abs_cos=True``, the default), and exclude
+    positions 0-2 when a chat template is used (``skip_first=3``; default 1, only the first token). ``peak_score``
     is its largest sink score over the flagged layers, and ``score_ratio`` that score over the
     median sink score of the sequence's other non-first tokens at the same layer: the check
     science.md asks for on models where the hidden-state rule alone is not discriminative.
@@ -101,8 +111,10 @@ def secondary_sinks(
     n_layers = meas.n_layers
     for s in range(meas.n_sequences):
         length = int(meas.lengths[s])
-        cos = np.abs(meas.cos_to_first[s, :, 1:length])  # [L, t-1]
+        signed = meas.cos_to_first[s, :, 1:length]  # [L, t-1]
+        cos = np.abs(signed) if abs_cos else signed
         flagged = cos > th.cos
+        flagged[:, : max(0, skip_first - 1)] = False
         if use_window:
             lo, hi = sink_window(meas, s)
             outside = np.ones(n_layers, dtype=bool)
@@ -135,6 +147,18 @@ def secondary_sinks(
             )
     columns = ["sequence", "position", "token", "start_layer", "lifetime", "kind", "peak_score", "peak_layer", "score_ratio", "max_abs_cos"]
     return pd.DataFrame(rows, columns=columns)
+
+
+def sink_levels(table: pd.DataFrame, n_layers: int) -> Int[np.ndarray, "layer lifetime"]:
+    """Wong et al.'s sink levels: ``counts[c, n]`` = flagged tokens created at layer c that live
+    n layers (n from 0 to ``n_layers``; column 0 stays empty). ``table`` is a
+    :func:`secondary_sinks` table (pass ``include_noise=True`` to count every flagged token, as
+    their histogram does). No clustering: a level is a cell, or a cluster of cells, of this grid.
+    """
+    counts = np.zeros((n_layers, n_layers + 1), dtype=np.int64)
+    for c, n in zip(table["start_layer"].to_numpy(int), table["lifetime"].to_numpy(int)):
+        counts[c, n] += 1
+    return counts
 
 
 def primary_sink_layers(meas: SinkMeasurement, eps: float = 0.3, min_share: float = 0.5) -> pd.DataFrame:

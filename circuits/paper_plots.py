@@ -270,3 +270,16 @@ __all__ = [
     "dose_response", "keybias_effect_plot", "long_heatmap", "kv_norms_plot", "mlp_site_cosines", "norm_scatter", "planting_plot",
     "primary_vs_secondary", "show", "sink_rate_vs_eps", "super_neuron_plot", "variance_by_layer", "SEQUENTIAL",
 ]
+
+
+def sink_levels_plot(counts: np.ndarray, *, title: str | None = None):
+    """Wong et al.'s sink-level histogram: log(1 + count) over (creation layer, lifetime), as
+    their code plots it. ``counts`` is :func:`circuits.anatomy.sink_levels`."""
+    with style():
+        fig, ax = plt.subplots(layout="constrained", figsize=(5.5, 3.8))
+        im = ax.imshow(np.log1p(counts).T, origin="lower", aspect="auto", cmap=SEQUENTIAL, interpolation="nearest")
+        ax.set_xlabel("creation layer")
+        ax.set_ylabel("lifetime (flagged layers)")
+        fig.colorbar(im, ax=ax, label="log(1 + count)")
+        ax.set_title(title or "Sink levels (Wong et al.)")
+    return fig

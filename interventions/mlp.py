@@ -57,6 +57,7 @@ AblationMode = Literal["zero", "mean", "resample"]
 MeanOver = Literal["position", "tokens"]
 RescaleScope = Literal["component", "whole"]
 EditMode = Literal["zero", "mean", "rescale"]
+SinkReference = Literal["resid", "mlp_out"]
 
 
 def mlp_hook(layer: int) -> str:
@@ -360,16 +361,21 @@ class RescaleAlongSink(Intervention):
     ``scope="whole"`` applies the same operation to all of ``m`` instead of its component:
     Wong et al.'s norm intervention is ``scope="whole", min_cos=0.98, target_norm=τ`` (set
     the output's norm where it is aligned with the sink direction). ``min_cos`` restricts the
-    edit to tokens whose *signed* cosine cos(m, u) is >= min_cos.
+    edit to tokens whose *signed* cosine cos(m, u) is >= min_cos. Their code compares with the
+    first token's *MLP output* at that layer, not with ``h_0``: ``reference="mlp_out"`` (the
+    spec ``rescale-sink:layers=15,scope=whole,min_cos=0.98,target_norm=100,reference=mlp_out``,
+    with ``skip_first=3`` for a chat-templated prompt, where they exclude positions 0-2).
 
     ``positions=None`` means every position from ``skip_first`` on (default 1: the primary
     sink itself is never touched unless named; Wong et al. exclude "the first tokens", so
     raise it to skip a few more). Explicit ``positions`` are used as given.
 
-    The direction ``u`` is, per sequence and layer, the first token's block output
+    With ``reference="resid"`` (default) the direction ``u`` is, per sequence and layer, the first token's block output
     ``h_0^l`` (``blocks.L.hook_resid_post`` at position 0) of the clean run, as in Wong et
     al. and ``circuits.measure`` (``cos_to_first``); or a fixed ``direction`` of size
-    ``d_model`` given by the user, used at every layer.
+    ``d_model`` given by the user, used at every layer. With ``reference="mlp_out"`` it is the
+    first token's MLP output (``hook_mlp_out`` at position 0) of the same forward pass, which
+    this edit leaves untouched unless position 0 is named.
     """
 
     layers: tuple[int, ...]
@@ -381,6 +387,7 @@ class RescaleAlongSink(Intervention):
     scope: RescaleScope = "component"
     direction: tuple[float, ...] | None = None
     skip_first: int = 1
+    reference: SinkReference = "resid"
 
     sites: ClassVar[Sites] = Sites(layers="layers", positions="positions", direction="direction")
 
@@ -400,6 +407,9 @@ class RescaleAlongSink(Intervention):
         object.__setattr__(self, "min_cos", min_cos)
         coerce_choice(self, "scope", self.scope, get_args(RescaleScope))
         object.__setattr__(self, "direction", _coerce_direction(self, self.direction))
+        coerce_choice(self, "reference", self.reference, get_args(SinkReference))
+        if self.reference == "mlp_out" and self.direction is not None:
+            raise fail(self, "reference", "reference=mlp_out reads the first token's MLP output; it cannot be combined with a fixed direction")
 
     def strength_name(self) -> str | None:
         return "target_norm" if self.target_norm is not None else "factor" if self.factor is not None else None
@@ -410,7 +420,9 @@ class RescaleAlongSink(Intervention):
         if self.direction is not None and len(self.direction) != d_model:
             raise fail(self, "direction", f"has size {len(self.direction)} but the model's d_model is {d_model}")
 
-    def prepare(self, model, ctx: RunContext) -> dict[int, Tensor]:
+    def prepare(self, model, ctx: RunContext) -> dict[int, Tensor | None]:
+        if self.reference == "mlp_out":
+            return {l: None for l in self.layers}  # read from the forward itself, in the hook
         if self.direction is not None:
             u = torch.tensor(self.direction, dtype=torch.float32, device=model.cfg.device)[None, :]
             return {l: u / u.norm() for l in self.layers}
@@ -421,12 +433,16 @@ class RescaleAlongSink(Intervention):
         units = ctx.state(self)
         return [(mlp_hook(l), self._hook(units[l])) for l in self.layers]
 
-    def _hook(self, u: Float[Tensor, "batch d_model"]):
+    def _hook(self, u: Float[Tensor, "batch d_model"] | None):
         iv = self
 
         def hook(mlp_out: Float[Tensor, "batch pos d_model"], hook) -> Tensor:
             m = mlp_out.float()
-            unit = u.to(m.device)[:, None, :]
+            if u is None:  # reference=mlp_out: the first token's MLP output of this pass
+                first = m[:, 0]
+                unit = (first / first.norm(dim=-1, keepdim=True).clamp_min(1e-12))[:, None, :]
+            else:
+                unit = u.to(m.device)[:, None, :]
             new = rescale_along(m, unit, iv.target_norm, iv.factor, iv.remove, iv.scope)
             t = m.shape[1]
             pos_mask = torch.zeros(t, dtype=torch.bool, device=m.device)
