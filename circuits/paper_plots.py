@@ -209,6 +209,23 @@ def planting_plot(frame: pd.DataFrame, *, title: str | None = None):
     return fig
 
 
+def lambda_curve(frame: pd.DataFrame, *, title: str | None = None):
+    """Planted sink score against the amplification factor lambda, one line per mode (Li et al.'s
+    deviation amplification and its plain-scaling control). ``frame``: factor, mode, score."""
+    with style():
+        fig, ax = plt.subplots(layout="constrained", figsize=(5.5, 3.4))
+        for i, (mode, sub) in enumerate(frame.groupby("mode", sort=False)):
+            sub = sub.sort_values("factor")
+            ax.plot(sub["factor"], sub["score"], **_series(i), label=mode)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("λ")
+        ax.set_ylabel("sink score of the planted position")
+        ax.set_ylim(bottom=0)
+        ax.legend(fontsize=7)
+        ax.set_title(title or "Planting by amplification: sink score vs λ")
+    return fig
+
+
 # ------------------------------------------------------------------------------ Gu et al.
 
 

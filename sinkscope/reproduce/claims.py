@@ -11,6 +11,8 @@ the verdict and write the rule text, so the rule a report prints is the rule tha
   :class:`AnyOf` combine them.
 * :class:`Claim` — the record; :meth:`Claim.evaluate` returns a :class:`Finding` (verdict,
   evidence numbers, a one-line evidence text, the rule text).
+* :class:`Method` — the paper's method, the toolkit's, and every difference between them,
+  which the report prints under each claim (issue 11: a reader must see where they part).
 * :class:`Measured` — what a paper module's ``measure`` hands over: the numbers its claims
   read (and ``numbers.json`` keeps), the tables the report draws, and section timings.
 
@@ -105,6 +107,20 @@ Condition = Union[Test, AllOf, AnyOf]
 
 
 @dataclass(frozen=True)
+class Method:
+    """How the paper measured a claim, how the toolkit does, and each difference (one line each)."""
+
+    paper: str
+    toolkit: str
+    differences: tuple[str, ...] = ()
+
+    def markdown(self) -> str:
+        lines = [f"- *Paper:* {self.paper}", f"- *Toolkit:* {self.toolkit}"]
+        lines += [f"- *Difference:* {d}" for d in self.differences] or ["- *Difference:* none known"]
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
 class Finding:
     """A claim evaluated on one run: what ``numbers.json`` stores under ``claims``."""
 
@@ -133,11 +149,14 @@ class Claim:
     holds: Condition
     partly: Condition
     describe: Callable[[Mapping[str, Any]], str]
+    method: Method | None = None
+    rule_note: str = ""  # e.g. that the rule was set after numbers were seen
 
     @property
     def rule(self) -> str:
         """The verdict rule as text, written from :attr:`holds`, :attr:`partly` and the thresholds."""
-        return f"holds: {self.holds.text(self.thresholds)}; partly: {self.partly.text(self.thresholds)}"
+        note = f" (rule {self.rule_note})" if self.rule_note else ""
+        return f"holds: {self.holds.text(self.thresholds)}; partly: {self.partly.text(self.thresholds)}{note}"
 
     def evaluate(self, numbers: Mapping[str, Any]) -> Finding:
         ev = self.evidence(numbers, self.thresholds)
@@ -167,6 +186,6 @@ def findings_frame(findings: Sequence[Finding]) -> pd.DataFrame:
 
 
 __all__ = [
-    "AllOf", "AnyOf", "Claim", "Condition", "FAILS", "Finding", "HOLDS", "Measured", "PARTLY", "Test", "Verdict", "evaluate",
+    "AllOf", "AnyOf", "Claim", "Condition", "FAILS", "Finding", "HOLDS", "Measured", "Method", "PARTLY", "Test", "Verdict", "evaluate",
     "findings_frame", "number_text", "verdict",
 ]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import gc
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -21,11 +22,11 @@ from circuits import analyses, anatomy
 from circuits.long_inputs import LongInputs
 from circuits.measure import SinkMeter
 from circuits.models import PACKAGED, list_models, load_model
-from circuits.probes import probe_texts, tokenize
+from circuits.probes import default_prepend_bos, probe_texts, tokenize
 from interventions.effect import output_change
-from interventions.keybias import DropSinkAttention, ZeroSinkValue
+from interventions.keybias import DropSinkAttention, MeanSinkValue, ZeroSinkValue
 from sinkscope.jobs import sink_rate_ci
-from sinkscope.reproduce.claims import AllOf, Claim, Measured, Test
+from sinkscope.reproduce.claims import AllOf, Claim, Measured, Method, Test
 from sinkscope.reproduce.settings import Settings
 
 PAPER = "Gu"
@@ -34,9 +35,11 @@ PAPER = "Gu"
 
 
 def _g1(n, th):
-    own = [r for r in n["sink_rates"] if r["model"] == n["model"] and np.isclose(r["eps"], th["eps"])][0]
+    mine = [r for r in n["sink_rates"] if r["model"].startswith(n["model"]) and np.isclose(r["eps"], th["eps"])]
+    own = [r for r in mine if r["model"] == n["model"] and r.get("bos_setting", "native") == "native"][0]
+    other = [r["sink_rate"] for r in mine if r.get("bos_setting") == "other" and r["model"].startswith(n["model"] + " [BOS")]
     return {"sink_rate": own["sink_rate"], "ci_low": own["ci_low"], "ci_high": own["ci_high"], "n": int(own["n"]),
-            "tokens": n["eps_tokens"], "bos": bool(own["bos"]), "eps": th["eps"]}
+            "tokens": n["eps_tokens"], "bos": bool(own["bos"]), "eps": th["eps"], "other_bos_rate": other[0] if other else float("nan")}
 
 
 G1 = Claim(
@@ -45,7 +48,8 @@ G1 = Claim(
     holds=Test("sink_rate", ">=", "holds", "Sink_1^{eps} (%)"),
     partly=Test("sink_rate", ">=", "partly", "Sink_1^{eps} (%)"),
     describe=lambda e: f"Sink_1^{e['eps']:g} = {e['sink_rate']:.1f} % (95 % CI {e['ci_low']:.1f}-{e['ci_high']:.1f}), "
-    f"{e['n']} × {e['tokens']} tokens, BOS {e['bos']}",
+    f"{e['n']} × {e['tokens']} tokens, BOS {e['bos']}; with BOS {not e['bos']}: "
+    + ("not possible (no BOS token)" if np.isnan(e["other_bos_rate"]) else f"{e['other_bos_rate']:.1f} %") + " (not in the rule)",
 )
 
 
@@ -68,9 +72,11 @@ G2 = Claim(
 
 def _g3(n, th):
     kl = {r["intervention"]: r["kl"] for r in n["keybias"]}
-    zero, drop, zero_ctrl, drop_ctrl = (kl[name] for name in n["keybias_runs"])
+    runs = n["keybias_runs"]
+    zero, drop, zero_ctrl, drop_ctrl = (kl[name] for name in runs[:4])
+    mean, zero_self = (kl[runs[4]], kl[runs[5]]) if len(runs) >= 6 else (float("nan"), float("nan"))  # older numbers.json: four runs
     return {"kl_zero": zero, "kl_drop": drop, "drop_over_zero": drop / max(zero, 1e-12), "control_zero": zero_ctrl,
-            "control_drop": drop_ctrl, "control_position": n["keybias_control"]}
+            "control_drop": drop_ctrl, "control_position": n["keybias_control"], "kl_mean": mean, "kl_zero_self": zero_self}
 
 
 G3 = Claim(
@@ -81,8 +87,29 @@ G3 = Claim(
                  Test("kl_zero", "<=", "zero_kl", "KL(zero value) in nats"))),
     partly=Test("drop_over_zero", ">=", "partly", "KL(drop attention) / KL(zero value)"),
     describe=lambda e: f"KL(clean ‖ zero value) = {e['kl_zero']:.3g} nats vs KL(clean ‖ drop attention) = {e['kl_drop']:.3g} nats "
-    f"({e['drop_over_zero']:.0f} ×); controls at position {e['control_position']}: {e['control_zero']:.3g} / {e['control_drop']:.3g}",
+    f"({e['drop_over_zero']:.0f} ×); controls at position {e['control_position']}: {e['control_zero']:.3g} / {e['control_drop']:.3g}; "
+    f"mean value (own row included) {e['kl_mean']:.3g} vs zero value (own row included) {e['kl_zero_self']:.3g} (not in the rule)",
 )
+
+G1, G2, G3 = (replace(c, method=m) for c, m in zip((G1, G2, G3), (
+    Method("Sink_1^eps: per sequence, layer and head, 1[alpha_0 > eps] with alpha the mean attention from the queries that see "
+           "the key; averaged over 100 natural-text sequences of T = 64 (eps = 0.3)",
+           "the same indicator and averaging (circuits.measure), on Settings.eps_n probe passages of Settings.eps_tokens tokens, "
+           "with a bootstrap 95 % CI; BOS per the model's native policy",
+           ("fewer, project-written passages instead of their natural-text sample",
+            "the verdict reads the model's own BOS policy; the other setting (where the tokenizer has a BOS token) is shown "
+            "beside it, not in the rule")),
+    Method("the sink's value vector has a small norm: it stores attention mass rather than content",
+           "first token's value norm / the median other token's, median over the layers where the primary sink holds, on the "
+           "long inputs", ("the ratio and the layer selection are the toolkit's; the paper reports norms qualitatively",)),
+    Method("the sink acts like a key bias: its value contributes little; a learnable key bias with zero value takes its place",
+           "KL of the next-token distribution to the clean run when later queries read a zero value from position 0 "
+           "(zero-sink-value) against removing its attention with renormalisation (drop-sink-attention), all layers, with the "
+           "same edits at a later position as controls; the mean-value test (mean-sink-value: the value replaced by the mean "
+           "of the other real tokens' values) and its like-for-like zero edit are shown beside them",
+           ("the paper tests the key bias by training with one; the toolkit edits a trained model instead",
+            "the mean-value runs are evidence only; the rule was fixed before they were added and does not read them")),
+)))
 
 CLAIMS: tuple[Claim, ...] = (G1, G2, G3)
 
@@ -102,18 +129,24 @@ def offline_models(current: str, checkpoints: str | Path | None = None) -> list[
     return names
 
 
-def sink_rates(model, s: Settings, progress: bool = False) -> pd.DataFrame:
+def sink_rates(model, s: Settings, progress: bool = False, prepend_bos: bool | None = None) -> pd.DataFrame:
     """Sink_1^eps over ``s.eps_grid`` for one model in Gu et al.'s setting (``s.eps_n`` probe
-    passages × ``s.eps_tokens`` tokens), each with a bootstrap CI over sequences."""
-    batch = tokenize(model, probe_texts(s.eps_n), max_tokens=s.eps_tokens)
+    passages × ``s.eps_tokens`` tokens), each with a bootstrap CI over sequences.
+    ``prepend_bos=None``: the model's native policy (``bos_setting`` "native"), else "other"."""
+    native = default_prepend_bos(model)
+    setting = "native" if prepend_bos is None or prepend_bos == native else "other"
+    batch = tokenize(model, probe_texts(s.eps_n), max_tokens=s.eps_tokens, prepend_bos=prepend_bos)
     meter = SinkMeter(model)
     analyses.observe(model, batch, [meter], batch_size=8, progress=progress)
     meas = meter.result()
     name = getattr(model, "_sinkscope_info", {}).get("name", "?")
+    if setting == "other":  # its own series in the table and figure
+        name = f"{name} [BOS {'on' if meas.prepend_bos else 'off'}]"
     rows = []
     for eps in s.eps_grid:
         v, lo, hi = sink_rate_ci(meas, eps)
-        rows.append(dict(model=name, eps=eps, sink_rate=v, ci_low=lo, ci_high=hi, bos=meas.prepend_bos, n=meas.n_sequences))
+        rows.append(dict(model=name, eps=eps, sink_rate=v, ci_low=lo, ci_high=hi, bos=meas.prepend_bos, bos_setting=setting,
+                         n=meas.n_sequences))
     return pd.DataFrame(rows)
 
 
@@ -121,6 +154,9 @@ def all_sink_rates(model, s: Settings, progress: bool = False, checkpoints: str 
     """:func:`sink_rates` of ``model`` and, with ``s.other_models``, of every :func:`offline_models`
     one; returns the rows and the models that failed to load (with why)."""
     rates, failed = [sink_rates(model, s, progress)], []
+    flip = not default_prepend_bos(model)
+    if not flip or model.tokenizer.bos_token_id is not None:  # the other BOS setting, where the tokenizer allows it
+        rates.append(sink_rates(model, s, progress, prepend_bos=flip))
     if s.other_models:
         for other in offline_models(rates[0]["model"].iloc[0], checkpoints):
             try:
@@ -138,7 +174,9 @@ def keybias(model, s: Settings) -> tuple[pd.DataFrame, list[str], int]:
     """Zero the first token's values against drop its attention (renormalised), all layers, with
     the same two edits at a later position as controls: :func:`interventions.effect.output_change`
     on ``s.keybias_n`` probe passages × ``s.keybias_tokens`` tokens. Returns the table, the four
-    run names (zero, drop, zero control, drop control) and the control position."""
+    run names (zero, drop, zero control, drop control, then the mean-value test and its like-for-like
+    zero edit, both including the sink's own row) and the control position. The mean-value runs
+    answer "zero is out of distribution"; G3's rule (fixed before they existed) does not read them."""
     batch = tokenize(model, probe_texts(s.keybias_n), max_tokens=s.keybias_tokens)
     k = min(s.keybias_control, int(batch.lengths.min()) - 1)
     ivs = {
@@ -146,6 +184,8 @@ def keybias(model, s: Settings) -> tuple[pd.DataFrame, list[str], int]:
         "drop-sink-attention (position 0, all layers)": DropSinkAttention(),
         f"control: zero-sink-value at position {k}": ZeroSinkValue(positions=(k,)),
         f"control: drop-sink-attention at position {k}": DropSinkAttention(keys=(k,)),
+        "mean-sink-value (position 0, all layers, own row included)": MeanSinkValue(),
+        "zero-sink-value (position 0, all layers, own row included)": ZeroSinkValue(include_self=True),
     }
     return output_change(model, batch, ivs, batch_size=4), list(ivs), k
 

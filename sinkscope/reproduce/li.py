@@ -24,6 +24,7 @@ layers after the edit (:func:`~interventions.recipes.summarize_plant`).
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -32,7 +33,7 @@ from circuits import analyses, anatomy
 from circuits.long_inputs import LongInputs
 from circuits.probes import probe_texts, tokenize
 from interventions import recipes
-from sinkscope.reproduce.claims import AllOf, Claim, Measured, Test
+from sinkscope.reproduce.claims import AllOf, Claim, Measured, Method, Test
 from sinkscope.reproduce.settings import Settings
 
 PAPER = "Li"
@@ -126,8 +127,60 @@ _PLANT_PARTLY = Test("vs_clean", ">=", "partly", "planted score / clean")
 
 L3 = Claim("L3", PAPER, "Planting (i): a token that attends only to itself becomes a sink", _PLANT, _plant("isolate"),
            holds=_PLANT_HOLDS, partly=_PLANT_PARTLY, describe=_plant_text)
-L4 = Claim("L4", PAPER, "Planting (ii): amplifying a token's variance makes it a sink", _PLANT, _plant("amplify"),
-           holds=_PLANT_HOLDS, partly=_PLANT_PARTLY, describe=_plant_text)
+def _l4(n, th):
+    ev = _plant("amplify")(n, th)
+    grid = pd.DataFrame(n["planting_summary"].get("lambda_grid", []), columns=["factor", "mode", "score", "vs_clean"])
+    dev, norm = grid[grid["mode"] == "deviation"], grid[grid["mode"] == "norm"]
+    rho = float(dev["factor"].rank().corr(dev["score"].rank())) if len(dev) > 1 else float("nan")  # Spearman: Pearson of ranks
+    at = th["factor"]
+    d, c = dev.loc[dev["factor"] == at, "score"], norm.loc[norm["factor"] == at, "score"]
+    ratio = float(d.iloc[0] / c.iloc[0]) if len(d) and len(c) and c.iloc[0] > 0 else float("nan")
+    return ev | {"rho": rho, "dev_over_norm": ratio, "factor": at, "grid": ", ".join(f"{f:g}" for f in dev["factor"])}
+
+
+def _l4_text(e) -> str:
+    return (_plant_text(e) + f"; over λ ∈ {{{e['grid']}}}: Spearman ρ(λ, deviation score) = {e['rho']:.2f}, "
+            f"deviation / plain-scaling score at λ = {e['factor']:g}: {e['dev_over_norm']:.1f} ×")
+
+
+L4 = Claim("L4", PAPER, "Planting (ii): amplifying a token's variance makes it a sink",
+           {"factor": recipes.DEFAULT_AMPLIFY_FACTOR, "rho": 0.0, "over_norm": 2.0, "partly": 2.0}, _l4,
+           holds=AllOf((Test("rho", ">", "rho", "Spearman ρ(λ, planted score) over the λ grid"),
+                        Test("dev_over_norm", ">=", "over_norm", "deviation / plain-scaling planted score at λ = {factor}"))),
+           partly=Test("vs_clean", ">=", "partly", "deviation planted score at λ = {factor} / clean"),
+           describe=_l4_text,
+           rule_note="proposed by the previous engineer after they had seen smollm2-135m numbers (issue 11 §1)")
+
+_ABSTRACT = "only the abstract and two notes on the paper could be read; no code is public"
+L1, L2, L3, L4 = (replace(c, method=m) for c, m in zip((L1, L2, L3, L4), (
+    Method("a batch of fully random token sequences; per position, the per-dimension variance of the value-aggregation output "
+           "across the batch; position 0 largest, decaying with position; W_O roughly keeps the ordering (Kendall tau about 0.32)",
+           "the verdict reads the within-vector statistic: per layer, the variance over dimensions of the first token's head "
+           "outputs over the other tokens' (circuits.analyses.variance_by_position), on the long inputs",
+           ("a variance within one vector, not across a batch of random sequences: the paper's statistic is "
+            "circuits.analyses.batch_variance, not yet read by this report", _ABSTRACT)),
+    Method("a few W_gate / W_up columns with very large norms fire on the first token only; their sparse, heavy-tailed W_down row "
+           "writes a few residual dimensions; defined from the weights, confirmed by activations",
+           "activation-based: channels whose |first-token activation| is >= min_ratio x the layer's median, and whether their "
+           "largest output is a first-token massive dimension",
+           ("the verdict is activation-based; the weight-based definition is circuits.analyses.weight_super_neurons "
+            "(cross-checked by cross_check_super_neurons), not yet in this report", _ABSTRACT)),
+    Method("token k = 10 may attend only to itself, like the first token, and becomes a sink; the layers are not stated",
+           "interventions.recipes.plant_sink(method='isolate') at Settings.plant_position in layers 0-2, scored over the "
+           "layers after the edit, against the same edit at a random other position",
+           ("the layers (0-2) are the toolkit's choice",
+            "the layers after the edit are scored (the sink score is the toolkit's: mean attention from later queries)",
+            _ABSTRACT)),
+    Method("o'_k = mu + lambda (o_k - mu) on the attention (value-aggregation) output of token k = 10; the sink score at k rises "
+           "with lambda; control: plain scaling lambda o_k does not plant a sink",
+           "amplify-variance:site=attn_out,layers=0-2 (after W_O, before the residual add; mu the mean over the sequence's real "
+           "positions) at Settings.plant_position over Settings.amplify_factors; the verdict reads lambda = 8 with the random "
+           "and plain-scaling (mode=norm) controls",
+           ("per-head output (site=z) and mu over dimensions are options; whether the paper acts before or after W_O, and what "
+            "mu averages over, is not stated", "the layers (0-2) are the toolkit's choice",
+            "the paper's claim is qualitative; the rule's numbers (rho > 0, 2 x plain scaling at lambda = 8) are the "
+            "toolkit's", _ABSTRACT)),
+)))
 
 CLAIMS: tuple[Claim, ...] = (L1, L2, L3, L4)
 
@@ -152,7 +205,9 @@ def planting(model, s: Settings) -> tuple[pd.DataFrame, dict]:
     iso = recipes.plant_sink(model, batch, p, method="isolate", control="random", batch_size=8)
     amps = {f: recipes.plant_sink(model, batch, p, method="amplify", strength=f, control="random" if f == lam else None, batch_size=8)
             for f in factors}
-    plain = recipes.plant_sink(model, batch, p, method="amplify", strength=lam, amplify={"mode": "norm"}, control=None, batch_size=8)
+    plains = {f: recipes.plant_sink(model, batch, p, method="amplify", strength=f, amplify={"mode": "norm"}, control=None, batch_size=8)
+              for f in factors}
+    plain = plains[lam]
     edited = anatomy.layer_ranges(recipes.DEFAULT_ISOLATE_LAYERS)
     curves = {
         "clean: planted position": iso["clean"], "clean: primary sink (position 0)": iso["primary"],
@@ -168,6 +223,8 @@ def planting(model, s: Settings) -> tuple[pd.DataFrame, dict]:
                     "factor": lam},
         "plain_scaling": {**_summary(plain, f"plain scaling ×{lam:g} (layers {edited}, attention output)"), "edited_layers": edited},
         "amplify_by_factor": {f"{f:g}": recipes.summarize_plant(amps[f])["vs_clean"] for f in factors},
+        "lambda_grid": [dict(factor=f, mode=mode, score=(row := recipes.summarize_plant(run[f]))["intervened"], vs_clean=row["vs_clean"])
+                        for mode, run in (("deviation", amps), ("norm", plains)) for f in factors],
     }
     return rows, summary
 

@@ -84,6 +84,15 @@ def claims_table(findings: Sequence[Finding | dict]) -> str:
     return "\n".join(lines)
 
 
+def methods_section(claims: Sequence) -> str:
+    """Per claim: the paper's method, the toolkit's, and every difference (``Claim.method``)."""
+    out = ["## Methods: the paper's and the toolkit's", ""]
+    for c in claims:
+        if c.method is not None:
+            out += [f"**{c.id}** — {c.claim}", "", c.method.markdown(), ""]
+    return "\n".join(out)
+
+
 def _save_figure(folder: Path, fig, name: str, caption: str) -> str:
     plots.save(fig, folder / f"{name}.png")
     return f"![{caption}]({name}.png)\n\n*{caption}*\n"
@@ -198,6 +207,9 @@ def li_section(res: Measured, model, obs: LongInputs, s: Settings, figure: Figur
         "Deviation amplification, planted score over clean by λ: "
         + ", ".join(f"×{k}: {v:.2f}" for k, v in summary["amplify_by_factor"].items()) + ".",
         "",
+        figure(paper_plots.lambda_curve(pd.DataFrame(summary["lambda_grid"]), title=f"{name}: planted score at position {s.plant_position} vs λ"),
+               "li_lambda", "Sink score of the planted position against λ: deviation amplification and plain scaling (Li et al.'s control)"),
+        md_table(pd.DataFrame(summary["lambda_grid"])), "",
     ]
     return "\n".join(lines)
 
@@ -257,6 +269,7 @@ def render(doc: dict, sections: Sequence[str], prepend_bos: bool) -> str:
         "",
         claims_table(doc["claims"]),
         "",
+        methods_section([c for c in CLAIMS if c.id in {f["id"] if isinstance(f, dict) else f.id for f in doc["claims"]}]),
     ]
     return "\n".join(head + list(sections))
 
@@ -349,6 +362,8 @@ def redraw(folder: str | Path) -> list[Path]:
         "gu_kv_norms": paper_plots.kv_norms_plot(frame(doc["gu"]["kv_norms"]), title=f"{name}: key and value norms of the first token"),
         "gu_keybias": paper_plots.keybias_effect_plot(frame(doc["gu"]["keybias"]), title=f"{name}: zero the sink's value vs drop its attention"),
     }
+    if doc["li"]["planting_summary"].get("lambda_grid"):
+        figures["li_lambda"] = paper_plots.lambda_curve(frame(doc["li"]["planting_summary"]["lambda_grid"]), title=f"{name}: planted score vs λ")
     if doc["wong"]["dose_response"]:
         figures["wong_dose_response"] = paper_plots.dose_response(frame(doc["wong"]["dose_response"]), title=f"{name}: norm rescaling of sink-aligned MLP outputs")
     return [plots.save(fig, folder / f"{key}.png") for key, fig in figures.items()]

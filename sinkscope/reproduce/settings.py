@@ -38,8 +38,8 @@ class Settings:
     dose_factors: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
     plant_n: int = 16
     plant_tokens: int = 64
-    plant_position: int = 32
-    amplify_factors: tuple[float, ...] = (2.0, 4.0, 8.0, 16.0)
+    plant_position: int = 10  # Li et al.'s k
+    amplify_factors: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0, 16.0)
     eps_n: int = 100
     eps_tokens: int = 64
     eps_grid: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -53,7 +53,7 @@ SIZES: dict[str, Settings] = {
     "full": Settings(),
     "ci": Settings(
         n_traces=2, max_tokens=192, batch_size=2, dose_traces=1, dose_factors=(0.0, 1.0, 4.0), plant_n=4, plant_tokens=48,
-        plant_position=24, amplify_factors=(4.0, 16.0), eps_n=8, keybias_n=4, keybias_tokens=64, keybias_control=32,
+        plant_position=10, amplify_factors=(1.0, 2.0, 4.0, 8.0, 16.0), eps_n=8, keybias_n=4, keybias_tokens=64, keybias_control=32,
         other_models=False,
     ),
 }

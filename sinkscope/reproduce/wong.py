@@ -25,6 +25,7 @@ intervened run.
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -32,7 +33,7 @@ import pandas as pd
 from circuits import analyses, anatomy
 from circuits.long_inputs import LongInputs
 from interventions import recipes
-from sinkscope.reproduce.claims import AllOf, AnyOf, Claim, Measured, Test
+from sinkscope.reproduce.claims import AllOf, AnyOf, Claim, Measured, Method, Test
 from sinkscope.reproduce.settings import Settings
 
 PAPER = "Wong"
@@ -158,6 +159,43 @@ W6 = Claim(
     partly=Test("levels", "==", "partly_levels", "number of creation layers holding ≥ {share} of the attended secondary sinks"),
     describe=lambda e: f"{e['levels']} creation layers hold ≥ {100 * e['share']:g} % of attended secondary sinks: {e['creation_layers']}",
 )
+
+_INPUTS = ("their inputs are the model's own chain-of-thought on math problems (AIME24, MATH), 9k-10k tokens; the report's long "
+           "inputs are shorter (their lengths are in the inputs paragraph)")
+W1, W2, W3, W4, W5, W6 = (replace(c, method=m) for c, m in zip((W1, W2, W3, W4, W5, W6), (
+    Method("token t > 0 flagged at layer l when |cos(h_t^l, h_0^l)| > 0.9, only inside the sink-clipper window (from the layer after "
+           "the largest increase of ||h_0|| to the layer after the largest later decrease); lifetime = number of flagged layers "
+           "(not necessarily contiguous); secondary when 4 < lifetime < L - 15; positions 0-2 excluded under a chat template",
+           "the same |cos| rule and non-contiguous lifetime (circuits.anatomy.secondary_sinks) over every layer; class constants "
+           "scaled by L/48; a flagged secondary token counts only when it also receives >= min_score_ratio x the median token's "
+           "attention at its peak layer",
+           ("window off by default (secondary_sinks(use_window=True) is theirs)", "class constants scaled to depth",
+            "the attention filter is the toolkit's (needed on Gemma 3, where the rule alone flags ordinary tokens)",
+            "only position 0 excluded (skip_first=1; theirs is 3 with a chat template)", _INPUTS)),
+    Method("qualitative: in the middle layers where secondary sinks appear, the primary sink receives less attention",
+           "mean primary-sink score in the live layers (where >= live_share x the peak number of attended secondary sinks are "
+           "flagged) over the mean elsewhere, and the live layers' centre as a share of depth",
+           ("the paper gives no number; the ratio, the live-layer definition and both thresholds are the toolkit's", _INPUTS)),
+    Method("at the creation layer, cosine with the primary-sink direction of the MLP input, gate, up, activation, activation x up "
+           "and down-projection outputs", "median |cos(MLP output, h_0^l)| at the creation layer over attended secondary "
+           "sinks, per MLP site",
+           ("on Gemma 3 the MLP output is read after its post-feed-forward norm (what reaches the residual)", _INPUTS)),
+    Method("the L2 norm of the aligning MLP output sets the sink's score and lifetime (their sink-score notebook is not public)",
+           "Spearman rho (and p) between the writing MLP output's norm and each attended sink's peak score, and its lifetime",
+           ("the sink score is the toolkit's (mean attention from later queries), theirs is unpublished", _INPUTS)),
+    Method("at one middle layer (22 of 48), wherever the MLP output has cos > 0.98 with the first token's MLP output (positions "
+           "0-2 excluded), its L2 norm is set to a target (default 100); detection re-run on the intervened prefill",
+           "each attended secondary sink's own writing MLP output (at that token only) multiplied by each dose factor; its mean "
+           "score over its clean lifetime layers and its re-counted lifetime compared with clean",
+           ("a multiplicative factor at the sink's own MLP, not a target norm gated by cos > 0.98 at one layer",
+            "their form exists as rescale-sink:layers=L,scope=whole,min_cos=0.98,target_norm=100,reference=mlp_out,skip_first=3 "
+            "but this report does not sweep it yet", _INPUTS)),
+    Method("a level is a cell, or a cluster of cells, of the count histogram over (creation layer, lifetime), plotted as "
+           "log(1 + count); no clustering algorithm; 3 levels in QwQ-32B, 6 in Qwen3-14B",
+           "the number of creation layers holding >= share of the attended secondary sinks",
+           ("lifetime is not used by the verdict; the histogram itself is circuits.anatomy.sink_levels / "
+            "paper_plots.sink_levels_plot, not yet drawn by this report", _INPUTS)),
+)))
 
 #: in the order the report lists them
 CLAIMS: tuple[Claim, ...] = (W1, W2, W6, W3, W4, W5)
