@@ -152,6 +152,17 @@ def wong_section(res: Measured, model, obs: LongInputs, s: Settings, figure: Fig
     lines += [md_table(f["layers"]), ""]
     lines.append(figure(plots.secondary_sinks_plot(att, n_layers, title=f"{name}: attended secondary sinks, creation layer × lifetime (n={n_att})"),
                         "wong_sink_levels", "Sink levels: attended secondary sinks counted over (creation layer, lifetime)"))
+    lines.append(figure(paper_plots.sink_levels_plot(f["sink_level_counts"], title=f"{name}: flagged tokens, creation layer × lifetime"),
+                        "wong_sink_levels_log", "Sink levels as the authors plot them: log(1 + count) over (creation layer, lifetime), "
+                        "every token the hidden-state rule flags (window off, noise included)"))
+    lines += ["Detection with the sink-clipper window off and on (`circuits.anatomy.secondary_sinks(use_window=...)`; |cos|, "
+              "lifetime counts flagged layers, not necessarily contiguous):", "", md_table(f["detection_settings"]), ""]
+    sweep = f["norm_sweep"]
+    lines += [f"Norm intervention as in the authors' code: at layer {int(sweep['layer'].iloc[0])} (22 of 48 scaled to depth), every MLP "
+              "output with cos > 0.98 to the first token's MLP output (first token excluded) gets L2 norm `target_norm` "
+              "(`rescale-sink:scope=whole,min_cos=0.98,reference=mlp_out`), on the first "
+              f"{s.dose_traces} trace(s); detection (window off) re-run on the intervened pass (target – = clean):", "",
+              md_table(sweep), ""]
     sites = obs.mlp.sites
     lines.append(figure(paper_plots.mlp_site_cosines(f["joined"], sites, f["site_baseline"], title=f"{name}: MLP sub-outputs at the creation layer (n={n_att})"),
                         "wong_mlp_sites", "|cos| of each MLP sub-output with the first token's at the creation layer"))
@@ -362,6 +373,9 @@ def redraw(folder: str | Path) -> list[Path]:
         "gu_kv_norms": paper_plots.kv_norms_plot(frame(doc["gu"]["kv_norms"]), title=f"{name}: key and value norms of the first token"),
         "gu_keybias": paper_plots.keybias_effect_plot(frame(doc["gu"]["keybias"]), title=f"{name}: zero the sink's value vs drop its attention"),
     }
+    if doc["wong"].get("sink_level_counts"):
+        counts = np.asarray(doc["wong"]["sink_level_counts"])
+        figures["wong_sink_levels_log"] = paper_plots.sink_levels_plot(counts, title=f"{name}: flagged tokens, creation layer × lifetime")
     if doc["li"]["planting_summary"].get("lambda_grid"):
         figures["li_lambda"] = paper_plots.lambda_curve(frame(doc["li"]["planting_summary"]["lambda_grid"]), title=f"{name}: planted score vs λ")
     if doc["wong"]["dose_response"]:

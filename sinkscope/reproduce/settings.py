@@ -36,6 +36,7 @@ class Settings:
     min_score_ratio: float = 5.0
     dose_traces: int = 2
     dose_factors: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
+    norm_targets: tuple[float, ...] = (1.0, 10.0, 100.0, 1000.0)  # Wong et al.'s norm intervention (their default 100)
     plant_n: int = 16
     plant_tokens: int = 64
     plant_position: int = 10  # Li et al.'s k

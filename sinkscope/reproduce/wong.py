@@ -32,7 +32,9 @@ import pandas as pd
 
 from circuits import analyses, anatomy
 from circuits.long_inputs import LongInputs
+from circuits.measure import measure as measure_sinks
 from interventions import recipes
+from interventions.mlp import RescaleAlongSink
 from sinkscope.reproduce.claims import AllOf, AnyOf, Claim, Measured, Method, Test
 from sinkscope.reproduce.settings import Settings
 
@@ -216,6 +218,45 @@ def dose_response(model, obs: LongInputs, s: Settings) -> dict | None:
     return recipes.rescale_dose_response(model, obs.batch.select(rows), sinks, factors=s.dose_factors, batch_size=s.batch_size)
 
 
+def detection_settings(meas, th: anatomy.SecondaryThresholds) -> pd.DataFrame:
+    """The hidden-state rule with the sink-clipper window off (every layer) and on (the authors'
+    default): flagged tokens per class (noise included), and each sequence's window."""
+    rows = []
+    for use_window in (False, True):
+        t = anatomy.secondary_sinks(meas, th, use_window=use_window, include_noise=True)
+        counts = t["kind"].value_counts()
+        rows.append(dict(window="on (authors' default)" if use_window else "off (every layer)", flagged=len(t),
+                         **{k: int(counts.get(k, 0)) for k in ("secondary", "primary-like", "noise")},
+                         windows=", ".join(f"[{a}, {b})" for a, b in (anatomy.sink_window(meas, i) for i in range(meas.n_sequences)))
+                         if use_window else "–"))
+    return pd.DataFrame(rows)
+
+
+def norm_layer(n_layers: int) -> int:
+    """Wong et al.'s middle layer, 22 of 48, scaled to depth (rounded half up)."""
+    return int(np.floor(n_layers * 22 / 48 + 0.5))
+
+
+def norm_sweep(model, obs: LongInputs, s: Settings, th: anatomy.SecondaryThresholds) -> pd.DataFrame:
+    """Wong et al.'s norm intervention as in their code, on the first ``s.dose_traces`` traces:
+    at :func:`norm_layer`, every MLP output with cos > 0.98 to the first token's MLP output (first
+    token excluded) gets L2 norm ``target`` for each of ``s.norm_targets``; detection (window off)
+    is re-run on the intervened pass. ``target`` NaN is the clean run."""
+    rows_idx = list(range(min(s.dose_traces, len(obs.batch))))
+    batch = obs.batch.select(rows_idx)
+    layer = norm_layer(int(model.cfg.n_layers))
+    out = []
+    for target in (float("nan"), *s.norm_targets):
+        hooks = () if np.isnan(target) else RescaleAlongSink(
+            layers=(layer,), scope="whole", min_cos=0.98, target_norm=target, reference="mlp_out").hooks_for(model, batch)
+        meas = measure_sinks(model, batch, hooks=hooks, batch_size=s.batch_size, progress=False)
+        t = anatomy.secondary_sinks(meas, th, include_noise=True)
+        counts = t["kind"].value_counts()
+        out.append(dict(layer=layer, target_norm=target, flagged=len(t), **{k: int(counts.get(k, 0)) for k in ("secondary", "primary-like", "noise")},
+                        median_lifetime=float(t["lifetime"].median()) if len(t) else float("nan")))
+    return pd.DataFrame(out)
+
+
 def measure(model, obs: LongInputs, s: Settings) -> Measured:
     """Every number W1-W6 read, from the long-input pass ``obs`` and the dose-response runs.
 
@@ -251,6 +292,11 @@ def measure(model, obs: LongInputs, s: Settings) -> Measured:
     dose = dose_response(model, obs, s)
     timings = {"wong_dose_response": time.perf_counter() - t0}
     dose_frame = None if dose is None else dose["by_factor"]
+    t0 = time.perf_counter()
+    sweep = norm_sweep(model, obs, s, th)
+    timings["wong_norm_sweep"] = time.perf_counter() - t0
+    settings_table = detection_settings(meas, th)
+    level_counts = anatomy.sink_levels(anatomy.secondary_sinks(meas, th, include_noise=True), meas.n_layers)
     numbers = {
         "n_sequences": meas.n_sequences, "n_candidates": len(table), "n_attended": n_att, "attended": att.to_dict(orient="records"),
         "layers": layers.to_dict(orient="records"), "live_layers": live_at.tolist(), "primary_ratio_live_vs_other": ratio,
@@ -259,12 +305,15 @@ def measure(model, obs: LongInputs, s: Settings) -> Measured:
         "corr_norm_score": c_score, "corr_norm_lifetime": c_life,
         "dose_response": None if dose is None else dose_frame.to_dict(orient="records"),
         "dose_rho": None if dose is None else dose["rho"], "dose_n_sinks": 0 if dose is None else dose["n_sinks"],
+        "detection_settings": settings_table.to_dict(orient="records"), "norm_sweep": sweep.to_dict(orient="records"),
+        "sink_level_counts": level_counts.tolist(),
     }
     site_frame = pd.DataFrame({"site": list(sites.sites), "median_abs_cos_secondary": [med_abs[k] for k in sites.sites],
                                "median_cos_ordinary_tokens": [base[k] for k in sites.sites]})
     frames = {"candidates": table, "attended": att, "layers": layers.assign(holds_sink=primary["holds_sink"]), "joined": joined,
-              "sites": site_frame, "site_baseline": base, "dose": dose_frame}
+              "sites": site_frame, "site_baseline": base, "dose": dose_frame, "detection_settings": settings_table, "norm_sweep": sweep,
+              "sink_level_counts": level_counts}
     return Measured(numbers, frames, timings)
 
 
-__all__ = ["CLAIMS", "W1", "W2", "W3", "W4", "W5", "W6", "dose_response", "live_layers", "measure"]
+__all__ = ["CLAIMS", "W1", "W2", "W3", "W4", "W5", "W6", "detection_settings", "dose_response", "live_layers", "measure", "norm_layer", "norm_sweep"]
