@@ -191,8 +191,24 @@ def li_section(res: Measured, model, obs: LongInputs, s: Settings, figure: Figur
     lines = [
         "## Li et al.: the structural origin of the sink",
         "",
-        "Same long inputs as above. Variance over each head's `d_head` of its aggregated value output (`hook_z`), averaged over heads; "
-        "the other tokens' value is the median over positions ≥ 1.",
+        f"Variance discrepancy as the paper measures it (L1's evidence): {s.variance_n} random-token sequences of {s.variance_tokens} "
+        "tokens (`circuits.analyses.batch_variance`); per layer and position the per-dimension variance *across the batch* of the "
+        "head outputs (`z`) and of the attention output (`out`), position 0 against the median of the others, Spearman ρ of "
+        "variance against position, Kendall τ between the `z` and `out` orderings.",
+        "",
+        md_table(f["batch_variance"]), "",
+        "DomRatio of the first token after each block's input RMSNorm (`DomRatioMeter(where='ln1')`, probe passages):", "",
+        md_table(f["dom_ratio"]), "",
+    ]
+    if len(f["weight_super_neurons"]):
+        cross = res.numbers["super_neuron_cross_check"]
+        lines += [f"Weight-based super neurons (`weight_super_neurons`, norm ratio ≥ 5): {len(f['weight_super_neurons'])}; also "
+                  f"activation-based: {len(cross['both'])} of {cross['n_activations']} activation-based ones.", "",
+                  md_table(f["weight_super_neurons"].head(10)), ""]
+    lines += [
+        "*Within-vector variance* (a different statistic, kept for comparison; not the paper's): the variance over each head's "
+        "`d_head` of its aggregated value output (`hook_z`) on the long inputs, averaged over heads; the other tokens' value is the "
+        "median over positions ≥ 1.",
         "",
         figure(paper_plots.variance_by_layer(f["variance"], title=f"{name}: attention outputs, first token vs the rest"),
                "li_variance", "Variance of head outputs and norm of the attention output per layer"),

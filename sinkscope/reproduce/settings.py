@@ -38,6 +38,8 @@ class Settings:
     dose_factors: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
     norm_targets: tuple[float, ...] = (1.0, 10.0, 100.0, 1000.0)  # Wong et al.'s norm intervention (their default 100)
     plant_n: int = 16
+    variance_n: int = 64  # Li et al.'s across-batch variance: random-token sequences
+    variance_tokens: int = 64
     plant_tokens: int = 64
     plant_position: int = 10  # Li et al.'s k
     amplify_factors: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0, 16.0)
@@ -53,7 +55,7 @@ class Settings:
 SIZES: dict[str, Settings] = {
     "full": Settings(),
     "ci": Settings(
-        n_traces=2, max_tokens=192, batch_size=2, dose_traces=1, dose_factors=(0.0, 1.0, 4.0), plant_n=4, plant_tokens=48,
+        n_traces=2, max_tokens=192, batch_size=2, dose_traces=1, dose_factors=(0.0, 1.0, 4.0), plant_n=4, plant_tokens=48, variance_n=16, variance_tokens=32,
         plant_position=10, amplify_factors=(1.0, 2.0, 4.0, 8.0, 16.0), eps_n=8, keybias_n=4, keybias_tokens=64, keybias_control=32,
         other_models=False,
     ),
