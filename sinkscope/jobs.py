@@ -16,9 +16,9 @@ import pandas as pd
 
 from circuits import anatomy, plots
 from circuits.measure import SinkMeasurement, measure
+from circuits.output import to_jsonable, write_json
 from circuits.probes import TokenizationError, probe_texts, tokenize
 from circuits.stats import bootstrap_ci
-from circuits.output import to_jsonable, write_json
 
 SCHEMA = "sinkscope.sinks/1"
 
@@ -164,7 +164,8 @@ def demo_report(meas: SinkMeasurement, doc: dict, *, eps: float, seconds: float)
         "| dim | layers | max abs value | max ratio to median | share at position 0 | occurrences |",
         "|---:|:--|---:|---:|---:|---:|",
         *[
-            f"| {m['dim']} | {m['first_layer']}-{m['last_layer']} | {m['max_abs_value']:.0f} | {m['max_ratio']:.0f} | {m['share_at_position_0']:.2f} | {m['n_occurrences']} |"
+            f"| {m['dim']} | {m['first_layer']}-{m['last_layer']} | {m['max_abs_value']:.0f} | {m['max_ratio']:.0f} "
+            f"| {m['share_at_position_0']:.2f} | {m['n_occurrences']} |"
             for m in massive
         ],
         *([] if massive else ["(none found)"]),
@@ -183,7 +184,8 @@ def demo_report(meas: SinkMeasurement, doc: dict, *, eps: float, seconds: float)
         table = pd.DataFrame(sec)
         by_token = (
             table.groupby("token")
-            .agg(count=("token", "size"), start_layer=("start_layer", "median"), lifetime=("lifetime", "median"), peak_score=("peak_score", "median"), score_ratio=("score_ratio", "median"))
+            .agg(count=("token", "size"), start_layer=("start_layer", "median"), lifetime=("lifetime", "median"),
+                 peak_score=("peak_score", "median"), score_ratio=("score_ratio", "median"))
             .sort_values("count", ascending=False)
             .head(12)
         )
@@ -192,7 +194,8 @@ def demo_report(meas: SinkMeasurement, doc: dict, *, eps: float, seconds: float)
             "",
             "| token | count | creation layer | lifetime | peak sink score | score / median other token |",
             "|:--|---:|---:|---:|---:|---:|",
-            *[f"| `{plots.token_label(tok, 16)}` | {int(r['count'])} | {r['start_layer']:.0f} | {r['lifetime']:.0f} | {r['peak_score']:.3f} | {r['score_ratio']:.1f} |" for tok, r in by_token.iterrows()],
+            *[f"| `{plots.token_label(tok, 16)}` | {int(r['count'])} | {r['start_layer']:.0f} | {r['lifetime']:.0f} "
+              f"| {r['peak_score']:.3f} | {r['score_ratio']:.1f} |" for tok, r in by_token.iterrows()],
             "",
         ]
     lines += [

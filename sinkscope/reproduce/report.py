@@ -164,7 +164,8 @@ def wong_section(res: Measured, model, obs: LongInputs, s: Settings, figure: Fig
               f"{s.dose_traces} trace(s); detection (window off) re-run on the intervened pass (target – = clean):", "",
               md_table(sweep), ""]
     sites = obs.mlp.sites
-    lines.append(figure(paper_plots.mlp_site_cosines(f["joined"], sites, f["site_baseline"], title=f"{name}: MLP sub-outputs at the creation layer (n={n_att})"),
+    title = f"{name}: MLP sub-outputs at the creation layer (n={n_att})"
+    lines.append(figure(paper_plots.mlp_site_cosines(f["joined"], sites, f["site_baseline"], title=title),
                         "wong_mlp_sites", "|cos| of each MLP sub-output with the first token's at the creation layer"))
     lines += [md_table(f["sites"]), "", f"Median |cos(written MLP output, h_0)| at the creation layer: **{res.numbers['median_abs_cos_sink']:.3f}**.", ""]
     lines.append(figure(paper_plots.norm_scatter(f["joined"], res.numbers["corr_norm_score"], res.numbers["corr_norm_lifetime"],
@@ -381,10 +382,13 @@ def redraw(folder: str | Path) -> list[Path]:
     name, frame = doc["model"], pd.DataFrame
     first_dims = li.first_token_dims(doc["li"]["massive_dimensions"], li.L2.thresholds["first_token_share"])
     figures = {
-        "wong_primary_per_layer": paper_plots.primary_vs_secondary(frame(doc["wong"]["layers"]), title=f"{name}: primary sink and live secondary sinks per layer"),
+        "wong_primary_per_layer": paper_plots.primary_vs_secondary(
+            frame(doc["wong"]["layers"]), title=f"{name}: primary sink and live secondary sinks per layer"),
         "li_variance": paper_plots.variance_by_layer(frame(doc["li"]["variance"]), title=f"{name}: attention outputs, first token vs the rest"),
-        "li_super_neurons": paper_plots.super_neuron_plot(frame(doc["li"]["super_neurons"]), first_dims, title=f"{name}: super neurons (down-projection inputs)"),
-        "li_planting": paper_plots.planting_plot(frame(doc["li"]["planting"]), title=f"{name}: sink score of the planted position {doc['settings']['plant_position']}"),
+        "li_super_neurons": paper_plots.super_neuron_plot(
+            frame(doc["li"]["super_neurons"]), first_dims, title=f"{name}: super neurons (down-projection inputs)"),
+        "li_planting": paper_plots.planting_plot(
+            frame(doc["li"]["planting"]), title=f"{name}: sink score of the planted position {doc['settings']['plant_position']}"),
         "gu_sink_rate_eps": paper_plots.sink_rate_vs_eps(frame(doc["gu"]["sink_rates"])),
         "gu_kv_norms": paper_plots.kv_norms_plot(frame(doc["gu"]["kv_norms"]), title=f"{name}: key and value norms of the first token"),
         "gu_keybias": paper_plots.keybias_effect_plot(frame(doc["gu"]["keybias"]), title=f"{name}: zero the sink's value vs drop its attention"),
@@ -395,7 +399,8 @@ def redraw(folder: str | Path) -> list[Path]:
     if doc["li"]["planting_summary"].get("lambda_grid"):
         figures["li_lambda"] = paper_plots.lambda_curve(frame(doc["li"]["planting_summary"]["lambda_grid"]), title=f"{name}: planted score vs λ")
     if doc["wong"]["dose_response"]:
-        figures["wong_dose_response"] = paper_plots.dose_response(frame(doc["wong"]["dose_response"]), title=f"{name}: norm rescaling of sink-aligned MLP outputs")
+        figures["wong_dose_response"] = paper_plots.dose_response(
+            frame(doc["wong"]["dose_response"]), title=f"{name}: norm rescaling of sink-aligned MLP outputs")
     return [plots.save(fig, folder / f"{key}.png") for key, fig in figures.items()]
 
 
