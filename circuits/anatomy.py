@@ -13,6 +13,7 @@ pandas table, so the same numbers feed the CLI, the reports and the notebooks.
 * :func:`attended_secondary` — the secondary sinks that also receive outsized attention, and
   :func:`live_per_layer` — how many of them are flagged at each layer (the pairing science.md
   asks for on models, such as Gemma 3, where the hidden-state rule alone flags ordinary tokens).
+* :func:`sink_rate_ci` — Sink_k^eps (Gu et al.) with a bootstrap CI over sequences.
 * :func:`layer_ranges` — a set of layers as text (``"3-5, 9"``), as every report prints them.
 
 Class thresholds. The authors' code labels a flagged token *secondary* when
@@ -32,6 +33,7 @@ import pandas as pd
 from jaxtyping import Int
 
 from circuits.measure import SinkMeasurement, nanmean
+from circuits.stats import bootstrap_ci
 
 REFERENCE_DEPTH = 48
 
@@ -261,6 +263,17 @@ def live_per_layer(meas: SinkMeasurement, table: pd.DataFrame, cos: float) -> In
     for s, p in zip(table["sequence"], table["position"]):
         live += (np.abs(meas.cos_to_first[int(s), :, int(p)]) > cos).astype(int)
     return live
+
+
+def sink_rate_ci(meas: SinkMeasurement, eps: float = 0.3, position: int = 0, confidence: float = 0.95) -> tuple[float, float, float]:
+    """Sink_k^eps (percent) with a bootstrap CI over sequences (circuits.stats.bootstrap_ci, seed 0)."""
+    per_seq = 100.0 * meas.sink_indicator(eps)[:, position]
+    per_seq = per_seq[~np.isnan(per_seq)]
+    point = float(per_seq.mean())
+    if len(per_seq) < 3 or np.ptp(per_seq) == 0:
+        return point, point, point
+    low, high = bootstrap_ci(per_seq, confidence=confidence, n_resamples=2000, seed=0, legacy_rng=True)
+    return point, float(low[0]), float(high[0])
 
 
 def layer_ranges(layers, empty: str = "") -> str:

@@ -11,14 +11,12 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import pandas as pd
 
 from circuits import anatomy, plots
 from circuits.measure import SinkMeasurement, measure
 from circuits.output import to_jsonable, write_json
 from circuits.probes import TokenizationError, probe_texts, tokenize
-from circuits.stats import bootstrap_ci
 
 SCHEMA = "sinkscope.sinks/1"
 
@@ -34,17 +32,6 @@ def measure_texts(
 ) -> SinkMeasurement:
     batch = tokenize(model, texts, prepend_bos=prepend_bos, max_tokens=max_tokens)
     return measure(model, batch, batch_size=batch_size, progress=progress, metadata={"max_tokens": max_tokens})
-
-
-def sink_rate_ci(meas: SinkMeasurement, eps: float = 0.3, position: int = 0, confidence: float = 0.95) -> tuple[float, float, float]:
-    """Sink_k^eps (percent) with a bootstrap CI over sequences (circuits.stats.bootstrap_ci, seed 0)."""
-    per_seq = 100.0 * meas.sink_indicator(eps)[:, position]
-    per_seq = per_seq[~np.isnan(per_seq)]
-    point = float(per_seq.mean())
-    if len(per_seq) < 3 or np.ptp(per_seq) == 0:
-        return point, point, point
-    low, high = bootstrap_ci(per_seq, confidence=confidence, n_resamples=2000, seed=0, legacy_rng=True)
-    return point, float(low[0]), float(high[0])
 
 
 #: Said, in the output and in sinks.json, instead of a CI over one sequence.
@@ -66,7 +53,7 @@ def sinks_document(
     """The ``sinks.json`` document (schema ``sinkscope.sinks/1``, documented in README)."""
     th = thresholds or anatomy.SecondaryThresholds.for_depth(meas.n_layers)
     secondary = anatomy.secondary_sinks(meas, th)
-    point, lo, hi = sink_rate_ci(meas, eps)
+    point, lo, hi = anatomy.sink_rate_ci(meas, eps)
     meta = dict(meas.metadata)
     return to_jsonable(
         {

@@ -25,7 +25,6 @@ from circuits.models import PACKAGED, list_models, load_model
 from circuits.probes import default_prepend_bos, probe_texts, tokenize
 from interventions.effect import output_change
 from interventions.keybias import DropSinkAttention, MeanSinkValue, ZeroSinkValue
-from sinkscope.jobs import sink_rate_ci
 from sinkscope.reproduce.claims import AllOf, Claim, Measured, Method, Test
 from sinkscope.reproduce.settings import Settings
 
@@ -144,7 +143,7 @@ def sink_rates(model, s: Settings, progress: bool = False, prepend_bos: bool | N
         name = f"{name} [BOS {'on' if meas.prepend_bos else 'off'}]"
     rows = []
     for eps in s.eps_grid:
-        v, lo, hi = sink_rate_ci(meas, eps)
+        v, lo, hi = anatomy.sink_rate_ci(meas, eps)
         rows.append(dict(model=name, eps=eps, sink_rate=v, ci_low=lo, ci_high=hi, bos=meas.prepend_bos, bos_setting=setting,
                          n=meas.n_sequences))
     return pd.DataFrame(rows)
