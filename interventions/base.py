@@ -464,11 +464,12 @@ class Intervention:
 
     def layers_touched(self) -> tuple[int, ...]:
         """Block indices whose hooks this intervention edits (-1: a hook outside the blocks).
-        Default: its layers site; a kind whose layers are implicit overrides this."""
-        layers = site_value(self, "layers")
-        if layers is None:
+        Default: its layers site, where None (every layer) counts from block 0; a kind whose
+        layers are implicit (a hook name) overrides this."""
+        if sites_of(self).layers is None:
             raise NotImplementedError(f"{type(self).__name__} must declare a layers site or implement layers_touched()")
-        return tuple(int(l) for l in layers)
+        layers = site_value(self, "layers")
+        return (0,) if layers is None else tuple(int(l) for l in layers)
 
     # -- derived ---------------------------------------------------------------------------
     @property

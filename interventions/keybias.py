@@ -72,9 +72,6 @@ class ZeroSinkValue(Intervention):
         object.__setattr__(self, "positions", coerce_ints(self, "positions", self.positions, allow_none=False))
         coerce_bool(self, "include_self", self.include_self)
 
-    def layers_touched(self) -> tuple[int, ...]:
-        return (0,) if self.layers is None else self.layers  # None: every layer, so from block 0
-
     def hooks(self, model, ctx: RunContext) -> list[Hook]:
         positions = list(self.positions)
         layers = _layers(self.layers, model)
@@ -114,9 +111,6 @@ class MeanSinkValue(Intervention):
     def __post_init__(self) -> None:
         object.__setattr__(self, "layers", coerce_ints(self, "layers", self.layers))
         object.__setattr__(self, "positions", coerce_ints(self, "positions", self.positions, allow_none=False))
-
-    def layers_touched(self) -> tuple[int, ...]:
-        return (0,) if self.layers is None else self.layers
 
     def hooks(self, model, ctx: RunContext) -> list[Hook]:
         positions = list(self.positions)
@@ -165,9 +159,6 @@ class DropSinkAttention(Intervention):
     def __post_init__(self) -> None:
         object.__setattr__(self, "layers", coerce_ints(self, "layers", self.layers))
         object.__setattr__(self, "keys", coerce_ints(self, "keys", self.keys, allow_none=False))
-
-    def layers_touched(self) -> tuple[int, ...]:
-        return (0,) if self.layers is None else self.layers
 
     def hooks(self, model, ctx: RunContext) -> list[Hook]:
         keys = self.keys
