@@ -3,7 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint install install-dev bench clean
+.PHONY: demo test lint install install-dev bench verdicts clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,10 @@ lint: install-dev
 
 bench: install-dev
 	$(BIN)/python bench/mlp_ablation_sweep.py
+
+# README's cross-model verdict table, from the committed reports' numbers.json
+verdicts: install
+	$(BIN)/python scripts/update_verdicts.py
 
 clean:
 	rm -rf $(VENV) sinkscope-out

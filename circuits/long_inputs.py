@@ -15,10 +15,18 @@ Nothing here acts on the model; positions are 0-based.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 from circuits import analyses
+from circuits.errors import SinkscopeError
 from circuits.measure import SinkMeasurement, SinkMeter, provenance
-from circuits.probes import TokenBatch, reasoning_texts, tokenize
+from circuits.probes import TokenBatch, has_traces, reasoning_texts, tokenize, trace_batch
+
+#: Which long inputs: the model's own generated math sessions (:func:`circuits.probes.trace_batch`),
+#: the hand-written reasoning traces (:func:`circuits.probes.reasoning_texts`), or ``auto``: the
+#: generated ones where the model has them (the packaged models), else the written ones.
+LongInputKind = Literal["auto", "generated", "written"]
+LONG_INPUT_KINDS: tuple[str, ...] = get_args(LongInputKind)
 
 
 @dataclass(frozen=True)
@@ -33,20 +41,40 @@ class LongInputs:
     kv: analyses.KVStats
 
 
+def resolve_inputs(model, inputs: LongInputKind) -> str:
+    """``"generated"`` or ``"written"``: what ``inputs`` means for this model."""
+    if inputs not in LONG_INPUT_KINDS:
+        raise SinkscopeError(f"inputs must be one of {', '.join(LONG_INPUT_KINDS)}, got {inputs!r}")
+    if inputs != "auto":
+        return inputs
+    return "generated" if has_traces(getattr(model, "_sinkscope_info", {}).get("name", "")) else "written"
+
+
+def long_input_batch(model, n_traces: int, max_tokens: int, inputs: LongInputKind = "auto") -> TokenBatch:
+    """The first ``n_traces`` long inputs of kind ``inputs``, cut to ``max_tokens`` tokens: the
+    model's own generated sessions (their stored token ids), or the written traces tokenized
+    with the model's native BOS policy."""
+    if resolve_inputs(model, inputs) == "generated":
+        return trace_batch(model, n_traces, max_tokens)
+    return tokenize(model, reasoning_texts(n_traces), max_tokens=max_tokens)
+
+
 def observe_long_inputs(
-    model, n_traces: int = 6, max_tokens: int = 1024, *, batch_size: int = 1, progress: bool = False
+    model, n_traces: int = 6, max_tokens: int = 1024, *, inputs: LongInputKind = "auto", batch_size: int = 1, progress: bool = False
 ) -> LongInputs:
-    """One forward pass per sub-batch of the first ``n_traces`` built-in reasoning traces
-    (:func:`circuits.probes.reasoning_texts`, truncated to ``max_tokens``, the model's native
-    BOS policy), with :class:`~circuits.measure.SinkMeter` and the MLP-site, attention-output,
-    super-neuron and key/value meters attached. The sink measurement records the provenance
-    and ``max_tokens`` in its metadata."""
-    batch = tokenize(model, reasoning_texts(n_traces), max_tokens=max_tokens)
+    """One forward pass per sub-batch of the first ``n_traces`` long inputs
+    (:func:`long_input_batch`: by default the model's own generated math sessions where it has
+    them, else the written reasoning traces; truncated to ``max_tokens``), with
+    :class:`~circuits.measure.SinkMeter` and the MLP-site, attention-output, super-neuron and
+    key/value meters attached. The sink measurement records the provenance, ``max_tokens`` and
+    the kind of input in its metadata."""
+    kind = resolve_inputs(model, inputs)
+    batch = long_input_batch(model, n_traces, max_tokens, kind)
     sinks = SinkMeter(model)
     mlp, attn = analyses.MLPSiteMeter(model), analyses.AttnOutMeter(model)
     sn, kv = analyses.SuperNeuronMeter(model), analyses.KVMeter(model)
     analyses.observe(model, batch, [sinks, mlp, attn, sn, kv], batch_size=batch_size, progress=progress)
-    meas = sinks.result(metadata={**provenance(model, batch), "max_tokens": max_tokens})
+    meas = sinks.result(metadata={**provenance(model, batch), "max_tokens": max_tokens, "inputs": kind})
     return LongInputs(batch, meas, mlp.result(), attn.result(), sn.result(), kv.result())
 
 
@@ -59,4 +87,4 @@ def sliding_layers(model) -> tuple[list[int], int | None]:
     return [i for i, t in enumerate(types) if t == "sliding_attention"], window
 
 
-__all__ = ["LongInputs", "observe_long_inputs", "sliding_layers"]
+__all__ = ["LONG_INPUT_KINDS", "LongInputKind", "LongInputs", "long_input_batch", "observe_long_inputs", "resolve_inputs", "sliding_layers"]

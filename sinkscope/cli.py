@@ -134,7 +134,7 @@ def _run_models(args) -> int:
 
 
 def _add_measure(sub) -> None:
-    p = sub.add_parser("measure", help="measure attention sinks; writes sinks.json and figures")
+    p = sub.add_parser("measure", help="measure attention sinks; writes sinks.json, figures and view.html")
     _add_model_args(p)
     _add_input_args(p)
     p.add_argument("--eps", type=float, default=0.3, help="threshold of Sink_k^eps (default 0.3)")
@@ -218,14 +218,16 @@ def _add_reproduce(sub) -> None:
 
 def _run_reproduce(args) -> int:
     # deferred: the command starts without torch; a job imports what it runs
+    from circuits.models import resolve_placement
     from circuits.output import atomic_output_dir
     from sinkscope.reproduce import reproduce
 
     if args.checkpoints is not None and not args.checkpoints.is_dir():
         raise CLIError(f"--checkpoints {args.checkpoints}: no such folder")
+    resolve_placement(args.dtype, args.device)  # a bad dtype or device fails here, before any work
     _check_out(args)
     with atomic_output_dir(args.out) as folder:  # the model is loaded inside, so its load time is reported
-        doc = reproduce(args.model, folder, size=args.size, checkpoints=args.checkpoints)
+        doc = reproduce(args.model, folder, size=args.size, checkpoints=args.checkpoints, dtype=args.dtype, device=args.device)
     counts = {v: sum(c["verdict"] == v for c in doc["claims"]) for v in ("holds", "partly holds", "does not hold")}
     print(f"{doc['model']}: {len(doc['claims'])} claims: " + ", ".join(f"{n} {v}" for v, n in counts.items())
           + f"; {doc['timings_s']['total'] / 60:.1f} min, peak {doc['peak_memory_mb'] / 1024:.2f} GB; report: {args.out}/report.md")
@@ -238,7 +240,7 @@ def _run_reproduce(args) -> int:
 def _add_intervene(sub) -> None:
     p = sub.add_parser(
         "intervene",
-        help="measure an intervention's effect on the sinks (clean vs intervened); writes effect.json and figures",
+        help="measure an intervention's effect on the sinks (clean vs intervened); writes effect.json, figures and view.html",
     )
     _add_model_args(p)
     p.add_argument("--intervention", required=True, metavar="SPEC",
@@ -299,7 +301,7 @@ def _sweep_partial(args, batch, intervention, strengths, settings) -> Path:
 
 
 def _write_effect(args, model, batch, effect, intervention, strengths, settings) -> dict:
-    """effect.json and its figures, plus the dose-response sweep with ``--strengths``, atomically.
+    """effect.json, its figures and view.html, plus the dose-response sweep with ``--strengths``, atomically.
 
     The sweep runs in :func:`_sweep_partial`'s folder, which survives an interruption (the sweep
     skips finished items when the same command is run again) and moves into ``--out`` at the end.
@@ -307,6 +309,7 @@ def _write_effect(args, model, batch, effect, intervention, strengths, settings)
     # deferred: the command starts without torch; a job imports what it runs
     from circuits import plots
     from circuits.output import atomic_output_dir, write_json
+    from circuits.view import write_view
     from interventions.sweep import sweep
     from sinkscope.jobs import CI_NEEDS_TWO
 
@@ -318,6 +321,7 @@ def _write_effect(args, model, batch, effect, intervention, strengths, settings)
         title = f"{effect.clean.model}: {effect.spec}: change of the sink score (n={effect.clean.n_sequences})"
         plots.save(plots.sink_delta_heatmap(effect.frame, tokens=tokens, target_positions=effect.target.positions,
                                             title=title), folder / "sink_delta_heatmap.png")
+        write_view(effect, folder, eps=args.eps)  # clean, intervened and delta, switchable
         if strengths:
             partial = _sweep_partial(args, batch, intervention, strengths, settings)
             try:

@@ -33,10 +33,11 @@ def test_misspelt_model_name(tmp_path, capsys):
     assert "unknown model 'smolm2-135m'" in msg and "smollm2-135m" in msg
 
 
-@pytest.mark.parametrize("command", ["measure", "demo", "intervene"])
+@pytest.mark.parametrize("command", ["measure", "demo", "intervene", "reproduce"])
 def test_a_dtype_or_device_that_does_not_exist_here_is_one_line(tmp_path, capsys, command):
     extra = {"measure": ["--text", "a b c d"], "demo": [],
-             "intervene": ["--text", "a b c d e f", "--intervention", "ablate-mlp:layers=1"]}[command]
+             "intervene": ["--text", "a b c d e f", "--intervention", "ablate-mlp:layers=1"],
+             "reproduce": ["--size", "ci"]}[command]
     msg = _bad(tmp_path, capsys, command, "--model", "tiny-llama", "--dtype", "float8", *extra)
     assert "unknown dtype 'float8'; choose one of float32, bfloat16, float16" in msg
     if not __import__("torch").cuda.is_available():

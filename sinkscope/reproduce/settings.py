@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from circuits.long_inputs import LongInputKind
+
 Size = Literal["full", "ci"]
 
 
@@ -18,8 +20,9 @@ Size = Literal["full", "ci"]
 class Settings:
     """Every size knob of a reproduction run (stored in ``numbers.json``).
 
-    Long inputs (Wong et al. and the observational parts of Li and Gu): ``n_traces`` reasoning
-    traces of at most ``max_tokens`` tokens, ``batch_size`` per forward pass; a secondary sink
+    Long inputs (Wong et al. and the observational parts of Li and Gu): ``n_traces`` long
+    inputs of kind ``inputs`` (``auto``: the model's own generated math sessions where it has
+    them, the packaged models; else the written reasoning traces) of at most ``max_tokens`` tokens, ``batch_size`` per forward pass; a secondary sink
     is *attended* when it receives at least ``min_score_ratio`` times the median token's
     attention at its peak layer. Dose response (Wong et al.): the sinks of the first
     ``dose_traces`` traces, each one's MLP output rescaled by each of ``dose_factors``.
@@ -30,6 +33,7 @@ class Settings:
     ``keybias_control``; ``other_models`` also measures every other model available offline.
     """
 
+    inputs: LongInputKind = "auto"
     n_traces: int = 6
     max_tokens: int = 1024
     batch_size: int = 1
