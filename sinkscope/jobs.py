@@ -1,7 +1,7 @@
 """The measurement job behind ``sinkscope measure`` and ``sinkscope demo``.
 
 One function turns texts into a :class:`~circuits.measure.SinkMeasurement`, one turns that into
-the documented ``sinks.json`` document, one writes figures, and one writes the demo's Markdown
+the documented ``sinks.json`` document, one writes figures and the interactive view, and one writes the demo's Markdown
 report. The CLI only parses arguments and calls these, so notebooks can call them too.
 """
 
@@ -17,6 +17,7 @@ from circuits import anatomy, plots
 from circuits.measure import SinkMeasurement, measure
 from circuits.output import to_jsonable, write_json
 from circuits.probes import TokenizationError, probe_texts, tokenize
+from circuits.view import write_view
 
 SCHEMA = "sinkscope.sinks/1"
 
@@ -100,9 +101,11 @@ def _secondary_table(doc: dict):
 
 
 def write_measure_outputs(meas: SinkMeasurement, folder: Path, *, eps: float = 0.3) -> dict:
+    """``sinks.json``, the figures and the interactive ``view.html`` (same numbers, same secondary-sink rule)."""
     doc = sinks_document(meas, eps=eps)
     write_json(folder / "sinks.json", doc)
     write_figures(meas, doc, folder)
+    write_view(meas, folder, eps=eps)
     return doc
 
 

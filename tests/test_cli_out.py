@@ -85,7 +85,7 @@ def test_a_rerun_replaces_sinkscopes_own_folder_as_a_whole(tmp_path, capsys):
     assert (out / "dose_response.png").is_file() and (out / "sweep" / "sweep.csv").is_file()
     assert main(args) == 0
     names = {p.relative_to(out).as_posix() for p in out.rglob("*")}
-    assert names == {MANIFEST, "effect.json", "sink_delta_heatmap.png"}, "no stale file of the first run may stay"
+    assert names == {MANIFEST, "effect.json", "sink_delta_heatmap.png", "view.html"}, "no stale file of the first run may stay"
     _whole(out)
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 

@@ -1,0 +1,324 @@
+"""The interactive view: one self-contained HTML file of a measurement or of an intervention's effect.
+
+Why: researchers would rather look than read JSON. The view is a single file with its script,
+style and data inline, so it opens from ``file://`` with no network (no CDN, no fonts fetched),
+can be mailed or archived next to ``sinks.json``, and renders inline in Jupyter from the same
+HTML (an ``<iframe srcdoc>``, whose scripts run without the notebook's trust or a network).
+
+What it shows (the script is ``circuits/data/view/view.js``): each sequence's text with its
+tokens coloured by sink score at the chosen layer; a layer slider and a sequence selector; the
+layer × position heat map, linked to the text; on hover or click, a token's sink score across
+layers, its alpha per head, and for a secondary sink its creation layer, lifetime and class; the
+first token (the primary sink) marked. An effect's view switches between clean, intervened and
+their delta, and marks the intervention's target positions.
+
+Size. The data are compact JSON, every float at 4 significant digits. Sink scores are kept for
+every (layer, position) of the sequences shown (30 layers × 8,192 tokens: 1.6 MB of JSON), up
+to ``max_values`` numbers per run: beyond it only the first sequences that fit are shown and the
+page says so. Alpha per head costs ``layers × heads`` numbers per token (270 on SmolLM2), so it
+is kept for every token only while that fits in ``alpha_values``; otherwise for the tokens that
+matter, in this order: each sequence's first token, the secondary sinks and an effect's target
+positions, then the tokens with the highest sink score at any layer. The page says how many.
+
+Nothing here computes a statistic of its own: sink scores and alpha are the measurement's, the
+secondary sinks are :func:`circuits.anatomy.secondary_sinks`' rows (those of ``sinks.json``).
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+from dataclasses import dataclass
+from importlib.resources import files
+from pathlib import Path
+from typing import Any, Protocol, Sequence
+
+import numpy as np
+from jaxtyping import Float
+
+from circuits import anatomy
+from circuits.measure import SinkMeasurement
+
+#: Sink-score numbers per run embedded at most (about 8 bytes each): 8 sequences of 2,048 tokens on 30 layers.
+MAX_VALUES = 600_000
+#: Per-head alpha numbers embedded at most (about 7 bytes each).
+ALPHA_VALUES = 150_000
+#: Significant digits of every embedded float.
+DIGITS = 4
+
+_ASSETS = files("circuits") / "data" / "view"
+
+
+class EffectLike(Protocol):
+    """What the view reads from an :class:`interventions.effect.Effect` (circuits never imports it)."""
+
+    clean: SinkMeasurement
+    intervened: SinkMeasurement
+    metadata: dict
+
+    @property
+    def spec(self) -> str: ...
+
+
+class ViewError(ValueError):
+    """A view was asked of something it cannot show (neither a measurement nor an effect)."""
+
+
+# ------------------------------------------------------------------------------ compact JSON
+
+
+def _round(x: float) -> float | None:
+    """``x`` at :data:`DIGITS` significant digits (through text, so JSON writes it in as few
+    characters: 0.0001234, not 0.00012340000000000001); NaN and infinities become None."""
+    return float(f"{x:.{DIGITS}g}") if math.isfinite(x) else None
+
+
+def _floats(values) -> list:
+    """An array as nested lists of rounded floats (None for NaN)."""
+    arr = np.asarray(values, dtype=np.float64)
+    if arr.ndim == 1:
+        return [_round(x) for x in arr.tolist()]
+    return [_floats(row) for row in arr]
+
+
+def _encode(data: dict) -> str:
+    return json.dumps(data, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+
+
+# ------------------------------------------------------------------------------ data
+
+
+def _secondary_rows(meas: SinkMeasurement, thresholds: anatomy.SecondaryThresholds) -> dict[int, list[dict]]:
+    table = anatomy.secondary_sinks(meas, thresholds)
+    out: dict[int, list[dict]] = {}
+    for row in table.to_dict(orient="records"):
+        out.setdefault(int(row["sequence"]), []).append({
+            "position": int(row["position"]), "start_layer": int(row["start_layer"]), "lifetime": int(row["lifetime"]),
+            "kind": row["kind"], "peak_score": _round(row["peak_score"]), "peak_layer": int(row["peak_layer"]),
+            "score_ratio": _round(row["score_ratio"]), "max_abs_cos": _round(row["max_abs_cos"]),
+        })
+    return out
+
+
+def _pick_sequences(lengths: Sequence[int], n_layers: int, sequences: Sequence[int] | None, max_values: int) -> list[int]:
+    if sequences is not None:
+        picked = [int(s) for s in sequences]
+        bad = [s for s in picked if not 0 <= s < len(lengths)]
+        if bad:
+            raise ViewError(f"sequences: {bad[0]} is out of range 0..{len(lengths) - 1}")
+        return picked
+    picked, used = [], 0
+    for s, n in enumerate(lengths):
+        cost = int(n) * n_layers
+        if picked and used + cost > max_values:
+            break
+        picked.append(s)
+        used += cost
+    return picked
+
+
+def _alpha_positions(
+    scores: dict[int, Float[np.ndarray, "layer pos"]], must: dict[int, set[int]], budget_tokens: int
+) -> tuple[dict[int, list[int]], bool]:
+    """Which positions keep their per-head alpha, per sequence; and whether that is every position."""
+    total = sum(s.shape[1] for s in scores.values())
+    if total <= budget_tokens:
+        return {s: list(range(sc.shape[1])) for s, sc in scores.items()}, True
+    chosen: dict[int, set[int]] = {s: {0} for s in scores}
+    left = budget_tokens - len(scores)
+    for s in scores:  # secondary sinks and targets, in sequence order, while they fit
+        for p in sorted(must.get(s, ())):
+            if left <= 0:
+                break
+            if p not in chosen[s]:
+                chosen[s].add(p)
+                left -= 1
+    if left > 0:  # then the most attended tokens, over all sequences
+        candidates = []
+        for s, sc in scores.items():
+            with np.errstate(all="ignore"):
+                peak = np.nanmax(np.where(np.isnan(sc), -np.inf, sc), axis=0)
+            for p in np.argsort(-peak, kind="stable")[: left + 1]:
+                candidates.append((-float(peak[p]), s, int(p)))
+        for _, s, p in sorted(candidates):
+            if left <= 0:
+                break
+            if p not in chosen[s]:
+                chosen[s].add(p)
+                left -= 1
+    return {s: sorted(c) for s, c in chosen.items()}, False
+
+
+def _sequence_label(tokens: list[str], n: int = 48) -> str:
+    text = "".join(tokens).replace("\n", " ").strip()
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
+def view_data(
+    source: SinkMeasurement | EffectLike,
+    *,
+    eps: float = 0.3,
+    thresholds: anatomy.SecondaryThresholds | None = None,
+    sequences: Sequence[int] | None = None,
+    title: str | None = None,
+    max_values: int = MAX_VALUES,
+    alpha_values: int = ALPHA_VALUES,
+) -> dict:
+    """The data the page embeds: a JSON-ready dict, every float at :data:`DIGITS` significant digits.
+
+    Args:
+        source: a :class:`~circuits.measure.SinkMeasurement`, or an effect (anything with
+            ``clean`` and ``intervened`` measurements of the same sequences, such as
+            :class:`interventions.effect.Effect`).
+        eps: the alpha threshold the page counts heads with (``Sink_k^eps``).
+        thresholds: the secondary-sink classes (default: scaled to the model's depth, as ``sinks.json``).
+        sequences: which sequences to show (default: all that fit in ``max_values``).
+        max_values, alpha_values: the size budgets of the module docstring.
+    """
+    if isinstance(source, SinkMeasurement):
+        runs = {"measurement": source}
+        kind = "measurement"
+    elif isinstance(getattr(source, "clean", None), SinkMeasurement) and isinstance(getattr(source, "intervened", None), SinkMeasurement):
+        runs = {"clean": source.clean, "intervened": source.intervened}
+        kind = "effect"
+    else:
+        raise ViewError(f"view() shows a SinkMeasurement or an effect with .clean and .intervened measurements, not {type(source).__name__}")
+    if not 0 < eps < 1:
+        raise ViewError(f"eps must be in (0, 1), got {eps}")
+    first = next(iter(runs.values()))
+    n_layers, n_heads = first.n_layers, first.n_heads
+    th = thresholds or anatomy.SecondaryThresholds.for_depth(n_layers)
+    lengths = [int(n) for n in first.lengths]
+    shown = _pick_sequences(lengths, n_layers, sequences, max_values)
+    secondary = {name: _secondary_rows(m.select(shown), th) for name, m in runs.items()}
+
+    target = None
+    if kind == "effect":
+        tgt = getattr(source, "target", None)
+        target = tgt.to_dict() if hasattr(tgt, "to_dict") else None
+
+    scores: dict[int, np.ndarray] = {}
+    must: dict[int, set[int]] = {}
+    for i, s in enumerate(shown):
+        n = lengths[s]
+        stacked = np.stack([m.sink_score[s, :, :n] for m in runs.values()])  # [R, L, n]
+        with np.errstate(all="ignore"):
+            scores[i] = np.nanmax(np.where(np.isnan(stacked), -np.inf, stacked), axis=0)
+        must[i] = {r["position"] for rows in secondary.values() for r in rows.get(i, [])}
+        if target:
+            must[i] |= {p for p in target.get("positions", []) if p < n}
+    per_token = n_layers * n_heads
+    alpha_at, complete = _alpha_positions(scores, must, max(len(shown), alpha_values // (per_token * len(runs))))
+
+    seqs = []
+    for i, s in enumerate(shown):
+        n = lengths[s]
+        pos = alpha_at[i]
+        seqs.append({
+            "index": s,
+            "label": _sequence_label(first.tokens[s]),
+            "tokens": list(first.tokens[s][:n]),
+            "score": {name: _floats(m.sink_score[s, :, :n]) for name, m in runs.items()},
+            "alpha_positions": pos,
+            # [positions, layer * head], layer-major
+            "alpha": {name: _floats(m.alpha[s][:, :, pos].transpose(2, 0, 1).reshape(len(pos), per_token)) for name, m in runs.items()},
+            "secondary": {name: secondary[name].get(i, []) for name in runs},
+        })
+
+    model = first.model
+    meta: dict[str, Any] = {}
+    if kind == "effect":
+        meta["spec"] = getattr(source, "spec", "?")
+        summary = getattr(source, "summary", {}) or {}
+        t = summary.get("target_sink_score")
+        if isinstance(t, dict):
+            meta["target_sink_score"] = {k: None if t.get(k) is None else _round(float(t[k])) for k in ("clean", "intervened", "delta")}
+    stored = sum(len(p) for p in alpha_at.values())
+    return {
+        "schema": "sinkscope.view/1",
+        "kind": kind,
+        "title": title or (f"{model}: {meta['spec']}" if kind == "effect" else f"{model}: attention sinks"),
+        "model": model,
+        "prepend_bos": bool(first.prepend_bos),
+        "n_layers": n_layers,
+        "n_heads": n_heads,
+        "eps": eps,
+        "runs": list(runs),
+        "thresholds": {"cos": th.cos, "min_lifetime": th.min_lifetime, "primary_from": n_layers - th.primary_margin},
+        "n_sequences": first.n_sequences,
+        "sequences": seqs,
+        "alpha_complete": complete,
+        "alpha_tokens": stored,
+        "n_tokens": sum(lengths[s] for s in shown),
+        "target": target,
+        "effect": meta,
+        "default_layer": _default_layer(scores[0]) if scores else 0,
+    }
+
+
+def _default_layer(score: Float[np.ndarray, "layer pos"]) -> int:
+    """The layer where the first sequence's most attended non-first token peaks (secondary sinks show there)."""
+    if score.shape[1] < 2:
+        return 0
+    rest = score[:, 1:]
+    finite = np.where(np.isfinite(rest), rest, -np.inf)
+    return int(np.unravel_index(np.argmax(finite), finite.shape)[0])
+
+
+# ------------------------------------------------------------------------------ HTML
+
+
+def _asset(name: str) -> str:
+    return (_ASSETS / name).read_text(encoding="utf-8")
+
+
+def render_html(data: dict) -> str:
+    """The whole page: template, style, script and data, one string with nothing to fetch."""
+    payload = _encode(data).replace("<", "\\u003c")  # "<" occurs only inside strings: no "</script>" can end the block
+    page = _asset("view.html")
+    for key, value in (("__CSS__", _asset("view.css")), ("__JS__", _asset("view.js")), ("__TITLE__", html.escape(data["title"])),
+                       ("__DATA__", payload)):
+        page = page.replace(key, value, 1)
+    return page
+
+
+@dataclass(frozen=True)
+class View:
+    """A rendered view: ``html`` is the whole page. Displays inline in Jupyter; :meth:`save` writes it."""
+
+    html: str
+    data: dict
+    height: int = 780
+
+    def _repr_html_(self) -> str:
+        # an iframe: the page's script runs in its own document, whatever the notebook front end
+        # trusts, and reaches nothing outside (sandbox without same-origin)
+        return (f'<iframe srcdoc="{html.escape(self.html, quote=True)}" sandbox="allow-scripts" '
+                f'style="width:100%;height:{self.height}px;border:1px solid #ddd" title="{html.escape(self.data["title"])}"></iframe>')
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.write_text(self.html, encoding="utf-8")
+        return path
+
+    @property
+    def size_bytes(self) -> int:
+        return len(self.html.encode("utf-8"))
+
+    def __repr__(self) -> str:
+        return f"View({self.data['title']!r}, {len(self.data['sequences'])} sequences, {self.size_bytes / 1e6:.2f} MB)"
+
+
+def view(source: SinkMeasurement | EffectLike, **kwargs) -> View:
+    """The interactive view of a measurement or an effect (keywords: :func:`view_data`'s).
+
+    In Jupyter, a cell ending in ``view(meas)`` shows it; ``view(meas).save("view.html")`` writes the file.
+    """
+    data = view_data(source, **kwargs)
+    return View(render_html(data), data)
+
+
+def write_view(source: SinkMeasurement | EffectLike, folder: str | Path, **kwargs) -> Path:
+    """``folder/view.html`` (the CLI calls it inside its atomic output folder)."""
+    return view(source, **kwargs).save(Path(folder) / "view.html")
