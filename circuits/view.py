@@ -38,6 +38,7 @@ import numpy as np
 from jaxtyping import Float
 
 from circuits import anatomy
+from circuits.errors import SinkscopeError
 from circuits.measure import SinkMeasurement
 
 #: Sink-score numbers per run embedded at most (about 8 bytes each): 8 sequences of 2,048 tokens on 30 layers.
@@ -61,7 +62,7 @@ class EffectLike(Protocol):
     def spec(self) -> str: ...
 
 
-class ViewError(ValueError):
+class ViewError(SinkscopeError, ValueError):
     """A view was asked of something it cannot show (neither a measurement nor an effect)."""
 
 
