@@ -140,3 +140,10 @@ def test_intervene_writes_the_effect_view(tmp_path):
     data = embedded((out / "view.html").read_text(encoding="utf-8"))
     assert data["kind"] == "effect" and data["effect"]["spec"] == "ablate-mlp:layers=1,positions=3"
     assert "view.html" in json.loads((out / MANIFEST).read_text())["files"]
+
+
+def test_ipython_displays_a_view_as_html():
+    from IPython.core.interactiveshell import InteractiveShell  # the dev extra's IPython, as a notebook kernel uses it
+
+    shown, _ = InteractiveShell.instance().display_formatter.format(view(synthetic((12,))))
+    assert shown["text/html"].startswith("<iframe srcdoc=") and shown["text/plain"].startswith("View('synthetic: attention sinks'")

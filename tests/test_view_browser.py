@@ -64,11 +64,13 @@ def browser():
 class Page:
     """One loaded view, with the few reads and gestures the tests need."""
 
-    def __init__(self, driver, path):
+    def __init__(self, driver, path=None):
+        """Load ``path``; without one, use the document the driver is on (an iframe it switched to)."""
         from selenium.webdriver.common.by import By  # optional: see the browser fixture
 
         self.d, self.By = driver, By
-        driver.get(path.resolve().as_uri())
+        if path is not None:
+            driver.get(path.resolve().as_uri())
         errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
         assert not errors, errors
         self.timings = self.js("return window.sinkscope.timings")
@@ -231,3 +233,21 @@ def test_smollm2_measure_out_view_matches_its_sinks_json(browser, tmp_path):
     for row in doc["secondary"]:  # the page marks the same secondary sinks as sinks.json
         assert "secondary" in page.token(row["position"]).get_attribute("class")
     page.shot(tmp_path / "smollm2.png")
+
+
+def test_the_jupyter_output_runs_in_its_sandboxed_iframe(browser, tmp_path):
+    from circuits.view import view
+
+    v = view(synthetic((40,), secondary=(5,)))
+    host = tmp_path / "notebook.html"  # what a notebook front end puts in the page: the cell's text/html output
+    host.write_text(f"<!DOCTYPE html><html><body><p>Out[1]:</p>{v._repr_html_()}</body></html>", encoding="utf-8")
+    browser.get(host.as_uri())
+    browser.switch_to.frame(browser.find_element("css selector", "iframe"))
+    try:
+        page = Page(browser)
+        assert page.text("#status").startswith("Layer ")
+        page.hover(page.token(5))
+        assert page.text("#d-pos") == "5" and page.text('#d-secondary [data-field="kind"]') == "secondary"
+        assert page.js("return performance.getEntriesByType('resource').length") == 0
+    finally:
+        browser.switch_to.default_content()
