@@ -13,9 +13,9 @@ first token (the primary sink) marked. An effect's view switches between clean, 
 their delta, and marks the intervention's target positions.
 
 Size. The data are compact JSON, every float at 4 significant digits. Sink scores are kept for
-every (layer, position) of the sequences shown (30 layers × 8,192 tokens: 1.6 MB of JSON), up
-to ``max_values`` numbers per run: beyond it only the first sequences that fit are shown and the
-page says so. Alpha per head costs ``layers × heads`` numbers per token (270 on SmolLM2), so it
+every (layer, position) of the sequences shown (30 layers × 8,192 tokens: 2.1 MB of JSON, the
+whole page 3.5 MB), up to ``max_values`` numbers per run: beyond it only the first sequences
+that fit are shown and the page says so. Alpha per head costs ``layers × heads`` numbers per token (270 on SmolLM2), so it
 is kept for every token only while that fits in ``alpha_values``; otherwise for the tokens that
 matter, in this order: each sequence's first token, the secondary sinks and an effect's target
 positions, then the tokens with the highest sink score at any layer. The page says how many.
@@ -52,11 +52,11 @@ _ASSETS = files("circuits") / "data" / "view"
 
 
 class EffectLike(Protocol):
-    """What the view reads from an :class:`interventions.effect.Effect` (circuits never imports it)."""
+    """What the view reads from an :class:`interventions.effect.Effect` (circuits never imports it);
+    ``target`` (with ``to_dict()``) and ``summary`` are read when present."""
 
     clean: SinkMeasurement
     intervened: SinkMeasurement
-    metadata: dict
 
     @property
     def spec(self) -> str: ...
@@ -105,6 +105,8 @@ def _secondary_rows(meas: SinkMeasurement, thresholds: anatomy.SecondaryThreshol
 def _pick_sequences(lengths: Sequence[int], n_layers: int, sequences: Sequence[int] | None, max_values: int) -> list[int]:
     if sequences is not None:
         picked = [int(s) for s in sequences]
+        if not picked:
+            raise ViewError("sequences: name at least one sequence (or None for all that fit)")
         bad = [s for s in picked if not 0 <= s < len(lengths)]
         if bad:
             raise ViewError(f"sequences: {bad[0]} is out of range 0..{len(lengths) - 1}")

@@ -195,7 +195,8 @@ def demo_report(meas: SinkMeasurement, doc: dict, *, eps: float, seconds: float)
         "",
         "![sink score heat map](sink_score_heatmap.png)",
         "",
-        "All numbers above are read from `sinks.json` in this folder, written by the same run.",
+        "All numbers above are read from `sinks.json` in this folder, written by the same run; "
+        "[`view.html`](view.html) is its interactive view (open it in a browser, offline).",
         "",
     ]
     return "\n".join(lines)

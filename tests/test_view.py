@@ -88,6 +88,8 @@ def test_sequences_beyond_the_size_budget_are_left_out_and_said_so():
     assert [s["index"] for s in view_data(meas, sequences=[7, 2])["sequences"]] == [7, 2]
     with pytest.raises(ViewError, match="sequences: 10 is out of range 0..9"):
         view_data(meas, sequences=[10])
+    with pytest.raises(ViewError, match="at least one sequence"):
+        view_data(meas, sequences=[])
 
 
 def test_an_effect_carries_both_runs_and_its_target():
