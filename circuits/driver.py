@@ -37,6 +37,7 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from circuits.fused_attention import fused_attention
 from circuits.meter import Hook, Meter, MeterError, SubBatch
 from circuits.probes import TokenBatch
 
@@ -56,8 +57,17 @@ class Run:
     hooks: HookSource = ()
 
     def hook_list(self, sub: SubBatch) -> list[Hook]:
-        """The run's own hooks, then its meters' (called after the meters' ``begin``)."""
-        own = self.hooks(sub) if callable(self.hooks) else self.hooks
+        """The run's own hooks, then its meters' (called after the meters' ``begin``).
+
+        A meter with a ``see_hooks(hooks)`` method is shown the run's own hooks first, so it can
+        choose where to measure (:class:`circuits.measure.SinkMeter` reads the pattern of a layer
+        whose pattern an intervention edits, and the rotated queries and keys elsewhere).
+        """
+        own = list(self.hooks(sub) if callable(self.hooks) else self.hooks)
+        for m in self.meters:
+            see = getattr(m, "see_hooks", None)
+            if see is not None:
+                see(own)
         return [*own, *(h for m in self.meters for h in m.hooks())]
 
 
@@ -151,6 +161,7 @@ def drive(
     by_length: bool = True,
     progress: bool = False,
     desc: str = "measuring",
+    fused: bool = True,
 ) -> None:
     """Run ``runs`` over ``batch``, ``batch_size`` sequences at a time (see the module doc).
 
@@ -162,11 +173,20 @@ def drive(
         on_logits: ``(sub_batch, run_index, logits)``, after every run of every sub-batch.
         by_length: sub-batches sorted by length (results still come back in batch order).
         progress, desc: a tqdm bar over sub-batches (shown from two sub-batches on).
+        fused: run attention fused wherever no hook needs the pattern
+            (:func:`circuits.fused_attention.fused_attention`); False: eager everywhere.
     """
     if len(batch) == 0:
         raise MeterError("empty batch")
     runs = [runs] if isinstance(runs, Run) else list(runs)
     chunks = list(iter_batches(batch, batch_size, by_length=by_length))
+    with fused_attention(model, enabled=fused):
+        _drive(model, batch, runs, chunks, logits=logits, stacked=stacked, forward=forward, on_logits=on_logits,
+               progress=progress, desc=desc)
+
+
+def _drive(model, batch: TokenBatch, runs: list[Run], chunks: list[list[int]], *, logits: bool, stacked: bool,
+           forward: Forward, on_logits: OnLogits | None, progress: bool, desc: str) -> None:
     for rows in tqdm(chunks, desc=desc, unit="batch", disable=not progress or len(chunks) < 2):
         sub = SubBatch.of(batch, rows)
         if stacked:

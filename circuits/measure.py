@@ -48,8 +48,10 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from circuits.blockwise import AttentionSpec, column_sums
 from circuits.driver import HookSource, Run, drive
-from circuits.meter import ArrayMeter, Axes, Hook, array, axes_of, per_sequence, select_sequences
+from circuits.fused_attention import current_mask, is_active, layer_fallback_reason
+from circuits.meter import ArrayMeter, Axes, Hook, MeterError, array, axes_of, per_sequence, select_sequences
 from circuits.probes import TokenBatch
 from circuits.stats import nanmean, valid_positions
 
@@ -173,19 +175,47 @@ class SinkMeter(ArrayMeter):
     #: (each key of :func:`residual_statistics` is stored in the field of that name)
     result_type: type[SinkMeasurement] = SinkMeasurement
 
-    def __init__(self, model, *, model_name: str | None = None):
+    def __init__(self, model, *, model_name: str | None = None, loss_from_residual: bool = False):
         self.n_layers = int(model.cfg.n_layers)
         self.n_heads = int(model.cfg.n_heads)
         self.d_model = int(model.cfg.d_model)
         info = getattr(model, "_sinkscope_info", {})
         self.model_name = model_name or info.get("name") or str(getattr(model.cfg, "model_name", "?"))
         super().__init__(self.result_type.axes(), {"layer": self.n_layers, "head": self.n_heads, "d_model": self.d_model, "k": TOP_DIMS})
+        self.model = model
+        #: compute the next-token loss from the last block's output in chunks when the forward
+        #: returns no logits (:func:`chunked_next_token_loss`), instead of leaving it NaN
+        self.loss_from_residual = loss_from_residual
+        self._pattern_layers: set[int] = set()
+        self._query: Tensor | None = None
+        self._final_resid: Tensor | None = None
+
+    def see_hooks(self, hooks: Sequence[Hook]) -> None:
+        """The run's other hooks (an intervention's), before :meth:`hooks` is asked for.
+
+        A layer whose ``hook_attn_scores`` or ``hook_pattern`` they touch is measured from its
+        (edited) pattern; every other layer from its rotated queries and keys when the fused
+        path is on (:mod:`circuits.fused_attention`).
+        """
+        self._pattern_layers = pattern_layers(self.model, hooks)
 
     def hooks(self) -> list[Hook]:
-        """Forward hooks for every layer's attention pattern and block output."""
+        """Forward hooks for every layer's attention statistics and block output.
+
+        The attention statistics come from ``hook_rot_q`` / ``hook_rot_k`` (blockwise, no
+        ``T x T`` tensor: :func:`circuits.blockwise.column_sums`) when the model runs fused
+        attention and no other hook of the run touches that layer's pattern; otherwise from
+        ``hook_pattern`` (which makes that layer's attention eager).
+        """
+        fused = is_active(self.model)
         out: list[Hook] = []
         for layer in range(self.n_layers):
-            out.append((f"blocks.{layer}.attn.hook_pattern", self._pattern_hook(layer)))
+            attn = self.model.blocks[layer].attn
+            if fused and layer not in self._pattern_layers and layer_fallback_reason(attn) is None:
+                out.append((f"blocks.{layer}.attn.hook_rot_q", self._query_hook(layer)))
+                out.append((f"blocks.{layer}.attn.hook_rot_k", self._key_hook(layer)))
+            else:
+                out.append((f"blocks.{layer}.attn.hook_pattern", self._pattern_hook(layer)))
             out.append((f"blocks.{layer}.hook_resid_post", self._resid_hook(layer)))
         return out
 
@@ -193,6 +223,9 @@ class SinkMeter(ArrayMeter):
         assert self._current is not None, "end() without begin()"
         if logits is not None:
             self._stats["next_token_loss"] = next_token_loss(logits, self._current).numpy()
+        elif self.loss_from_residual and self._final_resid is not None:
+            self._stats["next_token_loss"] = chunked_next_token_loss(self.model, self._final_resid, self._current).numpy()
+        self._final_resid = self._query = None
         super().end(logits)
 
     # -- hooks ---------------------------------------------------------------------------
@@ -207,10 +240,39 @@ class SinkMeter(ArrayMeter):
 
         return hook
 
+    def _query_hook(self, layer: int):
+        def hook(q: Float[Tensor, "batch pos head d_head"], hook):
+            self._query = q.detach()
+
+        return hook
+
+    def _key_hook(self, layer: int):
+        attn = self.model.blocks[layer].attn
+
+        def hook(k: Float[Tensor, "batch pos kv_head d_head"], hook):
+            q, self._query = self._query, None
+            mask = current_mask(attn)
+            if q is None or mask is None:
+                raise MeterError(f"SinkMeter: blocks.{layer}.attn.hook_rot_k fired without the fused attention "
+                                 "path (no hook_rot_q before it, or no lazy mask); measure through circuits.driver.drive")
+            hf = attn.original_component
+            spec = AttentionSpec.of(hf, int(hf.head_dim))
+            lengths = self._lengths(k.device)
+            received, self_attn = column_sums(q.transpose(1, 2), k.detach().transpose(1, 2), spec, mask, lengths)
+            alpha, score = alpha_and_score(received, self_attn, lengths)
+            self.put("alpha", layer, alpha)
+            self.put("sink_score", layer, score)
+
+        return hook
+
     def _resid_hook(self, layer: int):
+        last = layer == self.n_layers - 1
+
         def hook(resid: Float[Tensor, "batch pos d_model"], hook):
             for name, value in residual_statistics(resid.detach().float(), self._lengths(resid.device)).items():
                 self.put(name, layer, value)
+            if last and self.loss_from_residual:
+                self._final_resid = resid.detach()
 
         return hook
 
@@ -238,16 +300,26 @@ def attention_received(
     """alpha (queries t >= k) and the head-averaged sink score (queries t > k) of every key.
 
     Pad queries (t >= length) are excluded; keys at pad positions, and the sink score of the
-    last real token (no later query), are NaN.
+    last real token (no later query), are NaN. :func:`circuits.blockwise.column_sums` takes the
+    same two sums without the pattern; both end in :func:`alpha_and_score`.
     """
-    b, h, t, _ = pattern.shape
-    pos = torch.arange(t, device=pattern.device)
+    t = pattern.shape[-1]
     valid_q = valid_positions(lengths, t)  # [b, t]
     # where, not a product: a NaN/inf in a pad query row must not leak into real keys
     pattern = torch.where(valid_q[:, None, :, None], pattern, 0.0)
     received = pattern.sum(dim=2)  # [b, h, k]
     self_attn = pattern.diagonal(dim1=-2, dim2=-1)  # [b, h, k]
-    n_queries = (lengths[:, None] - pos[None, :]).to(pattern.dtype)  # t >= k: [b, k]
+    return alpha_and_score(received, self_attn, lengths)
+
+
+def alpha_and_score(
+    received: Float[Tensor, "batch head key"], self_attn: Float[Tensor, "batch head key"], lengths: Tensor
+) -> tuple[Float[Tensor, "batch head key"], Float[Tensor, "batch key"]]:
+    """alpha and the sink score from the attention each key receives from the real queries
+    (``received``, self-attention included) and the self-attention term ``A[k, k]``."""
+    t = received.shape[-1]
+    pos = torch.arange(t, device=received.device)
+    n_queries = (lengths.to(received.device)[:, None] - pos[None, :]).to(received.dtype)  # t >= k: [b, k]
     alpha = received / n_queries[:, None, :]
     alpha = torch.where(n_queries[:, None, :] > 0, alpha, torch.nan)
     later = n_queries - 1
@@ -314,6 +386,52 @@ def next_token_loss(logits: Float[Tensor, "batch pos vocab"], batch: TokenBatch)
     return out
 
 
+def chunked_next_token_loss(
+    model, resid: Float[Tensor, "batch pos d_model"], batch: TokenBatch, *, chunk: int = 512
+) -> Float[Tensor, "batch pos"]:
+    """:func:`next_token_loss` from the last block's output, ``chunk`` positions at a time.
+
+    The logits of a long input do not fit (Gemma 3's 262k vocabulary x 32k tokens is 34 GB):
+    each chunk goes through the bridge's final norm and unembedding, plus HF's final logit
+    softcapping (Gemma 2) where the config has it, exactly as the model's forward computes
+    its logits, and only ``-log p(next token)`` is kept.
+    """
+    cap = getattr(getattr(getattr(model, "original_model", None), "config", None), "final_logit_softcapping", None)
+    b, t, _ = resid.shape
+    target = batch.tokens[:, 1:].to(resid.device)
+    nll = torch.full((b, t), torch.nan)
+    for s0 in range(0, t - 1, chunk):
+        s1 = min(s0 + chunk, t - 1)
+        logits = model.unembed(model.ln_final(resid[:, s0:s1])).float()
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        logp = torch.log_softmax(logits, dim=-1)
+        nll[:, s0:s1] = -logp.gather(-1, target[:, s0:s1, None])[..., 0].cpu()
+    valid = valid_positions(batch.lengths, t - 1, offset=1)
+    nll[:, :-1] = torch.where(valid, nll[:, :-1], torch.nan)
+    return nll
+
+
+def pattern_layers(model, hooks: Sequence[Hook]) -> set[int]:
+    """The layers whose ``hook_attn_scores`` or ``hook_pattern`` one of ``hooks`` names (aliases
+    resolved through the model's hook dictionary; a name filter counts for every layer)."""
+    hook_dict = getattr(model, "hook_dict", {})
+    points: dict[int, int] = {}
+    for layer, block in enumerate(model.blocks):
+        for name in ("hook_attn_scores", "hook_pattern"):
+            point = getattr(block.attn, name, None)
+            if point is not None:
+                points[id(point)] = layer
+    out: set[int] = set()
+    for name, _ in hooks:
+        if not isinstance(name, str):
+            return set(range(len(model.blocks)))
+        point = hook_dict.get(name)
+        if point is not None and id(point) in points:
+            out.add(points[id(point)])
+    return out
+
+
 # --------------------------------------------------------------------------- entry point
 
 
@@ -326,6 +444,8 @@ def measure(
     batch_size: int = 8,
     progress: bool = True,
     metadata: dict | None = None,
+    fused: bool = True,
+    full_logits: bool = False,
 ) -> SinkMeasurement:
     """Run ``model`` over ``batch`` once and return its sink statistics.
 
@@ -336,9 +456,16 @@ def measure(
             has the sequences in the order of ``batch``).
         progress: show a tqdm bar over sub-batches.
         metadata: stored on the result (model, BOS policy and versions are added).
+        fused: fused attention and blockwise statistics wherever no hook needs the pattern
+            (:mod:`circuits.fused_attention`; memory linear in the length); False: the eager
+            ``T x T`` pattern in every layer (the reference).
+        full_logits: compute the full logits in the forward. By default the forward stops after
+            the last block and the next-token loss is computed a chunk of positions at a time
+            (:func:`chunked_next_token_loss`), so hooks on ``ln_final`` / ``unembed`` do not fire.
     """
-    meter = SinkMeter(model)
-    drive(model, batch, Run([meter], hooks), batch_size=batch_size, progress=progress, desc="measuring")
+    meter = SinkMeter(model, loss_from_residual=not full_logits)
+    drive(model, batch, Run([meter], hooks), batch_size=batch_size, progress=progress, desc="measuring",
+          logits=full_logits, fused=fused)
     return meter.result(metadata={**provenance(model, batch), **(metadata or {})})
 
 

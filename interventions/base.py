@@ -471,6 +471,16 @@ class Intervention:
         layers = site_value(self, "layers")
         return (0,) if layers is None else tuple(int(l) for l in layers)
 
+    def touches_pattern(self) -> bool:
+        """Whether its hooks read or edit ``attn.hook_attn_scores`` / ``attn.hook_pattern``.
+
+        Those layers then run eager attention (the full ``T x T`` pattern, see
+        :mod:`circuits.fused_attention`), and a sweep stacks such items only with each other, so
+        every item is computed on the same attention path as its own forward. Default False;
+        the kinds that hook the pattern override it.
+        """
+        return False
+
     # -- derived ---------------------------------------------------------------------------
     @property
     def min_layer(self) -> int:
@@ -540,6 +550,9 @@ class Compose(Intervention):
 
     def layers_touched(self) -> tuple[int, ...]:
         return tuple(sorted({l for part in self.parts for l in part.layers_touched()}))
+
+    def touches_pattern(self) -> bool:
+        return any(part.touches_pattern() for part in self.parts)
 
     def strength_name(self) -> str | None:
         return None

@@ -291,6 +291,9 @@ class PatchActivation(Intervention):
             ctx.shared[key] = capture(model, src_batch.tokens, [self.hook_name])[self.hook_name]
         return ctx.shared[key]
 
+    def touches_pattern(self) -> bool:
+        return self.hook_name.endswith(("hook_pattern", "hook_attn_scores", "hook_attn_pattern"))
+
     def hooks(self, model, ctx: RunContext) -> list[Hook]:
         src = ctx.state(self)
         axis = position_axis(model, self.hook_name)

@@ -377,10 +377,16 @@ def _clean_pass(
 
 
 def _groups(items: list[_Item], k: int) -> Iterator[list[_Item]]:
-    """Items that start at the same block, ``k`` at a time (``k`` copies fit in ``batch_size``)."""
-    by_start: dict[int | None, list[_Item]] = {}
+    """Items that start at the same block, ``k`` at a time (``k`` copies fit in ``batch_size``).
+
+    Items whose hooks need the attention pattern are stacked only with each other: a stacked
+    forward runs one attention path per layer (eager wherever any copy hooks the pattern,
+    fused elsewhere: :mod:`circuits.fused_attention`), so this keeps every item on the path its
+    own forward takes.
+    """
+    by_start: dict[tuple[int | None, bool], list[_Item]] = {}
     for item in items:
-        by_start.setdefault(item.start, []).append(item)
+        by_start.setdefault((item.start, item.intervention.touches_pattern()), []).append(item)
     for group in by_start.values():
         for i in range(0, len(group), k):
             yield group[i : i + k]
