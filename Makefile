@@ -3,7 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint install install-dev bench verdicts clean
+.PHONY: demo test lint install install-dev bench verdicts notebooks clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,10 @@ bench: install-dev
 # README's cross-model verdict table, from the committed reports' numbers.json
 verdicts: install
 	$(BIN)/python scripts/update_verdicts.py
+
+# the notebooks executed on the packaged models (CI size), with their outputs, into docs/notebooks/
+notebooks: install-dev
+	TOKENIZERS_PARALLELISM=false $(BIN)/python scripts/render_notebooks.py
 
 clean:
 	rm -rf $(VENV) sinkscope-out
