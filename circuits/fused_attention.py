@@ -56,7 +56,7 @@ from typing import Any, Iterator
 import torch
 from torch import Tensor
 
-from circuits.blockwise import AttentionSpec, LazyMask, attention_output, sdpa_output
+from circuits.blockwise import DEFAULT_BLOCK, AttentionSpec, LazyMask, attention_output, sdpa_output
 
 log = logging.getLogger("sinkscope")
 
@@ -64,6 +64,10 @@ IMPLEMENTATION = "sinkscope_fused"
 _MASK_ATTR = "_sinkscope_lazy_mask"  # the running layer's mask, on its attention bridge
 _DEPTH_ATTR = "_sinkscope_fused_depth"  # nesting depth of fused_attention on a model
 _PATTERN_HOOKS = ("hook_attn_scores", "hook_pattern")
+#: queries per block of the fused kernel when the mask is not plain causal, and of the
+#: blockwise loop (softcapping, sink logits); read at call time
+SDPA_BLOCK = 1024
+LOOP_BLOCK = DEFAULT_BLOCK
 
 
 # --------------------------------------------------------------------------- HF registration
@@ -202,9 +206,9 @@ class _FusedCall:
         if q is None:
             raise RuntimeError(f"{self.attn.name}: fused attention ran without its queries (hook_rot_q did not fire)")
         if self.spec.softcap is None and self.spec.sinks is None:
-            self.output = sdpa_output(q, k, v, self.spec, self.mask)
+            self.output = sdpa_output(q, k, v, self.spec, self.mask, block=SDPA_BLOCK)
         else:
-            self.output = attention_output(q, k, v, self.spec, self.mask)
+            self.output = attention_output(q, k, v, self.spec, self.mask, block=LOOP_BLOCK)
         b, hk, _, d = k.shape
         dv = v.shape[-1]
         keys = k.new_zeros(1, 1, dv, d).expand(b, hk, dv, d)

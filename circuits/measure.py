@@ -48,7 +48,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from circuits.blockwise import AttentionSpec, column_sums
+from circuits.blockwise import DEFAULT_BLOCK, AttentionSpec, column_sums
 from circuits.driver import HookSource, Run, drive
 from circuits.fused_attention import current_mask, is_active, layer_fallback_reason
 from circuits.meter import ArrayMeter, Axes, Hook, MeterError, array, axes_of, per_sequence, select_sequences
@@ -175,7 +175,7 @@ class SinkMeter(ArrayMeter):
     #: (each key of :func:`residual_statistics` is stored in the field of that name)
     result_type: type[SinkMeasurement] = SinkMeasurement
 
-    def __init__(self, model, *, model_name: str | None = None, loss_from_residual: bool = False):
+    def __init__(self, model, *, model_name: str | None = None, loss_from_residual: bool = False, block: int = DEFAULT_BLOCK):
         self.n_layers = int(model.cfg.n_layers)
         self.n_heads = int(model.cfg.n_heads)
         self.d_model = int(model.cfg.d_model)
@@ -186,6 +186,7 @@ class SinkMeter(ArrayMeter):
         #: compute the next-token loss from the last block's output in chunks when the forward
         #: returns no logits (:func:`chunked_next_token_loss`), instead of leaving it NaN
         self.loss_from_residual = loss_from_residual
+        self.block = block  # queries per block of the blockwise statistics
         self._pattern_layers: set[int] = set()
         self._query: Tensor | None = None
         self._final_resid: Tensor | None = None
@@ -258,7 +259,7 @@ class SinkMeter(ArrayMeter):
             hf = attn.original_component
             spec = AttentionSpec.of(hf, int(hf.head_dim))
             lengths = self._lengths(k.device)
-            received, self_attn = column_sums(q.transpose(1, 2), k.detach().transpose(1, 2), spec, mask, lengths)
+            received, self_attn = column_sums(q.transpose(1, 2), k.detach().transpose(1, 2), spec, mask, lengths, block=self.block)
             alpha, score = alpha_and_score(received, self_attn, lengths)
             self.put("alpha", layer, alpha)
             self.put("sink_score", layer, score)
