@@ -239,18 +239,18 @@ def thresholds_dict(th: SecondaryThresholds) -> dict:
 
 
 def attended_secondary(
-    meas: SinkMeasurement, min_score_ratio: float = 5.0, thresholds: SecondaryThresholds | None = None
+    meas: SinkMeasurement, min_score_ratio: float = 5.0, thresholds: SecondaryThresholds | None = None, *, skip_first: int = 1
 ) -> tuple[pd.DataFrame, pd.DataFrame, SecondaryThresholds]:
     """The secondary sinks that are attended: ``(candidates, attended, thresholds)``.
 
     ``candidates`` is :func:`secondary_sinks` (classes scaled to depth unless ``thresholds`` is
     given); ``attended`` keeps its ``kind == "secondary"`` rows whose ``score_ratio`` is at least
     ``min_score_ratio``, i.e. tokens that receive that many times the median token's attention
-    at their peak layer. ``attended.attrs`` carries ``min_lifetime`` and ``primary_from`` for
+    at their peak layer; ``skip_first`` as in :func:`secondary_sinks`. ``attended.attrs`` carries ``min_lifetime`` and ``primary_from`` for
     :func:`circuits.plots.secondary_sinks_plot`.
     """
     th = thresholds or SecondaryThresholds.for_depth(meas.n_layers)
-    table = secondary_sinks(meas, th)
+    table = secondary_sinks(meas, th, skip_first=skip_first)
     attended = table[(table["kind"] == "secondary") & (table["score_ratio"] >= min_score_ratio)].reset_index(drop=True)
     attended.attrs.update(min_lifetime=th.min_lifetime, primary_from=meas.n_layers - th.primary_margin)
     return table, attended, th

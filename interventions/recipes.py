@@ -219,6 +219,7 @@ def secondary_sink_mlps(
     min_score_ratio: float | None = None,
     sites: analyses.MLPSites | None = None,
     batch_size: int = 8,
+    skip_first: int = 1,
 ) -> pd.DataFrame:
     """Locate, for every secondary sink, the MLP that writes it.
 
@@ -228,6 +229,8 @@ def secondary_sink_mlps(
     (at or just before the creation layer), the one whose output at the token
     (``hook_mlp_out``) has the largest |cos| with the primary-sink direction ``h_0^l`` of the
     same layer (:class:`circuits.analyses.MLPSiteMeter`'s ``cos_sink``) is chosen.
+    ``skip_first``: positions excluded from detection, as in
+    :func:`circuits.anatomy.secondary_sinks` (3 for a chat-templated input, as Wong et al.).
 
     Returns the secondary-sink table with ``mlp_layer``, ``mlp_cos`` (signed cosine of that MLP's
     output with ``h_0``), ``mlp_norm`` (its L2 norm) and ``cos_at_creation`` (the same cosine
@@ -235,7 +238,7 @@ def secondary_sink_mlps(
     """
     if meas is None:
         meas = measure(model, batch, batch_size=batch_size, progress=False)
-    table = anatomy.secondary_sinks(meas, thresholds)
+    table = anatomy.secondary_sinks(meas, thresholds, skip_first=skip_first)
     table = table[table["kind"] == "secondary"]
     if min_score_ratio is not None:
         table = table[table["score_ratio"] >= min_score_ratio]

@@ -24,7 +24,11 @@ Generation uses transformers' ``generate`` on the plain Hugging Face model read 
 sinkscope's offline cache, default (SDPA) attention, with one KV cache per session kept across
 turns (only the new user turn is prefilled).
 
-    python scripts/generate_traces.py --model smollm2-135m [--sessions 2] [--target-tokens 8192]
+    python scripts/generate_traces.py --model smollm2-135m --target-tokens 1024 1024 1024 1024 1024 8192
+
+(one session per target; the file is rewritten after every session, and a re-run with the same
+settings, or with more targets after the same ones, keeps the sessions already there, so an
+interrupted run resumes and a file can be extended)
 
 writes ``circuits/data/traces/<model>.jsonl``: a header line (settings, versions, date), then one
 line per session: id, the problems posed, every turn (tokens, finish reason, seconds), the
@@ -152,7 +156,7 @@ def session(hf, tokenizer, index: int, args, n_ctx: int) -> dict:
     order += [f"Let's look again at an earlier one, a different way. {p}" for p in order]
     problems, answers, turns = [], [], []
     cache, cached = None, []
-    target = min(args.target_tokens, n_ctx)
+    target = min(args.target_tokens[index], n_ctx)
     for turn, problem in enumerate(order):
         problems.append(problem)
         ids = conversation_ids(tokenizer, problems, answers)
@@ -187,8 +191,8 @@ def session(hf, tokenizer, index: int, args, n_ctx: int) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", required=True)
-    parser.add_argument("--sessions", type=int, default=2)
-    parser.add_argument("--target-tokens", type=int, default=8192)
+    parser.add_argument("--target-tokens", type=int, nargs="+", default=[1024, 1024, 1024, 1024, 1024, 8192],
+                        help="one session per value: it ends once the conversation holds that many tokens")
     parser.add_argument("--max-new-tokens", type=int, default=1024, help="per answer")
     parser.add_argument("--temperature", type=float, default=0.6)
     parser.add_argument("--top-p", type=float, default=0.95)
@@ -204,7 +208,7 @@ def main() -> int:
     folder = cache_root() / args.model
     hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    settings = {k: getattr(args, k) for k in ("model", "sessions", "target_tokens", "max_new_tokens", "temperature", "top_p", "seed")}
+    settings = {k: getattr(args, k) for k in ("model", "target_tokens", "max_new_tokens", "temperature", "top_p", "seed")}
     header = {
         "schema": "sinkscope.traces/2", "settings": settings, "system_prompt": SYSTEM, "context": n_ctx,
         "date": dt.date.today().isoformat(), "versions": {p: version(p) for p in ("torch", "transformers")},
@@ -213,13 +217,21 @@ def main() -> int:
                     "an answer ends at eos or max_new_tokens; the session ends at target_tokens or the context",
         "bos": "as the model's own tokenizer / chat template produce it",
     }
-    rows = [session(hf, tokenizer, s, args, n_ctx) for s in range(args.sessions)]
     OUT.mkdir(parents=True, exist_ok=True)
     path = OUT / f"{args.model}.jsonl"
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in [header, *rows]) + "\n")
-    tmp.replace(path)
-    print(f"wrote {path}: " + ", ".join(f"{r['n_tokens']} tokens" for r in rows))
+    rows = []
+    if path.is_file():  # resume: keep the sessions a run with the same settings already wrote
+        old_header, *old_rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        old = old_header.get("settings", {})
+        same = {k: v for k, v in old.items() if k != "target_tokens"} == {k: v for k, v in settings.items() if k != "target_tokens"}
+        if same and old.get("target_tokens") == settings["target_tokens"][: len(old.get("target_tokens", []))]:
+            rows = old_rows[: len(args.target_tokens)]
+    for s in range(len(rows), len(args.target_tokens)):
+        rows.append(session(hf, tokenizer, s, args, n_ctx))
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in [header, *rows]) + "\n")
+        tmp.replace(path)
+        print(f"wrote {path}: " + ", ".join(f"{r['n_tokens']} tokens" for r in rows), flush=True)
     return 0
 
 

@@ -107,3 +107,35 @@ def test_smollm2_norm_intervention_and_window(smollm2):
     after = anatomy.secondary_sinks(hit, th, include_noise=True)
     if aligned == 0:
         assert after[["sequence", "position", "lifetime"]].equals(full[["sequence", "position", "lifetime"]])
+
+
+# ------------------------------------------------------------------------------ against their findings
+
+
+def test_their_findings_reads_tokens_creation_layers_and_lifetimes():
+    from sinkscope.reproduce import wong
+
+    att = pd.DataFrame({"token": [" ", " ", " the", " "], "start_layer": [5, 5, 6, 5], "lifetime": [10, 12, 8, 10]})
+    tf = wong.their_findings(att)
+    assert tf["n"] == 4 and tf["single_space_share"] == 0.75
+    assert tf["top_tokens"][0] == {"token": " ", "count": 3, "share": 0.75}
+    assert (tf["mode_creation_layer"], tf["mode_creation_share"], tf["n_creation_layers"]) == (5, 0.75, 2)
+    assert tf["lifetime_median"] == 10 and tf["lifetime_iqr"] == [9.5, 10.5]
+    assert wong.their_findings(att.iloc[:0]) == {"n": 0}
+
+
+def test_positions_0_to_2_are_excluded_only_under_a_chat_template(smollm2, llama):
+    from types import SimpleNamespace
+
+    from sinkscope.reproduce import SIZES, wong
+
+    def obs(inputs):
+        return SimpleNamespace(sinks=SimpleNamespace(metadata={"inputs": inputs}))
+
+    s = SIZES["ci"]
+    assert wong.skip_first(smollm2, obs("generated"), s) == 3  # SmolLM2's sessions open with <|im_start|>system\n
+    assert wong.skip_first(smollm2, obs("written"), s) == 1
+    assert wong.skip_first(llama, obs("generated"), s) == 1  # no chat template
+    from dataclasses import replace
+
+    assert wong.skip_first(smollm2, obs("generated"), replace(s, skip_first=2)) == 2

@@ -38,6 +38,7 @@ class Settings:
     max_tokens: int = 1024
     batch_size: int = 1
     min_score_ratio: float = 5.0
+    skip_first: int | None = None  # positions excluded from detection; None: 3 under a chat template (Wong et al.'s code), else 1
     dose_traces: int = 2
     dose_factors: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
     norm_targets: tuple[float, ...] = (1.0, 10.0, 100.0, 1000.0)  # Wong et al.'s norm intervention (their default 100)

@@ -162,8 +162,9 @@ W6 = Claim(
     describe=lambda e: f"{e['levels']} creation layers hold ≥ {100 * e['share']:g} % of attended secondary sinks: {e['creation_layers']}",
 )
 
-_INPUTS = ("their inputs are the model's own chain-of-thought on math problems (AIME24, MATH), 9k-10k tokens; the report's long "
-           "inputs are shorter (their lengths are in the inputs paragraph)")
+_INPUTS = ("their inputs are the model's own chain-of-thought on AIME24/MATH problems, 9k-10k tokens; the report's are the model's "
+           "own multi-turn chain-of-thought sessions on problems written for this project (settings.inputs), cut to far fewer "
+           "tokens (settings.max_tokens; the lengths are in the inputs paragraph)")
 W1, W2, W3, W4, W5, W6 = (replace(c, method=m) for c, m in zip((W1, W2, W3, W4, W5, W6), (
     Method("token t > 0 flagged at layer l when |cos(h_t^l, h_0^l)| > 0.9, only inside the sink-clipper window (from the layer after "
            "the largest increase of ||h_0|| to the layer after the largest later decrease); lifetime = number of flagged layers "
@@ -173,7 +174,8 @@ W1, W2, W3, W4, W5, W6 = (replace(c, method=m) for c, m in zip((W1, W2, W3, W4, 
            "attention at its peak layer",
            ("window off by default (secondary_sinks(use_window=True) is theirs)", "class constants scaled to depth",
             "the attention filter is the toolkit's (needed on Gemma 3, where the rule alone flags ordinary tokens)",
-            "only position 0 excluded (skip_first=1; theirs is 3 with a chat template)", _INPUTS)),
+            "positions excluded as theirs: 0-2 under a chat template (skip_first=3), else position 0 only (numbers: skip_first)",
+            _INPUTS)),
     Method("qualitative: in the middle layers where secondary sinks appear, the primary sink receives less attention",
            "mean primary-sink score in the live layers (where >= live_share x the peak number of attended secondary sinks are "
            "flagged) over the mean elsewhere, and the live layers' centre as a share of depth",
@@ -190,13 +192,13 @@ W1, W2, W3, W4, W5, W6 = (replace(c, method=m) for c, m in zip((W1, W2, W3, W4, 
            "each attended secondary sink's own writing MLP output (at that token only) multiplied by each dose factor; its mean "
            "score over its clean lifetime layers and its re-counted lifetime compared with clean",
            ("a multiplicative factor at the sink's own MLP, not a target norm gated by cos > 0.98 at one layer",
-            "their form exists as rescale-sink:layers=L,scope=whole,min_cos=0.98,target_norm=100,reference=mlp_out,skip_first=3 "
-            "but this report does not sweep it yet", _INPUTS)),
+            "their form (rescale-sink:layers=L,scope=whole,min_cos=0.98,target_norm=T,reference=mlp_out) is swept over "
+            "settings.norm_targets at layer round(22/48 L) in the norm-sweep table; it does not enter the verdict", _INPUTS)),
     Method("a level is a cell, or a cluster of cells, of the count histogram over (creation layer, lifetime), plotted as "
            "log(1 + count); no clustering algorithm; 3 levels in QwQ-32B, 6 in Qwen3-14B",
            "the number of creation layers holding >= share of the attended secondary sinks",
-           ("lifetime is not used by the verdict; the histogram itself is circuits.anatomy.sink_levels / "
-            "paper_plots.sink_levels_plot, not yet drawn by this report", _INPUTS)),
+           ("lifetime is not used by the verdict; the histogram itself (circuits.anatomy.sink_levels, log colour scale as "
+            "theirs) is drawn in the report", _INPUTS)),
 )))
 
 #: in the order the report lists them
@@ -210,7 +212,8 @@ def dose_response(model, obs: LongInputs, s: Settings) -> dict | None:
     """W5's intervention on the first ``s.dose_traces`` traces (see the module docstring): the
     :func:`~interventions.recipes.rescale_dose_response` result, or None without a sink there."""
     rows = list(range(min(s.dose_traces, len(obs.batch))))
-    sinks = recipes.secondary_sink_mlps(model, obs.batch, obs.sinks, min_score_ratio=s.min_score_ratio, sites=obs.mlp)
+    sinks = recipes.secondary_sink_mlps(model, obs.batch, obs.sinks, min_score_ratio=s.min_score_ratio, sites=obs.mlp,
+                                        skip_first=skip_first(model, obs, s))
     sinks = sinks[sinks["sequence"].isin(rows)].reset_index(drop=True)
     if sinks.empty:
         return None
@@ -218,12 +221,22 @@ def dose_response(model, obs: LongInputs, s: Settings) -> dict | None:
     return recipes.rescale_dose_response(model, obs.batch.select(rows), sinks, factors=s.dose_factors, batch_size=s.batch_size)
 
 
-def detection_settings(meas, th: anatomy.SecondaryThresholds) -> pd.DataFrame:
+def skip_first(model, obs: LongInputs, s: Settings) -> int:
+    """Positions excluded from detection, as in Wong et al.'s code: 0-2 when the inputs carry a
+    chat template (the model's own sessions, on a model that has one), else position 0 only;
+    ``s.skip_first`` overrides."""
+    if s.skip_first is not None:
+        return s.skip_first
+    chat = obs.sinks.metadata.get("inputs") == "generated" and bool(getattr(model.tokenizer, "chat_template", None))
+    return 3 if chat else 1
+
+
+def detection_settings(meas, th: anatomy.SecondaryThresholds, skip: int = 1) -> pd.DataFrame:
     """The hidden-state rule with the sink-clipper window off (every layer) and on (the authors'
     default): flagged tokens per class (noise included), and each sequence's window."""
     rows = []
     for use_window in (False, True):
-        t = anatomy.secondary_sinks(meas, th, use_window=use_window, include_noise=True)
+        t = anatomy.secondary_sinks(meas, th, use_window=use_window, include_noise=True, skip_first=skip)
         counts = t["kind"].value_counts()
         rows.append(dict(window="on (authors' default)" if use_window else "off (every layer)", flagged=len(t),
                          **{k: int(counts.get(k, 0)) for k in ("secondary", "primary-like", "noise")},
@@ -237,7 +250,7 @@ def norm_layer(n_layers: int) -> int:
     return int(np.floor(n_layers * 22 / 48 + 0.5))
 
 
-def norm_sweep(model, obs: LongInputs, s: Settings, th: anatomy.SecondaryThresholds) -> pd.DataFrame:
+def norm_sweep(model, obs: LongInputs, s: Settings, th: anatomy.SecondaryThresholds, skip: int = 1) -> pd.DataFrame:
     """Wong et al.'s norm intervention as in their code, on the first ``s.dose_traces`` traces:
     at :func:`norm_layer`, every MLP output with cos > 0.98 to the first token's MLP output (first
     token excluded) gets L2 norm ``target`` for each of ``s.norm_targets``; detection (window off)
@@ -248,13 +261,34 @@ def norm_sweep(model, obs: LongInputs, s: Settings, th: anatomy.SecondaryThresho
     out = []
     for target in (float("nan"), *s.norm_targets):
         hooks = () if np.isnan(target) else RescaleAlongSink(
-            layers=(layer,), scope="whole", min_cos=0.98, target_norm=target, reference="mlp_out").hooks_for(model, batch)
+            layers=(layer,), scope="whole", min_cos=0.98, target_norm=target, reference="mlp_out", skip_first=skip).hooks_for(model, batch)
         meas = measure_sinks(model, batch, hooks=hooks, batch_size=s.batch_size, progress=False)
-        t = anatomy.secondary_sinks(meas, th, include_noise=True)
+        t = anatomy.secondary_sinks(meas, th, include_noise=True, skip_first=skip)
         counts = t["kind"].value_counts()
         out.append(dict(layer=layer, target_norm=target, flagged=len(t), **{k: int(counts.get(k, 0)) for k in ("secondary", "primary-like", "noise")},
                         median_lifetime=float(t["lifetime"].median()) if len(t) else float("nan")))
     return pd.DataFrame(out)
+
+
+def their_findings(att: pd.DataFrame) -> dict:
+    """What Wong et al. report of their Qwen-family models, read off this model's attended
+    secondary sinks: which tokens they sit on (theirs: most often the single-space token, id 220),
+    whether one creation layer holds them all (theirs: all at layer 22 of 48, or 16 of 36) and
+    their lifetimes (theirs: mostly 22-24 layers). Descriptive; no verdict reads it."""
+    n = len(att)
+    if not n:
+        return {"n": 0}
+    tokens = att["token"].value_counts()
+    layers = att["start_layer"].value_counts()
+    return {
+        "n": n,
+        "top_tokens": [{"token": t, "count": int(c), "share": float(c / n)} for t, c in tokens.head(5).items()],
+        "single_space_share": float((att["token"] == " ").mean()),
+        "mode_creation_layer": int(layers.index[0]), "mode_creation_share": float(layers.iloc[0] / n),
+        "n_creation_layers": int(len(layers)),
+        "lifetime_median": float(att["lifetime"].median()),
+        "lifetime_iqr": [float(att["lifetime"].quantile(0.25)), float(att["lifetime"].quantile(0.75))],
+    }
 
 
 def measure(model, obs: LongInputs, s: Settings) -> Measured:
@@ -267,7 +301,8 @@ def measure(model, obs: LongInputs, s: Settings) -> Measured:
     creation-layer MLP statistics) for the figures.
     """
     meas = obs.sinks
-    table, att, th = anatomy.attended_secondary(meas, s.min_score_ratio)
+    skip = skip_first(model, obs, s)
+    table, att, th = anatomy.attended_secondary(meas, s.min_score_ratio, skip_first=skip)
     primary = anatomy.primary_sink_layers(meas)
     live = anatomy.live_per_layer(meas, att, th.cos)
     layers = primary[["layer", "primary_sink_score"]].assign(live_secondary=live)
@@ -293,10 +328,10 @@ def measure(model, obs: LongInputs, s: Settings) -> Measured:
     timings = {"wong_dose_response": time.perf_counter() - t0}
     dose_frame = None if dose is None else dose["by_factor"]
     t0 = time.perf_counter()
-    sweep = norm_sweep(model, obs, s, th)
+    sweep = norm_sweep(model, obs, s, th, skip)
     timings["wong_norm_sweep"] = time.perf_counter() - t0
-    settings_table = detection_settings(meas, th)
-    level_counts = anatomy.sink_levels(anatomy.secondary_sinks(meas, th, include_noise=True), meas.n_layers)
+    settings_table = detection_settings(meas, th, skip)
+    level_counts = anatomy.sink_levels(anatomy.secondary_sinks(meas, th, include_noise=True, skip_first=skip), meas.n_layers)
     numbers = {
         "n_sequences": meas.n_sequences, "n_candidates": len(table), "n_attended": n_att, "attended": att.to_dict(orient="records"),
         "layers": layers.to_dict(orient="records"), "live_layers": live_at.tolist(), "primary_ratio_live_vs_other": ratio,
@@ -306,7 +341,7 @@ def measure(model, obs: LongInputs, s: Settings) -> Measured:
         "dose_response": None if dose is None else dose_frame.to_dict(orient="records"),
         "dose_rho": None if dose is None else dose["rho"], "dose_n_sinks": 0 if dose is None else dose["n_sinks"],
         "detection_settings": settings_table.to_dict(orient="records"), "norm_sweep": sweep.to_dict(orient="records"),
-        "sink_level_counts": level_counts.tolist(),
+        "sink_level_counts": level_counts.tolist(), "skip_first": skip, "their_findings": their_findings(att),
     }
     site_frame = pd.DataFrame({"site": list(sites.sites), "median_abs_cos_secondary": [med_abs[k] for k in sites.sites],
                                "median_cos_ordinary_tokens": [base[k] for k in sites.sites]})
@@ -316,4 +351,7 @@ def measure(model, obs: LongInputs, s: Settings) -> Measured:
     return Measured(numbers, frames, timings)
 
 
-__all__ = ["CLAIMS", "W1", "W2", "W3", "W4", "W5", "W6", "detection_settings", "dose_response", "live_layers", "measure", "norm_layer", "norm_sweep"]
+__all__ = [
+    "CLAIMS", "W1", "W2", "W3", "W4", "W5", "W6", "detection_settings", "dose_response", "live_layers", "measure", "norm_layer", "norm_sweep",
+    "skip_first", "their_findings",
+]
