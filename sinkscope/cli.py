@@ -80,6 +80,16 @@ def _check_context(model, max_tokens: int | None) -> None:
         raise CLIError(f"--max-tokens must be <= {n_ctx} (the context of {model.cfg.model_name}), got {max_tokens}")
 
 
+def _check_batch_fits(model, batch, batch_size: int) -> None:
+    """An input whose forward would not fit in free memory is refused before the forward, with
+    the estimate (:func:`circuits.memory.check_fits`); one beyond the context never gets here
+    (:func:`circuits.probes.tokenize` refuses it)."""
+    # deferred: the command starts without torch; a job imports what it runs
+    from circuits.memory import check_fits
+
+    check_fits(model, int(batch.tokens.shape[1]), min(batch_size, len(batch)))
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m", help="a name from `sinkscope models`, a local HF folder or an HF id")
     p.add_argument("--dtype", default="float32", metavar="{float32,bfloat16,float16}",
@@ -155,6 +165,7 @@ def _run_measure(args) -> int:
     model = _load(args)
     _check_context(model, args.max_tokens)
     batch = tokenize(model, texts, prepend_bos=args.prepend_bos, max_tokens=args.max_tokens)
+    _check_batch_fits(model, batch, args.batch_size)
     meas = measure(model, batch, batch_size=args.batch_size, metadata={"max_tokens": args.max_tokens})
     with atomic_output_dir(args.out) as folder:
         doc = write_measure_outputs(meas, folder, eps=args.eps)
@@ -311,12 +322,13 @@ def _write_effect(args, model, batch, effect, intervention, strengths, settings)
     from circuits.output import atomic_output_dir, write_json
     from circuits.view import write_view
     from interventions.sweep import sweep
-    from sinkscope.jobs import CI_NEEDS_TWO
+    from sinkscope.jobs import effect_ci_note
 
     with atomic_output_dir(args.out) as folder:
         doc = effect.to_json()
-        if effect.clean.n_sequences < 2 and args.n_resamples:
-            doc["ci95_note"] = CI_NEEDS_TWO
+        note = effect_ci_note(effect.clean.n_sequences, args.n_resamples)
+        if note:
+            doc["ci95_note"] = note
         tokens = effect.clean.tokens[0] if effect.clean.n_sequences == 1 else None
         title = f"{effect.clean.model}: {effect.spec}: change of the sink score (n={effect.clean.n_sequences})"
         plots.save(plots.sink_delta_heatmap(effect.frame, tokens=tokens, target_positions=effect.target.positions,
