@@ -17,6 +17,7 @@ from circuits import anatomy, plots
 from circuits.measure import SinkMeasurement, measure
 from circuits.output import to_jsonable, write_json
 from circuits.probes import TokenizationError, probe_texts, tokenize
+from circuits.stats import MIN_SEQUENCES
 from circuits.view import write_view
 
 SCHEMA = "sinkscope.sinks/1"
@@ -37,6 +38,19 @@ def measure_texts(
 
 #: Said, in the output and in sinks.json, instead of a CI over one sequence.
 CI_NEEDS_TWO = "a confidence interval needs at least two sequences"
+
+
+def effect_ci_note(n_sequences: int, n_resamples: int) -> str | None:
+    """Why an effect has no CI (said in the output and in effect.json instead of "nan"), or None.
+
+    An effect's CI is a paired bootstrap over sequences, which :mod:`circuits.stats` computes
+    from :data:`~circuits.stats.MIN_SEQUENCES` sequences on (two sequences give a degenerate
+    interval)."""
+    if not n_resamples:
+        return "confidence intervals switched off (--n-resamples 0)"
+    if n_sequences < MIN_SEQUENCES:
+        return f"an effect's confidence interval needs at least {MIN_SEQUENCES} sequences (got {n_sequences})"
+    return None
 
 
 def _first_token(meas: SinkMeasurement, point: float, lo: float, hi: float) -> dict:

@@ -105,8 +105,21 @@ def test_intervene_on_one_sequence_says_why_there_is_no_ci(tmp_path, capsys):
                  "--text", "only one text here", "--n-resamples", "100", "--out", str(tmp_path / "o")])
     assert code == 0
     out = capsys.readouterr().out
-    assert "no CI: a confidence interval needs at least two sequences" in out and "nan" not in out
-    assert json.loads((tmp_path / "o" / "effect.json").read_text())["ci95_note"].startswith("a confidence interval needs")
+    assert "no CI: an effect's confidence interval needs at least 3 sequences (got 1)" in out and "nan" not in out
+    assert json.loads((tmp_path / "o" / "effect.json").read_text())["ci95_note"].startswith("an effect's confidence interval needs")
+
+
+@pytest.mark.parametrize("texts, resamples, note", [
+    (["a b c d e f g h i", "j k l m n o p q r"], "50", "needs at least 3 sequences (got 2)"),
+    (["a b c d e f g h i", "j k l m n o p q r", "s t u v w x y z a"], "0", "confidence intervals switched off (--n-resamples 0)"),
+])
+def test_intervene_says_why_an_effect_has_no_ci_never_nan(tmp_path, capsys, texts, resamples, note):
+    code = main(["intervene", "--model", "tiny-llama", "--intervention", "ablate-mlp:layer=1,positions=3",
+                 "--text", *texts, "--n-resamples", resamples, "--out", str(tmp_path / "o")])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert note in out and "nan" not in out
+    assert note in json.loads((tmp_path / "o" / "effect.json").read_text())["ci95_note"]
 
 
 # --------------------------------------------------------------------------- options refused before any work

@@ -17,17 +17,21 @@ package is laid out the way the work divides:
 Inputs (``size="full"``; ``"ci"`` shrinks every count and length so the notebooks and tests
 run in a minute or two):
 
-* Wong et al. and the observational parts of Li and Gu: the 6 built-in reasoning traces
-  (:func:`circuits.probes.reasoning_texts`), truncated to 1,024 tokens (Wong et al. found
-  secondary sinks mostly in long traces), one forward pass each with every meter attached
-  (:func:`circuits.long_inputs.observe_long_inputs`).
+* Wong et al. and the observational parts of Li and Gu: 6 long inputs, truncated to 1,024
+  tokens, one forward pass each with every meter attached
+  (:func:`circuits.long_inputs.observe_long_inputs`). On the packaged models they are the
+  model's own multi-turn chain-of-thought sessions on math problems written for the project
+  (:func:`circuits.probes.trace_batch`, generated once by ``scripts/generate_traces.py`` and
+  committed), as Wong et al. analyse the model's own reasoning; any other model gets the
+  hand-written reasoning traces (:func:`circuits.probes.reasoning_texts`). ``Settings.inputs``
+  chooses, and ``numbers.json`` records which.
 * Interventions that need many runs (planting, key bias) use the built-in probe passages
   (:func:`circuits.probes.probe_texts`), shorter; Gu's Sink_1^eps uses his standard setting,
   100 passages × 64 tokens. Planting and the dose response are the recipes'
   (:func:`interventions.recipes.plant_sink`, :func:`interventions.recipes.rescale_dose_response`):
   one protocol for the library and the report.
-* The BOS policy is each model's native one (SmolLM2: none; Gemma 3: BOS prepended), and
-  recorded. Positions are 0-based: the papers' Sink_1 is position 0.
+* The BOS policy is each model's native one (SmolLM2 and Qwen2.5: none, their chat template
+  opens with ``<|im_start|>``; Gemma 3: BOS), and recorded. Positions are 0-based: the papers' Sink_1 is position 0.
 
 Thresholds are the toolkit's, chosen before looking at any model; each claim's are stored in
 ``numbers.json`` under ``rules``, and its rule text next to its verdict.
