@@ -3,7 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint install install-dev bench verdicts notebooks clean
+.PHONY: demo test lint install install-dev bench verdicts notebooks reports clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -46,5 +46,12 @@ verdicts: install
 notebooks: install-dev
 	TOKENIZERS_PARALLELISM=false $(BIN)/python scripts/render_notebooks.py
 
+# Every committed reproduction report, re-run and published into docs/ (long: the README gives the times)
+REPORT_MODELS ?= smollm2-135m gemma3-270m qwen2.5-coder-0.5b
+reports: install
+	for m in $(REPORT_MODELS); do \
+	  $(BIN)/sinkscope reproduce --model $$m --out reports-out/$$m && $(BIN)/python scripts/publish_report.py reports-out/$$m || exit 1; \
+	done
+
 clean:
-	rm -rf $(VENV) sinkscope-out
+	rm -rf $(VENV) sinkscope-out reports-out
