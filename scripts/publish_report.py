@@ -23,19 +23,19 @@ ROOT = Path(__file__).resolve().parents[1]
 LINK = re.compile(r"\]\(([A-Za-z0-9_]+\.(?:png|json))\)")
 
 
-def publish(folder: Path) -> Path:
+def publish(folder: Path, root: Path = ROOT) -> Path:
     doc = json.loads((folder / "numbers.json").read_text(encoding="utf-8"))
     model = doc["model"]
     if doc.get("size") != "full":
         raise SystemExit(f"{folder} is a {doc.get('size')!r}-size run; only full runs are committed")
-    figures = ROOT / "docs" / "figures" / model
+    figures = root / "docs" / "figures" / model
     if figures.exists():
         shutil.rmtree(figures)
     figures.mkdir(parents=True)
     for path in [*folder.glob("*.png"), folder / "numbers.json"]:
         shutil.copy2(path, figures / path.name)
     text = (folder / "report.md").read_text(encoding="utf-8")
-    target = ROOT / "docs" / f"reproduce-{model}.md"
+    target = root / "docs" / f"reproduce-{model}.md"
     target.write_text(LINK.sub(lambda m: f"](figures/{model}/{m.group(1)})", text), encoding="utf-8")
     return target
 

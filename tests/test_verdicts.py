@@ -36,3 +36,32 @@ def test_a_claim_missing_from_a_report_shows_a_dash():
     trimmed = {name: {**docs[name], "claims": [c for c in docs[name]["claims"] if c["id"] != "W1"]}}
     row = next(line for line in verdict_table(trimmed).splitlines() if line.startswith("| **W1**"))
     assert row.endswith("| – |")
+
+
+def _publisher():
+    spec = importlib.util.spec_from_file_location("publish_report", ROOT / "scripts" / "publish_report.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_publishing_a_report_replaces_the_old_figures_and_rewrites_links(tmp_path):
+    import json
+
+    import pytest
+
+    run, root = tmp_path / "run", tmp_path / "repo"
+    run.mkdir()
+    (run / "numbers.json").write_text(json.dumps({"model": "m-1", "size": "full"}))
+    (run / "a_b.png").write_bytes(b"png")
+    (run / "report.md").write_text("![x](a_b.png) and [numbers](numbers.json), not (a_b.png) or ](other/a.png)")
+    old = root / "docs" / "figures" / "m-1"
+    old.mkdir(parents=True)
+    (old / "stale.png").write_bytes(b"old")
+    target = _publisher().publish(run, root)
+    assert target == root / "docs" / "reproduce-m-1.md"
+    assert target.read_text() == "![x](figures/m-1/a_b.png) and [numbers](figures/m-1/numbers.json), not (a_b.png) or ](other/a.png)"
+    assert sorted(p.name for p in old.iterdir()) == ["a_b.png", "numbers.json"]
+    (run / "numbers.json").write_text(json.dumps({"model": "m-1", "size": "ci"}))
+    with pytest.raises(SystemExit, match="only full runs are committed"):
+        _publisher().publish(run, root)
