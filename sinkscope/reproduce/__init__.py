@@ -30,8 +30,10 @@ run in a minute or two):
   100 passages × 64 tokens. Planting and the dose response are the recipes'
   (:func:`interventions.recipes.plant_sink`, :func:`interventions.recipes.rescale_dose_response`):
   one protocol for the library and the report.
-* The BOS policy is each model's native one (SmolLM2 and Qwen2.5: none, their chat template
-  opens with ``<|im_start|>``; Gemma 3: BOS), and recorded. Positions are 0-based: the papers' Sink_1 is position 0.
+* The BOS policy is each model's native one, and recorded: the hand-written traces get no BOS
+  on SmolLM2 and Qwen2.5 and a BOS on Gemma 3; the models' own sessions start as their chat
+  template starts (``<|im_start|>``, which is SmolLM2's BOS token and not Qwen2.5's, which has
+  none) or, on Gemma 3, with its BOS. Positions are 0-based: the papers' Sink_1 is position 0.
 
 Thresholds are the toolkit's, chosen before looking at any model; each claim's are stored in
 ``numbers.json`` under ``rules``, and its rule text next to its verdict.
