@@ -197,7 +197,11 @@ def main() -> int:
     parser.add_argument("--temperature", type=float, default=0.6)
     parser.add_argument("--top-p", type=float, default=0.95)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (default 1: decoding one token at a time is latency-bound, and on a shared machine "
+                             "two threads waiting on each other ran 19 x slower than alone)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     # The bridge wraps its HF model's modules in place (its attention re-implemented, no KV
     # cache), so generation uses a plain transformers model read from the same cache.
     from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402 (after load_model built the cache)
