@@ -99,7 +99,8 @@ class LazyMask:
             lo, hi = (int(seen[0]), int(seen[-1]) + 1) if len(seen) else (0, 0)
             q = torch.arange(q0, q1, device=self.device)[:, None] + self.q_offset
             kv = torch.arange(self.kv_length, device=self.device)[None, :] + self.kv_offset
-            self._ranges[(q0, q1)] = (lo, hi, bool(torch.equal(mask, (kv <= q).expand_as(mask))))
+            aligned = self.q_offset == self.kv_offset and self.kv_length >= q1
+            self._ranges[(q0, q1)] = (lo, hi, aligned and bool(torch.equal(mask, (kv <= q).expand_as(mask))))
         return self._ranges[(q0, q1)]
 
     def is_causal(self, block: int = DEFAULT_BLOCK) -> bool:
@@ -137,19 +138,34 @@ class AttentionSpec:
 
 def _block_probs(
     q: Float[Tensor, "batch kv_head g_q d"], k: Float[Tensor, "batch kv_head n d"], spec: AttentionSpec,
-    mask: Bool[Tensor, "batch 1 q n"], groups: int, dtype: torch.dtype,
+    mask: LazyMask, q0: int, q1: int, lo: int, hi: int, causal_block: bool, dtype: torch.dtype,
 ) -> Float[Tensor, "batch kv_head g q n"]:
-    """Softmax rows of one block of queries over keys ``k`` (``q`` holds the ``groups`` query
-    heads of each key head stacked along its rows), in ``dtype``, as upstream computes them."""
+    """Softmax rows of queries ``q0..q1-1`` over keys ``lo..hi-1`` (``q`` holds the query heads
+    of each key head stacked along its rows), in ``dtype``, as upstream computes them.
+
+    A block whose mask is plain causal (``causal_block``) is masked only where its keys overlap
+    its queries (the diagonal square), in place; any other block evaluates the mask function.
+    The scaling multiplies the queries (exact when it is a power of two, as for head sizes 16,
+    64 and 256; otherwise one rounding apart from upstream's scaled scores).
+    """
     b, hk, gq, _ = q.shape
-    scores = torch.matmul(q.to(dtype), k.to(dtype).transpose(-1, -2)).mul_(spec.scaling)
-    scores = scores.view(b, hk, groups, gq // groups, -1)
+    n_q = q1 - q0
+    groups = gq // n_q
+    scores = torch.matmul(q.to(dtype) * spec.scaling, k.to(dtype).transpose(-1, -2))
+    scores = scores.view(b, hk, groups, n_q, hi - lo)
     if spec.softcap is not None:
-        scores = torch.tanh(scores / spec.softcap) * spec.softcap
-    scores = scores.masked_fill(~mask[:, :, None], torch.finfo(dtype).min)
+        scores = torch.tanh(scores / spec.softcap).mul_(spec.softcap)
+    low = torch.finfo(dtype).min
+    if causal_block:
+        start = q0 - lo  # keys lo..q0-1 are all visible; keys q0..hi-1 form the diagonal square
+        if hi > q0:
+            upper = torch.ones(n_q, hi - q0, dtype=torch.bool, device=scores.device).triu_(1)
+            scores[..., start:].masked_fill_(upper, low)
+    else:
+        scores = scores.masked_fill(~mask.block(q0, q1, lo, hi)[:, :, None], low)
     if spec.sinks is None:
         return torch.softmax(scores, dim=-1, dtype=torch.float32)
-    sink = spec.sinks.to(device=scores.device, dtype=dtype).view(1, hk, groups, 1, 1).expand(b, hk, groups, gq // groups, 1)
+    sink = spec.sinks.to(device=scores.device, dtype=dtype).view(1, hk, groups, 1, 1).expand(b, hk, groups, n_q, 1)
     combined = torch.cat([scores, sink], dim=-1)
     combined = combined - combined.amax(dim=-1, keepdim=True)
     return torch.softmax(combined, dim=-1, dtype=torch.float32)[..., :-1]
@@ -179,22 +195,22 @@ def column_sums(
     groups = h // k.shape[1]
     received = torch.zeros(b, h, t, dtype=torch.float32, device=q.device)
     self_attn = torch.zeros(b, h, t, dtype=torch.float32, device=q.device)
-    valid_q = torch.arange(t, device=q.device)[None, :] < lengths.to(q.device)[:, None]  # [b, t]
+    lengths = lengths.to(q.device)
+    shortest = int(lengths.min())
     for q0 in range(0, t, block):
         q1 = min(q0 + block, t)
-        lo, hi, _ = mask.key_range(q0, q1)
+        lo, hi, causal_block = mask.key_range(q0, q1)
         if hi <= lo:
             continue
-        probs = _block_probs(_grouped(q, groups, q0, q1), k[:, :, lo:hi], spec, mask.block(q0, q1, lo, hi), groups, torch.float32)
+        probs = _block_probs(_grouped(q, groups, q0, q1), k[:, :, lo:hi], spec, mask, q0, q1, lo, hi, causal_block, torch.float32)
         probs = probs.reshape(b, h, q1 - q0, hi - lo)
-        # where, not a product: a NaN in a pad query row must not leak into real keys
-        probs = torch.where(valid_q[:, None, q0:q1, None], probs, 0.0)
+        if q1 > shortest:  # pad queries in this block: zero their rows (a NaN there must not leak)
+            pad = torch.arange(q0, q1, device=q.device)[None, :] >= lengths[:, None]
+            probs = probs.masked_fill(pad[:, None, :, None], 0.0)
         received[:, :, lo:hi] += probs.sum(dim=2)
-        rows = torch.arange(q0, q1, device=q.device)
-        inside = (rows >= lo) & (rows < hi)
-        if bool(inside.any()):
-            r = rows[inside]
-            self_attn[:, :, r] = probs[:, :, r - q0, r - lo]
+        rows = torch.arange(max(q0, lo), min(q1, hi), device=q.device)
+        if len(rows):
+            self_attn[:, :, rows] = probs[:, :, rows - q0, rows - lo]
     return received, self_attn
 
 
@@ -215,10 +231,10 @@ def attention_output(
     out = torch.zeros(b, h, t, dv, dtype=q.dtype, device=q.device)
     for q0 in range(0, t, block):
         q1 = min(q0 + block, t)
-        lo, hi, _ = mask.key_range(q0, q1)
+        lo, hi, causal_block = mask.key_range(q0, q1)
         if hi <= lo:  # no visible key: eager's all-masked row is a uniform average
-            lo, hi = 0, mask.kv_length
-        probs = _block_probs(_grouped(q, groups, q0, q1), k[:, :, lo:hi], spec, mask.block(q0, q1, lo, hi), groups, q.dtype)
+            lo, hi, causal_block = 0, mask.kv_length, False
+        probs = _block_probs(_grouped(q, groups, q0, q1), k[:, :, lo:hi], spec, mask, q0, q1, lo, hi, causal_block, q.dtype)
         probs = probs.to(q.dtype).reshape(b, hk, groups * (q1 - q0), hi - lo)
         out[:, :, q0:q1] = torch.matmul(probs, v[:, :, lo:hi]).view(b, h, q1 - q0, dv)
     return out
@@ -243,11 +259,9 @@ def sdpa_output(
     """
     if spec.softcap is not None or spec.sinks is not None:
         raise ValueError("sdpa_output cannot apply softcapping or sink logits; use attention_output")
-    groups = q.shape[1] // k.shape[1]
-    if groups > 1:
-        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    gqa = q.shape[1] != k.shape[1]
     if mask.is_causal(block):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=spec.scaling)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=spec.scaling, enable_gqa=gqa)
     t = q.shape[2]
     pieces = []
     for q0 in range(0, t, block):
@@ -259,7 +273,8 @@ def sdpa_output(
         else:
             allowed = mask.block(q0, q1, lo, hi)
             allowed = allowed | ~allowed.any(dim=-1, keepdim=True)  # rows with no key: all keys
-        pieces.append(F.scaled_dot_product_attention(q[:, :, q0:q1], k[:, :, lo:hi], v[:, :, lo:hi], attn_mask=allowed, scale=spec.scaling))
+        pieces.append(F.scaled_dot_product_attention(q[:, :, q0:q1], k[:, :, lo:hi], v[:, :, lo:hi], attn_mask=allowed,
+                                                     scale=spec.scaling, enable_gqa=gqa))
     return torch.cat(pieces, dim=2)
 
 
