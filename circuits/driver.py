@@ -105,9 +105,11 @@ def full_forward(model, sub: SubBatch, fwd_hooks: list[Hook], logits: bool, copi
     tokens = sub.tokens.to(model.cfg.device)
     if copies > 1:
         tokens = tokens.repeat(copies, 1)
+    # use_cache=False: HF would otherwise fill a key-value cache of every layer (2 x layers x T x
+    # d_kv floats) that a measurement never reads
     if logits:
-        return model.run_with_hooks(tokens, fwd_hooks=fwd_hooks, return_type="logits")
-    model.run_with_hooks(tokens, fwd_hooks=[*fwd_hooks, stop_after_last_block(model)], return_type=None)
+        return model.run_with_hooks(tokens, fwd_hooks=fwd_hooks, return_type="logits", use_cache=False)
+    model.run_with_hooks(tokens, fwd_hooks=[*fwd_hooks, stop_after_last_block(model)], return_type=None, use_cache=False)
     return None
 
 

@@ -9,7 +9,7 @@ The estimate (:func:`estimate_measure_bytes`) counts the tensors that are alive 
 :func:`circuits.measure.measure`, beyond the weights (already loaded when it is asked):
 
 * always: the residual stream and a block's temporaries, the MLP's hidden activations, the
-  layer's queries / keys / values, HF's key-value cache of every layer, the meter's arrays;
+  layer's queries / keys / values, the meter's arrays (the driver turns HF's key-value cache off);
 * fused attention (:mod:`circuits.fused_attention`): one block of the blockwise statistics'
   scores (``heads x 256 x T`` floats, three copies), keys and values repeated for GQA, one
   block of boolean mask, and one chunk of logits for the next-token loss;
@@ -93,7 +93,6 @@ def estimate_measure_bytes(
         "residual stream": 6 * b * t * d * es,
         "MLP activations": 3 * b * t * d_mlp * es,
         "queries, keys, values": 4 * b * t * h * dh * es,
-        "key-value cache": 2 * layers * b * t * hkv * dh * es,
         "meter arrays": b * layers * (h + 12) * t * 4 + b * layers * d * 4,
     }
     if fused:
