@@ -51,6 +51,7 @@ from torch import Tensor
 from circuits.blockwise import DEFAULT_BLOCK, AttentionSpec, column_sums
 from circuits.driver import HookSource, Run, drive
 from circuits.fused_attention import current_mask, is_active, layer_fallback_reason
+from circuits.memory import loss_chunk
 from circuits.meter import ArrayMeter, Axes, Hook, MeterError, array, axes_of, per_sequence, select_sequences
 from circuits.probes import TokenBatch
 from circuits.stats import nanmean, valid_positions
@@ -388,15 +389,17 @@ def next_token_loss(logits: Float[Tensor, "batch pos vocab"], batch: TokenBatch)
 
 
 def chunked_next_token_loss(
-    model, resid: Float[Tensor, "batch pos d_model"], batch: TokenBatch, *, chunk: int = 512
+    model, resid: Float[Tensor, "batch pos d_model"], batch: TokenBatch, *, chunk: int | None = None
 ) -> Float[Tensor, "batch pos"]:
     """:func:`next_token_loss` from the last block's output, ``chunk`` positions at a time.
 
     The logits of a long input do not fit (Gemma 3's 262k vocabulary x 32k tokens is 34 GB):
     each chunk goes through the bridge's final norm and unembedding, plus HF's final logit
     softcapping (Gemma 2) where the config has it, exactly as the model's forward computes
-    its logits, and only ``-log p(next token)`` is kept.
+    its logits, and only ``-log p(next token)`` is kept. ``chunk`` None: about 2**25 logits per
+    chunk (:func:`circuits.memory.loss_chunk`).
     """
+    chunk = chunk or loss_chunk(int(model.cfg.d_vocab))
     cap = getattr(getattr(getattr(model, "original_model", None), "config", None), "final_logit_softcapping", None)
     b, t, _ = resid.shape
     target = batch.tokens[:, 1:].to(resid.device)

@@ -33,8 +33,14 @@ from circuits.errors import SinkscopeError
 
 STATS_BLOCK = 256  # queries per block of the statistics (circuits.blockwise.DEFAULT_BLOCK)
 SDPA_BLOCK = 1024  # queries per block of the fused kernel on a non-causal mask
-LOSS_CHUNK = 512  # positions per chunk of the next-token loss
+LOSS_CHUNK = 512  # at most this many positions per chunk of the next-token loss
 RUNTIME_BYTES = 300 * 2**20  # torch, transformers and Python themselves (measured: about 0.3 GB)
+
+
+def loss_chunk(vocab: int) -> int:
+    """Positions per chunk of the chunked next-token loss: about 2**25 logits (128 MB in float32)
+    per chunk, at most :data:`LOSS_CHUNK` (512 for SmolLM2's 49k vocabulary, 128 for Gemma 3's 262k)."""
+    return max(16, min(LOSS_CHUNK, 2**25 // max(1, int(vocab))))
 
 
 class MemoryEstimateError(SinkscopeError, MemoryError):
@@ -99,7 +105,7 @@ def estimate_measure_bytes(
         terms["blockwise statistics"] = 3 * b * h * min(t, STATS_BLOCK) * t * 4
         terms["GQA keys and values"] = 2 * b * h * t * dh * es if hkv != h else 0
         terms["mask blocks"] = 2 * b * min(t, SDPA_BLOCK) * t
-        terms["loss chunk"] = 3 * b * min(t, LOSS_CHUNK) * vocab * 4
+        terms["loss chunk"] = 3 * b * min(t, loss_chunk(vocab)) * vocab * 4
     else:
         terms["attention patterns"] = 5 * b * h * t * t * 4
         terms["HF masks"] = _mask_types(model) * b * t * t * es
@@ -144,4 +150,4 @@ def check_fits(
     return est
 
 
-__all__ = ["MemoryEstimate", "MemoryEstimateError", "available_bytes", "check_fits", "estimate_measure_bytes", "gb"]
+__all__ = ["MemoryEstimate", "MemoryEstimateError", "available_bytes", "check_fits", "estimate_measure_bytes", "gb", "loss_chunk"]
