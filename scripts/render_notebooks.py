@@ -26,8 +26,9 @@ ROOT = Path(__file__).resolve().parent.parent
 SOURCES = ROOT / "notebooks"
 RENDERED = ROOT / "docs" / "notebooks"
 CELL_TIMEOUT = 1800  # seconds per cell: generous, the machine may be shared
-#: set for every kernel unless the caller's environment says otherwise (no tokenizer fork warnings in the outputs)
-DEFAULT_ENV = {"TOKENIZERS_PARALLELISM": "false"}
+#: set for every kernel unless the caller's environment says otherwise: no tokenizer fork warnings and no
+#: "IProgress not found" (tqdm without ipywidgets) in the outputs
+DEFAULT_ENV = {"TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore:IProgress not found"}
 
 
 def kernel_name() -> str:
