@@ -28,6 +28,7 @@ sink logits) the fused ``scaled_dot_product_attention`` kernel cannot express; t
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -136,45 +137,59 @@ class AttentionSpec:
         )
 
 
+@functools.lru_cache(maxsize=16)
+def _above_diagonal(rows: int, cols: int, device: str) -> Bool[Tensor, "q 1 kv"]:
+    """``[r, 0, c]`` True where key ``c`` of a causal block's diagonal square lies after query ``r``."""
+    return torch.ones(rows, cols, dtype=torch.bool, device=device).triu_(1)[:, None, :]
+
+
+def stats_block(n_heads: int, n_tokens: int, budget: int = 2**26) -> int:
+    """Queries per block of the statistics, so one block's scores stay near ``budget`` floats
+    (256 MB): a multiple of 64 from 64 to 512 (512 for SmolLM2 up to 14k tokens, 128 for
+    Qwen2.5-0.5B's 14 heads at 32k). Fewer, larger blocks mean fewer small ops, which matters on
+    a busy CPU, where every op waits for its threads to be scheduled."""
+    per_query = max(1, n_heads * n_tokens)
+    return int(max(64, min(512, budget // per_query // 64 * 64)))
+
+
+def _prepare(q: Float[Tensor, "batch head pos d"], k: Float[Tensor, "batch kv_head pos d"], spec: AttentionSpec,
+             dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Queries scaled and laid out ``[batch, kv_head, pos, group, d]`` (so a block of queries is
+    one contiguous slice), keys as ``[batch, kv_head, d, pos]``, both in ``dtype``. The scaling
+    multiplies the queries: exact when it is a power of two (head sizes 16, 64, 256), one
+    rounding from upstream's scaled scores otherwise."""
+    b, h, t, d = q.shape
+    hk = k.shape[1]
+    qg = (q.to(dtype) * spec.scaling).view(b, hk, h // hk, t, d).transpose(2, 3).contiguous()
+    return qg, k.to(dtype).transpose(-1, -2)
+
+
 def _block_probs(
-    q: Float[Tensor, "batch kv_head g_q d"], k: Float[Tensor, "batch kv_head n d"], spec: AttentionSpec,
-    mask: LazyMask, q0: int, q1: int, lo: int, hi: int, causal_block: bool, dtype: torch.dtype,
-) -> Float[Tensor, "batch kv_head g q n"]:
-    """Softmax rows of queries ``q0..q1-1`` over keys ``lo..hi-1`` (``q`` holds the query heads
-    of each key head stacked along its rows), in ``dtype``, as upstream computes them.
+    qg: Tensor, kt: Tensor, spec: AttentionSpec, mask: LazyMask, q0: int, q1: int, lo: int, hi: int, causal_block: bool,
+) -> Float[Tensor, "batch kv_head q group n"]:
+    """Softmax rows of queries ``q0..q1-1`` over keys ``lo..hi-1`` in float32, as upstream
+    computes them (softcap, then the mask as ``finfo.min``, then the sink column).
 
     A block whose mask is plain causal (``causal_block``) is masked only where its keys overlap
     its queries (the diagonal square), in place; any other block evaluates the mask function.
-    The scaling multiplies the queries (exact when it is a power of two, as for head sizes 16,
-    64 and 256; otherwise one rounding apart from upstream's scaled scores).
     """
-    b, hk, gq, _ = q.shape
-    n_q = q1 - q0
-    groups = gq // n_q
-    scores = torch.matmul(q.to(dtype) * spec.scaling, k.to(dtype).transpose(-1, -2))
-    scores = scores.view(b, hk, groups, n_q, hi - lo)
+    b, hk, _, g, d = qg.shape
+    n_q, n_k = q1 - q0, hi - lo
+    scores = torch.matmul(qg[:, :, q0:q1].reshape(b, hk, n_q * g, d), kt[..., lo:hi]).view(b, hk, n_q, g, n_k)
     if spec.softcap is not None:
         scores = torch.tanh(scores / spec.softcap).mul_(spec.softcap)
-    low = torch.finfo(dtype).min
+    low = torch.finfo(scores.dtype).min
     if causal_block:
-        start = q0 - lo  # keys lo..q0-1 are all visible; keys q0..hi-1 form the diagonal square
-        if hi > q0:
-            upper = torch.ones(n_q, hi - q0, dtype=torch.bool, device=scores.device).triu_(1)
-            scores[..., start:].masked_fill_(upper, low)
+        if hi > q0:  # keys lo..q0-1 are all visible; keys q0..hi-1 form the diagonal square
+            scores[..., q0 - lo :].masked_fill_(_above_diagonal(n_q, hi - q0, str(scores.device)), low)
     else:
-        scores = scores.masked_fill(~mask.block(q0, q1, lo, hi)[:, :, None], low)
+        scores.masked_fill_(~mask.block(q0, q1, lo, hi)[:, :, :, None, :], low)
     if spec.sinks is None:
         return torch.softmax(scores, dim=-1, dtype=torch.float32)
-    sink = spec.sinks.to(device=scores.device, dtype=dtype).view(1, hk, groups, 1, 1).expand(b, hk, groups, n_q, 1)
+    sink = spec.sinks.to(device=scores.device, dtype=scores.dtype).view(1, hk, 1, g, 1).expand(b, hk, n_q, g, 1)
     combined = torch.cat([scores, sink], dim=-1)
     combined = combined - combined.amax(dim=-1, keepdim=True)
     return torch.softmax(combined, dim=-1, dtype=torch.float32)[..., :-1]
-
-
-def _grouped(q: Float[Tensor, "batch head pos d"], groups: int, q0: int, q1: int) -> Float[Tensor, "batch kv_head gq d"]:
-    """Queries ``q0..q1-1`` of the ``groups`` heads sharing each key head, stacked along rows."""
-    b, h, _, d = q.shape
-    return q[:, :, q0:q1].reshape(b, h // groups, groups * (q1 - q0), d)
 
 
 def column_sums(
@@ -184,17 +199,20 @@ def column_sums(
     mask: LazyMask,
     lengths: Int[Tensor, " batch"],
     *,
-    block: int = DEFAULT_BLOCK,
+    block: int | None = None,
 ) -> tuple[Float[Tensor, "batch head pos"], Float[Tensor, "batch head pos"]]:
     """Attention each key receives from the real queries, and the self-attention ``A[k, k]``.
 
     The same two sums :func:`circuits.measure.attention_received` takes of a pattern: pad
-    queries (``t >= length``) are left out; float32 throughout. Memory: one block's scores.
+    queries (``t >= length``) are left out; float32 throughout. Memory: one block's scores
+    (``block`` None: :func:`stats_block`).
     """
     b, h, t, _ = q.shape
-    groups = h // k.shape[1]
-    received = torch.zeros(b, h, t, dtype=torch.float32, device=q.device)
-    self_attn = torch.zeros(b, h, t, dtype=torch.float32, device=q.device)
+    hk = k.shape[1]
+    block = block or stats_block(h, t)
+    qg, kt = _prepare(q, k, spec, torch.float32)
+    received = torch.zeros(b, hk, h // hk, t, dtype=torch.float32, device=q.device)
+    self_attn = torch.zeros(b, hk, h // hk, t, dtype=torch.float32, device=q.device)
     lengths = lengths.to(q.device)
     shortest = int(lengths.min())
     for q0 in range(0, t, block):
@@ -202,16 +220,15 @@ def column_sums(
         lo, hi, causal_block = mask.key_range(q0, q1)
         if hi <= lo:
             continue
-        probs = _block_probs(_grouped(q, groups, q0, q1), k[:, :, lo:hi], spec, mask, q0, q1, lo, hi, causal_block, torch.float32)
-        probs = probs.reshape(b, h, q1 - q0, hi - lo)
+        probs = _block_probs(qg, kt, spec, mask, q0, q1, lo, hi, causal_block)  # [b, hk, q, g, n]
         if q1 > shortest:  # pad queries in this block: zero their rows (a NaN there must not leak)
             pad = torch.arange(q0, q1, device=q.device)[None, :] >= lengths[:, None]
-            probs = probs.masked_fill(pad[:, None, :, None], 0.0)
-        received[:, :, lo:hi] += probs.sum(dim=2)
-        rows = torch.arange(max(q0, lo), min(q1, hi), device=q.device)
-        if len(rows):
-            self_attn[:, :, rows] = probs[:, :, rows - q0, rows - lo]
-    return received, self_attn
+            probs = probs.masked_fill(pad[:, None, :, None, None], 0.0)
+        received[..., lo:hi] += probs.sum(dim=2)
+        r0, r1 = max(q0, lo), min(q1, hi)  # queries whose own key is in the block
+        if r1 > r0:
+            self_attn[..., r0:r1] = probs[:, :, r0 - q0 : r1 - q0, :, r0 - lo : r1 - lo].diagonal(dim1=2, dim2=4)
+    return received.view(b, h, t), self_attn.view(b, h, t)
 
 
 def attention_output(
@@ -223,21 +240,22 @@ def attention_output(
     *,
     block: int = DEFAULT_BLOCK,
 ) -> Float[Tensor, "batch head pos dv"]:
-    """``softmax(scores) @ V`` one block of queries at a time, exactly as the eager path rounds
-    it: scores in the model's dtype, softmax in float32, weights cast back before ``@ V``."""
+    """``softmax(scores) @ V`` one block of queries at a time, as the eager path rounds it:
+    softmax in float32, weights cast to the model's dtype before ``@ V``."""
     b, h, t, _ = q.shape
     hk, dv = v.shape[1], v.shape[-1]
-    groups = h // hk
-    out = torch.zeros(b, h, t, dv, dtype=q.dtype, device=q.device)
+    g = h // hk
+    qg, kt = _prepare(q, k, spec, q.dtype)
+    out = torch.zeros(b, hk, g, t, dv, dtype=q.dtype, device=q.device)
     for q0 in range(0, t, block):
         q1 = min(q0 + block, t)
         lo, hi, causal_block = mask.key_range(q0, q1)
         if hi <= lo:  # no visible key: eager's all-masked row is a uniform average
             lo, hi, causal_block = 0, mask.kv_length, False
-        probs = _block_probs(_grouped(q, groups, q0, q1), k[:, :, lo:hi], spec, mask, q0, q1, lo, hi, causal_block, q.dtype)
-        probs = probs.to(q.dtype).reshape(b, hk, groups * (q1 - q0), hi - lo)
-        out[:, :, q0:q1] = torch.matmul(probs, v[:, :, lo:hi]).view(b, h, q1 - q0, dv)
-    return out
+        probs = _block_probs(qg, kt, spec, mask, q0, q1, lo, hi, causal_block).to(q.dtype)  # [b, hk, q, g, n]
+        z = torch.matmul(probs.reshape(b, hk, (q1 - q0) * g, hi - lo), v[:, :, lo:hi])
+        out[:, :, :, q0:q1] = z.view(b, hk, q1 - q0, g, dv).transpose(2, 3)
+    return out.view(b, h, t, dv)
 
 
 def sdpa_output(
@@ -279,6 +297,6 @@ def sdpa_output(
 
 
 __all__ = [
-    "AttentionSpec", "DEFAULT_BLOCK", "LazyMask", "MaskFunction", "attention_output", "causal", "column_sums",
+    "AttentionSpec", "DEFAULT_BLOCK", "stats_block", "LazyMask", "MaskFunction", "attention_output", "causal", "column_sums",
     "sdpa_output", "sliding_causal",
 ]

@@ -48,7 +48,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from circuits.blockwise import DEFAULT_BLOCK, AttentionSpec, column_sums
+from circuits.blockwise import AttentionSpec, column_sums
 from circuits.driver import HookSource, Run, drive
 from circuits.fused_attention import current_mask, is_active, layer_fallback_reason
 from circuits.memory import loss_chunk
@@ -176,7 +176,7 @@ class SinkMeter(ArrayMeter):
     #: (each key of :func:`residual_statistics` is stored in the field of that name)
     result_type: type[SinkMeasurement] = SinkMeasurement
 
-    def __init__(self, model, *, model_name: str | None = None, loss_from_residual: bool = False, block: int = DEFAULT_BLOCK):
+    def __init__(self, model, *, model_name: str | None = None, loss_from_residual: bool = False, block: int | None = None):
         self.n_layers = int(model.cfg.n_layers)
         self.n_heads = int(model.cfg.n_heads)
         self.d_model = int(model.cfg.d_model)
@@ -187,7 +187,7 @@ class SinkMeter(ArrayMeter):
         #: compute the next-token loss from the last block's output in chunks when the forward
         #: returns no logits (:func:`chunked_next_token_loss`), instead of leaving it NaN
         self.loss_from_residual = loss_from_residual
-        self.block = block  # queries per block of the blockwise statistics
+        self.block = block  # queries per block of the blockwise statistics (None: circuits.blockwise.stats_block)
         self._pattern_layers: set[int] = set()
         self._query: Tensor | None = None
         self._final_resid: Tensor | None = None

@@ -11,7 +11,7 @@ The estimate (:func:`estimate_measure_bytes`) counts the tensors that are alive 
 * always: the residual stream and a block's temporaries, the MLP's hidden activations, the
   layer's queries / keys / values, the meter's arrays (the driver turns HF's key-value cache off);
 * fused attention (:mod:`circuits.fused_attention`): one block of the blockwise statistics'
-  scores (``heads x 256 x T`` floats, three copies), keys and values repeated for GQA, one
+  scores (``heads x block x T`` floats, three copies; :func:`circuits.blockwise.stats_block`), keys and values repeated for GQA, one
   block of boolean mask, and one chunk of logits for the next-token loss;
 * eager attention: HF's ``T x T`` float masks (one per layer type), about five ``heads x T x T``
   float tensors per layer (scores, masked scores, the float32 softmax, its cast, the meter's
@@ -29,9 +29,9 @@ from dataclasses import dataclass
 
 import torch
 
+from circuits.blockwise import stats_block
 from circuits.errors import SinkscopeError
 
-STATS_BLOCK = 256  # queries per block of the statistics (circuits.blockwise.DEFAULT_BLOCK)
 SDPA_BLOCK = 1024  # queries per block of the fused kernel on a non-causal mask
 LOSS_CHUNK = 512  # at most this many positions per chunk of the next-token loss
 RUNTIME_BYTES = 300 * 2**20  # torch, transformers and Python themselves (measured: about 0.3 GB)
@@ -102,7 +102,7 @@ def estimate_measure_bytes(
         "meter arrays": b * layers * (h + 12) * t * 4 + b * layers * d * 4,
     }
     if fused:
-        terms["blockwise statistics"] = 3 * b * h * min(t, STATS_BLOCK) * t * 4
+        terms["blockwise statistics"] = 3 * b * h * min(t, stats_block(h, t)) * t * 4
         terms["GQA keys and values"] = 2 * b * h * t * dh * es if hkv != h else 0
         terms["mask blocks"] = 2 * b * min(t, SDPA_BLOCK) * t
         terms["loss chunk"] = 3 * b * min(t, loss_chunk(vocab)) * vocab * 4
