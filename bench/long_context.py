@@ -110,7 +110,8 @@ def main() -> None:
     p.add_argument("--lengths", type=int, nargs="*", default=[1024, 2048, 4096, 8192], help="smollm2 lengths (none: --lengths)")
     p.add_argument("--paths", nargs="+", default=["old", "new"], choices=["old", "new"])
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--long", action="store_true", help="also gemma3-270m and qwen2.5-coder-0.5b at 32,768 tokens (new path)")
+    p.add_argument("--long", nargs="*", default=None, metavar="MODEL",
+                   help="also these models (default: gemma3-270m qwen2.5-coder-0.5b) at 32,768 tokens, new path")
     p.add_argument("--cli", action="store_true", help="time the whole `sinkscope measure` at the longest length (new path)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--baseline-max-tokens", type=int, default=1 << 30,
@@ -128,8 +129,8 @@ def main() -> None:
     from circuits.models import load_model
 
     configs = [(args.model, t, path) for t in args.lengths for path in args.paths]
-    if args.long:
-        configs += [("gemma3-270m", 32768, "new"), ("qwen2.5-coder-0.5b", 32768, "new")]
+    if args.long is not None:
+        configs += [(name, 32768, "new") for name in args.long or ["gemma3-270m", "qwen2.5-coder-0.5b"]]
     with open("/proc/loadavg") as f:
         print(f"load average before: {f.read().split()[:3]}", flush=True)
     rows = []
