@@ -281,7 +281,7 @@ def _model_name(model) -> str:
 
 def _layer_list(layers: set[int]) -> str:
     ordered = sorted(layers)
-    return ", ".join(map(str, ordered)) if len(ordered) <= 8 else f"{len(ordered)} layers ({ordered[0]}..{ordered[-1]})"
+    return ", ".join(map(str, ordered)) if len(ordered) <= 8 else f"{ordered[0]}..{ordered[-1]} ({len(ordered)} of them)"
 
 
 @contextlib.contextmanager

@@ -286,6 +286,7 @@ def keybias_effect_plot(frame: pd.DataFrame, *, title: str | None = None):
 __all__ = [
     "dose_response", "keybias_effect_plot", "long_heatmap", "kv_norms_plot", "mlp_site_cosines", "norm_scatter", "planting_plot",
     "primary_vs_secondary", "show", "sink_rate_vs_eps", "super_neuron_plot", "variance_by_layer", "SEQUENTIAL",
+    "lambda_curve", "sink_levels_plot",
 ]
 
 
