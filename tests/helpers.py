@@ -68,3 +68,13 @@ def forward_counter(model, raise_at: int | None = None):
         yield calls
     finally:
         del model.forward
+
+
+def load_script(name: str):
+    """A script of ``scripts/`` (not a package) imported by path, for tests of its functions."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -14,12 +14,13 @@ runs every notebook on another packaged model by changing its ``MODEL`` line, as
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 from pathlib import Path
 
 import pytest
+
+from helpers import load_script
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
@@ -29,10 +30,7 @@ PACKAGED = ("smollm2-135m", "gemma3-270m", "qwen2.5-coder-0.5b")
 
 
 def _render_module():
-    spec = importlib.util.spec_from_file_location("render_notebooks", ROOT / "scripts" / "render_notebooks.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("render_notebooks")
 
 
 def _read(path):

@@ -2,22 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
-
-from helpers import ROOT
+from helpers import ROOT, load_script
 from sinkscope.reproduce.report import CLAIMS, VERDICT_MARKERS, committed_reports, verdict_table
-
-
-def _script():
-    spec = importlib.util.spec_from_file_location("update_verdicts", ROOT / "scripts" / "update_verdicts.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_readme_table_equals_the_committed_reports():
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    expected = _script().rewrite(readme, verdict_table(committed_reports(ROOT)))
+    expected = load_script("update_verdicts").rewrite(readme, verdict_table(committed_reports(ROOT)))
     assert readme == expected, "README's verdict table is stale: run `make verdicts`"
 
 
@@ -38,13 +29,6 @@ def test_a_claim_missing_from_a_report_shows_a_dash():
     assert row.endswith("| – |")
 
 
-def _publisher():
-    spec = importlib.util.spec_from_file_location("publish_report", ROOT / "scripts" / "publish_report.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_publishing_a_report_replaces_the_old_figures_and_rewrites_links(tmp_path):
     import json
 
@@ -58,10 +42,10 @@ def test_publishing_a_report_replaces_the_old_figures_and_rewrites_links(tmp_pat
     old = root / "docs" / "figures" / "m-1"
     old.mkdir(parents=True)
     (old / "stale.png").write_bytes(b"old")
-    target = _publisher().publish(run, root)
+    target = load_script("publish_report").publish(run, root)
     assert target == root / "docs" / "reproduce-m-1.md"
     assert target.read_text() == "![x](figures/m-1/a_b.png) and [numbers](figures/m-1/numbers.json), not (a_b.png) or ](other/a.png)"
     assert sorted(p.name for p in old.iterdir()) == ["a_b.png", "numbers.json"]
     (run / "numbers.json").write_text(json.dumps({"model": "m-1", "size": "ci"}))
     with pytest.raises(SystemExit, match="only full runs are committed"):
-        _publisher().publish(run, root)
+        load_script("publish_report").publish(run, root)
