@@ -102,32 +102,22 @@ PROBLEMS = [
 
 
 def conversation_ids(tokenizer, problems: list[str], answers: list[str]) -> list[int]:
-    """The conversation's tokens up to the model's next answer: every problem so far, every
-    answer but the one to be generated, and the generation prompt."""
+    """The conversation's tokens: every problem so far with the answers given; while the last
+    problem has no answer yet, up to the generation prompt of the model's next answer, else the
+    whole conversation (the stored trace)."""
+    pending = len(answers) < len(problems)
     if tokenizer.chat_template:
         messages = [{"role": "system", "content": SYSTEM}]
         for i, problem in enumerate(problems):
             messages.append({"role": "user", "content": problem if i == 0 else f"Next problem: {problem}"})
             if i < len(answers):
                 messages.append({"role": "assistant", "content": answers[i]})
-        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
+        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=pending, tokenize=True, return_dict=False))
     text = ""
     for i, problem in enumerate(problems):
         text += f"Problem {i + 1}: {problem}\n\nSolution: Let's think step by step.\n"
         if i < len(answers):
             text += answers[i].strip() + "\n\n"
-    return tokenizer(text, add_special_tokens=True).input_ids
-
-
-def full_ids(tokenizer, problems: list[str], answers: list[str]) -> list[int]:
-    """The whole conversation once every problem has its answer (the stored trace)."""
-    if tokenizer.chat_template:
-        messages = [{"role": "system", "content": SYSTEM}]
-        for i, (problem, answer) in enumerate(zip(problems, answers)):
-            messages.append({"role": "user", "content": problem if i == 0 else f"Next problem: {problem}"})
-            messages.append({"role": "assistant", "content": answer})
-        return list(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False))
-    text = "".join(f"Problem {i + 1}: {p}\n\nSolution: Let's think step by step.\n{a.strip()}\n\n" for i, (p, a) in enumerate(zip(problems, answers)))
     return tokenizer(text, add_special_tokens=True).input_ids
 
 
@@ -157,6 +147,8 @@ def session(hf, tokenizer, index: int, args, n_ctx: int) -> dict:
     problems, answers, turns = [], [], []
     cache, cached = None, []
     target = min(args.target_tokens[index], n_ctx)
+    configured = hf.generation_config.eos_token_id
+    eos = {tokenizer.eos_token_id, *(configured if isinstance(configured, list) else [configured])}
     for turn, problem in enumerate(order):
         problems.append(problem)
         ids = conversation_ids(tokenizer, problems, answers)
@@ -174,8 +166,6 @@ def session(hf, tokenizer, index: int, args, n_ctx: int) -> dict:
         seq = out.sequences[0].tolist()
         cache, cached = out.past_key_values, seq
         new = seq[len(ids):]
-        configured = hf.generation_config.eos_token_id
-        eos = {tokenizer.eos_token_id, *(configured if isinstance(configured, list) else [configured])}
         finished = bool(new) and new[-1] in eos
         answers.append(tokenizer.decode(new, skip_special_tokens=True))
         turns.append({"problem": problem, "prompt_tokens": len(ids), "new_tokens": len(new), "finish": "eos" if finished else "length",
@@ -183,7 +173,7 @@ def session(hf, tokenizer, index: int, args, n_ctx: int) -> dict:
         print(f"{args.model} session {index} turn {turn}: {len(ids)} + {len(new)} tokens ({turns[-1]['finish']}), {turns[-1]['seconds']} s", flush=True)
         if len(seq) >= target:
             break
-    ids = full_ids(tokenizer, problems, answers)[:n_ctx]
+    ids = conversation_ids(tokenizer, problems, answers)[:n_ctx]
     return {"id": index, "problems": problems, "turns": turns, "n_tokens": len(ids), "token_ids": ids,
             "text": tokenizer.decode(ids), "seconds": round(sum(t["seconds"] for t in turns), 1)}
 
