@@ -208,12 +208,13 @@ CLAIMS: tuple[Claim, ...] = (W1, W2, W6, W3, W4, W5)
 # ------------------------------------------------------------------------------ measurement
 
 
-def dose_response(model, obs: LongInputs, s: Settings) -> dict | None:
+def dose_response(model, obs: LongInputs, s: Settings, skip: int | None = None) -> dict | None:
     """W5's intervention on the first ``s.dose_traces`` traces (see the module docstring): the
-    :func:`~interventions.recipes.rescale_dose_response` result, or None without a sink there."""
+    :func:`~interventions.recipes.rescale_dose_response` result, or None without a sink there.
+    ``skip``: positions excluded from detection (default :func:`skip_first`)."""
     rows = list(range(min(s.dose_traces, len(obs.batch))))
     sinks = recipes.secondary_sink_mlps(model, obs.batch, obs.sinks, min_score_ratio=s.min_score_ratio, sites=obs.mlp,
-                                        skip_first=skip_first(model, obs, s))
+                                        skip_first=skip_first(model, obs, s) if skip is None else skip)
     sinks = sinks[sinks["sequence"].isin(rows)].reset_index(drop=True)
     if sinks.empty:
         return None
@@ -324,7 +325,7 @@ def measure(model, obs: LongInputs, s: Settings) -> Measured:
     c_score = analyses.correlations(joined["written_norm"], joined["peak_score"]) if n_att else analyses.correlations([], [])
     c_life = analyses.correlations(joined["written_norm"], joined["lifetime"]) if n_att else analyses.correlations([], [])
     t0 = time.perf_counter()
-    dose = dose_response(model, obs, s)
+    dose = dose_response(model, obs, s, skip)
     timings = {"wong_dose_response": time.perf_counter() - t0}
     dose_frame = None if dose is None else dose["by_factor"]
     t0 = time.perf_counter()
