@@ -65,7 +65,9 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from circuits.blockwise import PatternBlock
 from circuits.driver import HookSource, Run, drive
+from circuits.fused_attention import reduce_pattern, reducible_layers
 from circuits.measure import lower_median_abs
 from circuits.meter import ArrayMeter, Axes, Meter, MeterError, array, axes_of, per_sequence
 from circuits.probes import TokenBatch
@@ -97,6 +99,7 @@ def observe(
     logits: bool = False,
     by_length: bool = False,
     progress: bool = False,
+    fused: bool = True,
 ) -> None:
     """One forward pass per sub-batch feeding every meter (``SinkMeter`` or the meters here).
 
@@ -107,10 +110,12 @@ def observe(
     ``next_token_loss`` as NaN). Sub-batches are consecutive sequences of ``batch``;
     ``by_length=True`` groups them by length instead (less padding for inputs of mixed lengths;
     the attention statistics then move at the 1e-7 level, as a sequence's sub-batch changes).
+    ``fused=False`` runs every layer's attention eager (the reference path of
+    :mod:`circuits.fused_attention`; the meters then read ``hook_pattern``).
     """
     drive(
         model, batch, Run(list(meters), hooks), batch_size=batch_size, logits=logits, by_length=by_length,
-        progress=progress, desc="observing",
+        progress=progress, desc="observing", fused=fused,
     )
 
 
@@ -669,15 +674,27 @@ class KVMeter(ArrayMeter):
         self.n_kv = int(getattr(model.cfg, "n_key_value_heads", None) or self.n_heads)
         self.key_hook = key_hook_name(model)
         super().__init__(axes_of(KVStats), {"layer": self.n_layers, "head": self.n_heads, "kv_head": self.n_kv})
+        self.model = model
+        self._other_hooks: Sequence = ()
         self._v0: dict[int, Tensor] = {}
         self._num: dict[int, Tensor] = {}
+        self._first: dict[int, Tensor] = {}
+
+    def see_hooks(self, hooks) -> None:
+        """The run's other hooks: a layer whose pattern they touch is read from ``hook_pattern``."""
+        self._other_hooks = list(hooks)
 
     def hooks(self):
+        fused = reducible_layers(self.model, self._other_hooks)
+        self._first = {}
         out = []
         for l in range(self.n_layers):
             out.append((f"blocks.{l}.{self.key_hook}", self._norm_hook(l, "k_norm")))
             out.append((f"blocks.{l}.attn.hook_v", self._norm_hook(l, "v_norm")))
-            out.append((f"blocks.{l}.attn.hook_pattern", self._pattern_hook(l)))
+            if l in fused:  # the first key's column, reduced from the fused attention
+                out.append((f"blocks.{l}.attn.hook_rot_k", self._request_hook(l)))
+            else:
+                out.append((f"blocks.{l}.attn.hook_pattern", self._pattern_hook(l)))
             out.append((f"blocks.{l}.attn.hook_z", self._z_hook(l)))
         return out
 
@@ -694,23 +711,50 @@ class KVMeter(ArrayMeter):
 
         return hook
 
-    def _pattern_hook(self, layer):
-        def hook(pattern: Float[Tensor, "batch head query key"], hook):
-            p = pattern.detach().float()
-            b, h, t, _ = p.shape
-            valid = self.valid(t, p.device).clone()
-            valid[:, 0] = False  # queries t >= 1
-            a0 = torch.where(valid[:, None, :], p[..., 0], torch.nan)  # [b, h, t]
-            n = valid.sum(-1).clamp_min(1)[:, None]
-            self.put("attn_first", layer, torch.nan_to_num(a0, nan=0.0).sum(-1) / n)
-            v0 = self._v0.pop(layer).to(p.device)  # [b, kv]
-            v0 = v0.repeat_interleave(h // v0.shape[1], dim=1)  # query head -> its kv group
-            self._num[layer] = a0 * v0[:, :, None]  # [b, h, t]
+    def _request_hook(self, layer):
+        attn = self.model.blocks[layer].attn
+
+        def hook(k: Float[Tensor, "batch pos kv d_head"], hook):
+            first = None
+
+            def keep_first_column(block: PatternBlock) -> None:
+                nonlocal first
+                if first is None:
+                    b, hk, _, g, _ = block.probs.shape
+                    first = self._first[layer] = block.probs.new_zeros(b, hk, g, block.kv_length)
+                column = block.key_column(0)
+                if column is not None:
+                    first[..., block.q0 : block.q1] = column
+
+            reduce_pattern(attn, keep_first_column)
 
         return hook
 
+    def _pattern_hook(self, layer):
+        def hook(pattern: Float[Tensor, "batch head query key"], hook):
+            self._first_key(layer, pattern.detach().float()[..., 0])
+
+        return hook
+
+    def _first_key(self, layer, a0: Float[Tensor, "batch head query"]) -> None:
+        """Attention every query gives position 0: its mean over the real queries ``t >= 1``, and
+        the numerator of the value share (``a0 * |v_0|``), kept for :meth:`_z_hook`."""
+        b, h, t = a0.shape
+        valid = self.valid(t, a0.device).clone()
+        valid[:, 0] = False  # queries t >= 1
+        a0 = torch.where(valid[:, None, :], a0, torch.nan)  # [b, h, t]
+        n = valid.sum(-1).clamp_min(1)[:, None]
+        self.put("attn_first", layer, torch.nan_to_num(a0, nan=0.0).sum(-1) / n)
+        v0 = self._v0.pop(layer).to(a0.device)  # [b, kv]
+        v0 = v0.repeat_interleave(h // v0.shape[1], dim=1)  # query head -> its kv group
+        self._num[layer] = a0 * v0[:, :, None]  # [b, h, t]
+
     def _z_hook(self, layer):
         def hook(z: Float[Tensor, "batch pos head d_head"], hook):
+            first = self._first.pop(layer, None)
+            if first is not None:  # the layer's fused attention has run: the column is complete
+                b, hk, g, t = first.shape
+                self._first_key(layer, first.view(b, hk * g, t))
             zn = z.detach().float().norm(dim=-1).transpose(1, 2)  # [b, h, t]
             share = self._num.pop(layer) / zn.clamp_min(1e-12)
             self.put("value_share", layer, nanmean_t(share))

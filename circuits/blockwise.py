@@ -29,8 +29,8 @@ sink logits) the fused ``scaled_dot_product_attention`` kernel cannot express; t
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, field
-from typing import Callable
+from dataclasses import dataclass, field, replace
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -192,6 +192,126 @@ def _block_probs(
     return torch.softmax(combined, dim=-1, dtype=torch.float32)[..., :-1]
 
 
+@dataclass(frozen=True)
+class PatternBlock:
+    """Rows ``q0..q1-1`` of one layer's attention pattern over keys ``lo..hi-1`` (of
+    ``kv_length``): the float32 softmax rows the model's attention uses, handed to a
+    :data:`Reducer` and dropped. Layout ``[batch, kv_head, query, group, key]``: query head
+    ``h`` is ``(h // group_size, h % group_size)``, so a block of a GQA layer is one tensor.
+    Query ``q`` sees its own key at ``q`` (self-attention, no cache offset)."""
+
+    probs: Float[Tensor, "batch kv_head query group key"]
+    q0: int
+    q1: int
+    lo: int
+    hi: int
+    kv_length: int
+
+    def real_queries(self, lengths: Int[Tensor, " batch"]) -> "PatternBlock":
+        """The block with the rows of pad queries (``q >= length``) set to 0: a pad row must
+        not count, and a NaN there must not leak into a sum."""
+        if self.q1 <= int(lengths.min()):
+            return self
+        pad = torch.arange(self.q0, self.q1, device=self.probs.device)[None, :] >= lengths.to(self.probs.device)[:, None]
+        return replace(self, probs=self.probs.masked_fill(pad[:, None, :, None, None], 0.0))
+
+    def received(self) -> Float[Tensor, "batch kv_head group key"]:
+        """Attention each key of the block receives, summed over the block's queries."""
+        return self.probs.sum(dim=2)
+
+    def self_attention(self) -> tuple[int, int, Float[Tensor, "batch kv_head group query"]]:
+        """``(r0, r1, A[q, q])`` for the queries ``r0..r1-1`` whose own key is in the block
+        (``r1 <= r0``: none)."""
+        r0, r1 = max(self.q0, self.lo), min(self.q1, self.hi)
+        if r1 <= r0:
+            return r0, r1, self.probs.new_zeros(0)
+        return r0, r1, self.probs[:, :, r0 - self.q0 : r1 - self.q0, :, r0 - self.lo : r1 - self.lo].diagonal(dim1=2, dim2=4)
+
+    def key_column(self, key: int) -> Float[Tensor, "batch kv_head group query"] | None:
+        """Attention the block's queries give key ``key`` (None: the key is outside the block,
+        so they give it none)."""
+        if not self.lo <= key < self.hi:
+            return None
+        return self.probs[..., key - self.lo].transpose(2, 3)
+
+
+#: A statistic of the attention pattern reduced block by block: called once per
+#: :class:`PatternBlock` of a layer's forward, in query order; it keeps what it needs.
+Reducer = Callable[[PatternBlock], None]
+
+
+class ColumnSums:
+    """A :data:`Reducer` of the two sums :func:`circuits.measure.attention_received` takes of a
+    pattern: attention each key receives from the real queries, and the self-attention
+    ``A[k, k]``; :meth:`result` returns them ``[batch, head, key]``."""
+
+    def __init__(self, lengths: Int[Tensor, " batch"]):
+        self.lengths = lengths
+        self._received: Tensor | None = None
+        self._self_attn: Tensor | None = None
+
+    def __call__(self, block: PatternBlock) -> None:
+        block = block.real_queries(self.lengths)
+        if self._received is None:
+            b, hk, _, g, _ = block.probs.shape
+            self._received = block.probs.new_zeros(b, hk, g, block.kv_length)
+            self._self_attn = block.probs.new_zeros(b, hk, g, block.kv_length)
+        self._received[..., block.lo : block.hi] += block.received()
+        r0, r1, diagonal = block.self_attention()
+        if r1 > r0:
+            self._self_attn[..., r0:r1] = diagonal
+
+    def result(self) -> tuple[Float[Tensor, "batch head key"], Float[Tensor, "batch head key"]]:
+        if self._received is None:
+            raise RuntimeError("ColumnSums saw no block of the pattern")
+        b, hk, g, t = self._received.shape
+        return self._received.view(b, hk * g, t), self._self_attn.view(b, hk * g, t)
+
+
+def attend(
+    q: Float[Tensor, "batch head pos d"],
+    k: Float[Tensor, "batch kv_head pos d"],
+    v: Float[Tensor, "batch kv_head pos dv"] | None,
+    spec: AttentionSpec,
+    mask: LazyMask,
+    reducers: Sequence[tuple[slice | None, Reducer]] = (),
+    *,
+    block: int | None = None,
+    score_dtype: torch.dtype = torch.float32,
+) -> Float[Tensor, "batch head pos dv"] | None:
+    """The attention loop over blocks of queries: each block's softmax rows are computed once,
+    handed to every reducer (``(rows, reducer)``: the reducer sees those batch rows only, all
+    with ``None``), and, with values ``v``, multiplied by them, as the eager path rounds it
+    (weights cast to the values' dtype before ``@ V``). Returns the attention output (None
+    without ``v``). Memory: one block's scores (``block`` None: :func:`stats_block`).
+
+    A block whose queries see no key gives the reducers nothing and, with ``v``, outputs the
+    uniform average of all values, as eager's all-``finfo.min`` row does.
+    """
+    b, h, t, _ = q.shape
+    hk = k.shape[1]
+    g = h // hk
+    block = block or stats_block(h, mask.kv_length)
+    qg, kt = _prepare(q, k, spec, score_dtype)
+    out = None if v is None else torch.zeros(b, hk, g, t, v.shape[-1], dtype=v.dtype, device=v.device)
+    for q0 in range(0, t, block):
+        q1 = min(q0 + block, t)
+        lo, hi, causal_block = mask.key_range(q0, q1)
+        visible = hi > lo
+        if not visible:
+            if out is None:
+                continue
+            lo, hi, causal_block = 0, mask.kv_length, False
+        probs = _block_probs(qg, kt, spec, mask, q0, q1, lo, hi, causal_block)  # [b, hk, q, g, n]
+        if visible:
+            for rows, reducer in reducers:
+                reducer(PatternBlock(probs if rows is None else probs[rows], q0, q1, lo, hi, mask.kv_length))
+        if out is not None:
+            z = torch.matmul(probs.to(v.dtype).reshape(b, hk, (q1 - q0) * g, hi - lo), v[:, :, lo:hi])
+            out[:, :, :, q0:q1] = z.view(b, hk, q1 - q0, g, -1).transpose(2, 3)
+    return None if out is None else out.view(b, h, t, -1)
+
+
 def column_sums(
     q: Float[Tensor, "batch head pos d"],
     k: Float[Tensor, "batch kv_head pos d"],
@@ -201,34 +321,11 @@ def column_sums(
     *,
     block: int | None = None,
 ) -> tuple[Float[Tensor, "batch head pos"], Float[Tensor, "batch head pos"]]:
-    """Attention each key receives from the real queries, and the self-attention ``A[k, k]``.
-
-    The same two sums :func:`circuits.measure.attention_received` takes of a pattern: pad
-    queries (``t >= length``) are left out; float32 throughout. Memory: one block's scores
-    (``block`` None: :func:`stats_block`).
-    """
-    b, h, t, _ = q.shape
-    hk = k.shape[1]
-    block = block or stats_block(h, t)
-    qg, kt = _prepare(q, k, spec, torch.float32)
-    received = torch.zeros(b, hk, h // hk, t, dtype=torch.float32, device=q.device)
-    self_attn = torch.zeros(b, hk, h // hk, t, dtype=torch.float32, device=q.device)
-    lengths = lengths.to(q.device)
-    shortest = int(lengths.min())
-    for q0 in range(0, t, block):
-        q1 = min(q0 + block, t)
-        lo, hi, causal_block = mask.key_range(q0, q1)
-        if hi <= lo:
-            continue
-        probs = _block_probs(qg, kt, spec, mask, q0, q1, lo, hi, causal_block)  # [b, hk, q, g, n]
-        if q1 > shortest:  # pad queries in this block: zero their rows (a NaN there must not leak)
-            pad = torch.arange(q0, q1, device=q.device)[None, :] >= lengths[:, None]
-            probs = probs.masked_fill(pad[:, None, :, None, None], 0.0)
-        received[..., lo:hi] += probs.sum(dim=2)
-        r0, r1 = max(q0, lo), min(q1, hi)  # queries whose own key is in the block
-        if r1 > r0:
-            self_attn[..., r0:r1] = probs[:, :, r0 - q0 : r1 - q0, :, r0 - lo : r1 - lo].diagonal(dim1=2, dim2=4)
-    return received.view(b, h, t), self_attn.view(b, h, t)
+    """Attention each key receives from the real queries, and the self-attention ``A[k, k]``
+    (:class:`ColumnSums` over :func:`attend` without values); float32 throughout."""
+    sums = ColumnSums(lengths.to(q.device))
+    attend(q, k, None, spec, mask, [(None, sums)], block=block)
+    return sums.result()
 
 
 def attention_output(
@@ -241,21 +338,8 @@ def attention_output(
     block: int = DEFAULT_BLOCK,
 ) -> Float[Tensor, "batch head pos dv"]:
     """``softmax(scores) @ V`` one block of queries at a time, as the eager path rounds it:
-    softmax in float32, weights cast to the model's dtype before ``@ V``."""
-    b, h, t, _ = q.shape
-    hk, dv = v.shape[1], v.shape[-1]
-    g = h // hk
-    qg, kt = _prepare(q, k, spec, q.dtype)
-    out = torch.zeros(b, hk, g, t, dv, dtype=q.dtype, device=q.device)
-    for q0 in range(0, t, block):
-        q1 = min(q0 + block, t)
-        lo, hi, causal_block = mask.key_range(q0, q1)
-        if hi <= lo:  # no visible key: eager's all-masked row is a uniform average
-            lo, hi, causal_block = 0, mask.kv_length, False
-        probs = _block_probs(qg, kt, spec, mask, q0, q1, lo, hi, causal_block).to(q.dtype)  # [b, hk, q, g, n]
-        z = torch.matmul(probs.reshape(b, hk, (q1 - q0) * g, hi - lo), v[:, :, lo:hi])
-        out[:, :, :, q0:q1] = z.view(b, hk, q1 - q0, g, dv).transpose(2, 3)
-    return out.view(b, h, t, dv)
+    scores in the model's dtype, softmax in float32, weights cast back before ``@ V``."""
+    return attend(q, k, v, spec, mask, block=block, score_dtype=q.dtype)
 
 
 def sdpa_output(
@@ -297,6 +381,6 @@ def sdpa_output(
 
 
 __all__ = [
-    "AttentionSpec", "DEFAULT_BLOCK", "stats_block", "LazyMask", "MaskFunction", "attention_output", "causal", "column_sums",
-    "sdpa_output", "sliding_causal",
+    "AttentionSpec", "ColumnSums", "DEFAULT_BLOCK", "LazyMask", "MaskFunction", "PatternBlock", "Reducer", "attend",
+    "attention_output", "causal", "column_sums", "sdpa_output", "sliding_causal", "stats_block",
 ]

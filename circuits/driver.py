@@ -37,7 +37,7 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from circuits.fused_attention import fused_attention
+from circuits.fused_attention import fused_attention, hook_rows
 from circuits.meter import Hook, Meter, MeterError, SubBatch
 from circuits.probes import TokenBatch
 
@@ -118,7 +118,9 @@ def stacked_hooks(model, copies: Sequence[Sequence[Hook]], rows: int) -> list[Ho
 
     Copy ``i`` occupies rows ``i*rows..(i+1)*rows`` of every activation; its hooks run, in their
     order, on that slice only. Aliases of one hook point are merged (the first name is used).
-    Exact as long as every hook acts on each sequence independently.
+    Exact as long as every hook acts on each sequence independently. While copy ``i``'s hooks
+    run, :data:`circuits.fused_attention.hook_rows` is its slice, so a pattern reduction it
+    asks for (:func:`circuits.fused_attention.reduce_pattern`) sees its rows only.
     """
     hook_dict = model.hook_dict
     order: list[str] = []
@@ -137,10 +139,14 @@ def stacked_hooks(model, copies: Sequence[Sequence[Hook]], rows: int) -> list[Ho
             pieces, changed = [], False
             for i, copy_fns in enumerate(fns):
                 piece = act[i * rows : (i + 1) * rows]
-                for fn in copy_fns:
-                    out = fn(piece, hook)
-                    if out is not None:
-                        piece, changed = out, True
+                token = hook_rows.set(slice(i * rows, (i + 1) * rows))  # what reduce_pattern hands this copy
+                try:
+                    for fn in copy_fns:
+                        out = fn(piece, hook)
+                        if out is not None:
+                            piece, changed = out, True
+                finally:
+                    hook_rows.reset(token)
                 pieces.append(piece)
             return torch.cat(pieces, dim=0) if changed else None
 

@@ -30,9 +30,19 @@ This is a small adapter, not a fork. Inside :func:`fused_attention` (the driver,
      (dummy) weights by the fused output, which upstream multiplies by the identity (exact)
      and sends through its own gates, ``hook_z``, ``o_proj`` and ``hook_out``.
 
-   The layer's lazy mask stays readable (:func:`current_mask`) while its forward runs, so a
-   meter hooked at ``hook_rot_k`` can compute statistics on the same mask
-   (:class:`circuits.measure.SinkMeter`).
+   The layer's lazy mask stays readable (:func:`current_mask`) while its forward runs.
+
+3. **Statistics of the pattern without the pattern.** A hook of the running forward (on
+   ``hook_rot_q`` / ``hook_rot_k``, which fire before attention is computed) may ask, with
+   :func:`reduce_pattern`, for the pattern to be handed to a :data:`~circuits.blockwise.Reducer`
+   block by block. That call then computes its output with :func:`circuits.blockwise.attend`,
+   which makes each block's softmax rows once and uses them twice: for the reducers and for
+   ``@ V``. Computing the statistics in a second pass next to SDPA would score every query
+   against every key twice (``bench/long_context.py`` measured that at 2.24 x one SDPA forward
+   at 8k tokens). :class:`circuits.measure.SinkMeter` (alpha, sink score) and
+   :class:`circuits.analyses.KVMeter` (attention to the first key) measure this way. Under
+   stacked copies (:func:`circuits.driver.stacked_hooks`) a reducer sees its own copy's rows
+   only (:data:`hook_rows`).
 
 Where it does not apply (another attention bridge class such as GPT-2's or GPT-NeoX's joint
 QKV, the lab's sigmoid variant, a query norm after RoPE, compatibility mode) the model stays
@@ -56,18 +66,21 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Any, Iterator
+from contextvars import ContextVar
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import Tensor
 
-from circuits.blockwise import DEFAULT_BLOCK, AttentionSpec, LazyMask, attention_output, sdpa_output
+from circuits.blockwise import DEFAULT_BLOCK, AttentionSpec, LazyMask, Reducer, attend, attention_output, sdpa_output
+from circuits.errors import SinkscopeError
 
 log = logging.getLogger("sinkscope")
 
 IMPLEMENTATION = "sinkscope_fused"
 _MASK_ATTR = "_sinkscope_lazy_mask"  # the running layer's mask, on its attention bridge
 _DEPTH_ATTR = "_sinkscope_fused_depth"  # nesting depth of fused_attention on a model
+_CALL_ATTR = "_sinkscope_fused_call"  # the running fused call, on its attention bridge
 _PATTERN_HOOKS = ("hook_attn_scores", "hook_pattern")
 #: queries per block of the fused kernel when the mask is not plain causal, and of the
 #: blockwise loop (softcapping, sink logits); read at call time
@@ -189,6 +202,66 @@ def current_mask(attn) -> LazyMask | None:
     return getattr(attn, _MASK_ATTR, None)
 
 
+def pattern_layers(model, hooks: Sequence[tuple[Any, Any]]) -> set[int]:
+    """The layers whose ``hook_attn_scores`` or ``hook_pattern`` one of ``hooks`` names (aliases
+    resolved through the model's hook dictionary; a name filter counts for every layer)."""
+    hook_dict = getattr(model, "hook_dict", {})
+    points: dict[int, int] = {}
+    for layer, block in enumerate(model.blocks):
+        for name in _PATTERN_HOOKS:
+            point = getattr(block.attn, name, None)
+            if point is not None:
+                points[id(point)] = layer
+    out: set[int] = set()
+    for name, _ in hooks:
+        if not isinstance(name, str):
+            return set(range(len(model.blocks)))
+        point = hook_dict.get(name)
+        if point is not None and id(point) in points:
+            out.add(points[id(point)])
+    return out
+
+
+def reducible_layers(model, hooks: Sequence[tuple[Any, Any]] = ()) -> set[int]:
+    """The layers where a meter can ask for :func:`reduce_pattern` in a forward with ``hooks``:
+    the model runs fused (inside :func:`fused_attention`), the layer's bridge supports it, and
+    none of ``hooks`` needs that layer's pattern (which makes the layer eager). A meter reads
+    ``hook_pattern`` in every other layer."""
+    if not is_active(model):
+        return set()
+    eager = pattern_layers(model, hooks)
+    return {i for i, block in enumerate(model.blocks) if i not in eager and layer_fallback_reason(block.attn) is None}
+
+
+class PatternUnavailable(SinkscopeError):
+    """:func:`reduce_pattern` was called where no fused forward of that layer is running: outside
+    a hook, or in a layer that runs eager because some hook needs its pattern."""
+
+
+#: The rows of the batch that the running hook function sees: ``None`` (all of them), or the
+#: slice of its copy while :func:`circuits.driver.stacked_hooks` runs one copy's hooks.
+hook_rows: ContextVar[slice | None] = ContextVar("sinkscope_hook_rows", default=None)
+
+
+def reduce_pattern(attn, reducer: Reducer, *, block: int | None = None) -> None:
+    """Hand ``reducer`` this forward's attention pattern of layer ``attn``, block by block
+    (:class:`~circuits.blockwise.PatternBlock`), with no ``T x T`` tensor. Call it from a hook
+    of that layer that fires before attention is computed (``hook_rot_q`` / ``hook_rot_k``);
+    the reducer has seen every block by the time ``hook_z`` fires. ``block``: queries per
+    block (the smallest asked for wins; None: :func:`circuits.blockwise.stats_block`).
+
+    Raises :class:`PatternUnavailable` where the layer is not running fused
+    (:func:`reducible_layers` says where it will).
+    """
+    call = getattr(attn, _CALL_ATTR, None)
+    if call is None:
+        raise PatternUnavailable(f"{getattr(attn, 'name', 'attention')}: no fused forward is running here, so its "
+                                 "pattern cannot be reduced block by block; read hook_pattern (see reducible_layers)")
+    call.reducers.append((hook_rows.get(), reducer))
+    if block is not None:
+        call.block = block if call.block is None else min(call.block, block)
+
+
 # --------------------------------------------------------------------------- the adapter
 
 
@@ -199,6 +272,8 @@ class _FusedCall:
         self.attn, self.mask = attn, mask
         self.query: Tensor | None = None
         self.output: Tensor | None = None
+        self.reducers: list[tuple[slice | None, Reducer]] = []
+        self.block: int | None = None
         hf = attn.original_component
         self.spec = AttentionSpec.of(hf, int(hf.head_dim))
 
@@ -210,7 +285,9 @@ class _FusedCall:
         q = self.query
         if q is None:
             raise RuntimeError(f"{self.attn.name}: fused attention ran without its queries (hook_rot_q did not fire)")
-        if self.spec.softcap is None and self.spec.sinks is None:
+        if self.reducers:
+            self.output = attend(q, k, v, self.spec, self.mask, self.reducers, block=self.block)
+        elif self.spec.softcap is None and self.spec.sinks is None:
             self.output = sdpa_output(q, k, v, self.spec, self.mask, block=SDPA_BLOCK)
         else:
             self.output = attention_output(q, k, v, self.spec, self.mask, block=LOOP_BLOCK)
@@ -252,12 +329,12 @@ def _fused_forward(attn, upstream, eager_layers: set[int], layer: int):
                 "_scrub_compatibility_pattern_nans": call.fused_weights,
             }
             try:
-                for name, fn in seams.items():
+                for name, fn in [*seams.items(), (_CALL_ATTR, call)]:
                     object.__setattr__(attn, name, fn)
                 return upstream(*args, **kwargs)
             finally:
                 handle.remove()
-                for name in seams:
+                for name in [*seams, _CALL_ATTR]:
                     attn.__dict__.pop(name, None)
         finally:
             attn.__dict__.pop(_MASK_ATTR, None)
@@ -316,8 +393,8 @@ def fused_attention(model, *, enabled: bool = True) -> Iterator[bool]:
     finally:
         config._attn_implementation = previous
         for attn in attns:
-            attn.__dict__.pop("forward", None)
-            attn.__dict__.pop(_MASK_ATTR, None)
+            for name in ("forward", _MASK_ATTR, _CALL_ATTR):
+                attn.__dict__.pop(name, None)
         model.__dict__.pop(_DEPTH_ATTR, None)
         if eager_layers:
             log.warning(f"{_model_name(model)}: attention ran eager (full T x T pattern) in layers "
@@ -325,6 +402,6 @@ def fused_attention(model, *, enabled: bool = True) -> Iterator[bool]:
 
 
 __all__ = [
-    "IMPLEMENTATION", "current_mask", "fallback_reason", "fused_attention", "is_active", "layer_fallback_reason",
-    "lazy_mask", "needs_pattern",
+    "IMPLEMENTATION", "PatternUnavailable", "current_mask", "fallback_reason", "fused_attention", "hook_rows", "is_active",
+    "layer_fallback_reason", "lazy_mask", "needs_pattern", "pattern_layers", "reduce_pattern", "reducible_layers",
 ]

@@ -4,9 +4,10 @@ Why streaming: a full attention cache of a 30-layer model on 100 × 64 tokens is
 8 × 2048 tokens it is 9 GB. Each hook here turns one layer's attention or residual into small
 per-sequence statistics and drops the tensor, so memory grows as sequences × layers × heads ×
 positions. By default not even one layer's pattern is built: the driver runs attention fused
-(:mod:`circuits.fused_attention`) and alpha and the sink score come from the layer's rotated
-queries and keys, one block of queries at a time (:func:`circuits.blockwise.column_sums`), so
-memory is linear in the length (a 32k-token trace fits). A layer whose pattern a hook of the
+(:mod:`circuits.fused_attention`) and alpha and the sink score are reduced from each block of
+queries' softmax rows as the layer's attention computes them (:func:`circuits.fused_attention.reduce_pattern`
+with :class:`circuits.blockwise.ColumnSums`), so memory is linear in the length (a 32k-token
+trace fits) and the scores are computed once, not again next to the kernel. A layer whose pattern a hook of the
 run reads or edits, and a model without the fused path, is measured from ``hook_pattern`` as
 before; both give the same numbers within 1e-5.
 
@@ -53,9 +54,9 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from circuits.blockwise import AttentionSpec, column_sums
+from circuits.blockwise import ColumnSums
 from circuits.driver import HookSource, Run, drive
-from circuits.fused_attention import current_mask, is_active, layer_fallback_reason
+from circuits.fused_attention import reduce_pattern, reducible_layers
 from circuits.memory import loss_chunk
 from circuits.meter import ArrayMeter, Axes, Hook, MeterError, array, axes_of, per_sequence, select_sequences
 from circuits.probes import TokenBatch
@@ -193,34 +194,33 @@ class SinkMeter(ArrayMeter):
         #: returns no logits (:func:`chunked_next_token_loss`), instead of leaving it NaN
         self.loss_from_residual = loss_from_residual
         self.block = block  # queries per block of the blockwise statistics (None: circuits.blockwise.stats_block)
-        self._pattern_layers: set[int] = set()
-        self._query: Tensor | None = None
+        self._other_hooks: Sequence[Hook] = ()
+        self._pending: dict[int, ColumnSums] = {}
         self._final_resid: Tensor | None = None
 
     def see_hooks(self, hooks: Sequence[Hook]) -> None:
         """The run's other hooks (an intervention's), before :meth:`hooks` is asked for.
 
         A layer whose ``hook_attn_scores`` or ``hook_pattern`` they touch is measured from its
-        (edited) pattern; every other layer from its rotated queries and keys when the fused
-        path is on (:mod:`circuits.fused_attention`).
+        (edited) pattern; every other layer by a reduction of its fused attention when the
+        fused path is on (:func:`circuits.fused_attention.reducible_layers`).
         """
-        self._pattern_layers = pattern_layers(self.model, hooks)
+        self._other_hooks = list(hooks)
 
     def hooks(self) -> list[Hook]:
         """Forward hooks for every layer's attention statistics and block output.
 
-        The attention statistics come from ``hook_rot_q`` / ``hook_rot_k`` (blockwise, no
-        ``T x T`` tensor: :func:`circuits.blockwise.column_sums`) when the model runs fused
-        attention and no other hook of the run touches that layer's pattern; otherwise from
-        ``hook_pattern`` (which makes that layer's attention eager).
+        The attention statistics are reduced block by block from the fused attention (asked
+        for at ``hook_rot_k``, collected at ``hook_resid_post``; no ``T x T`` tensor) when the
+        model runs fused and no other hook of the run touches that layer's pattern; otherwise
+        they come from ``hook_pattern`` (which makes that layer's attention eager).
         """
-        fused = is_active(self.model)
+        fused = reducible_layers(self.model, self._other_hooks)
+        self._pending = {}  # left over from a forward that raised
         out: list[Hook] = []
         for layer in range(self.n_layers):
-            attn = self.model.blocks[layer].attn
-            if fused and layer not in self._pattern_layers and layer_fallback_reason(attn) is None:
-                out.append((f"blocks.{layer}.attn.hook_rot_q", self._query_hook(layer)))
-                out.append((f"blocks.{layer}.attn.hook_rot_k", self._key_hook(layer)))
+            if layer in fused:
+                out.append((f"blocks.{layer}.attn.hook_rot_k", self._request_hook(layer)))
             else:
                 out.append((f"blocks.{layer}.attn.hook_pattern", self._pattern_hook(layer)))
             out.append((f"blocks.{layer}.hook_resid_post", self._resid_hook(layer)))
@@ -232,7 +232,10 @@ class SinkMeter(ArrayMeter):
             self._stats["next_token_loss"] = next_token_loss(logits, self._current).numpy()
         elif self.loss_from_residual and self._final_resid is not None:
             self._stats["next_token_loss"] = chunked_next_token_loss(self.model, self._final_resid, self._current).numpy()
-        self._final_resid = self._query = None
+        self._final_resid = None
+        if self._pending:
+            layers, self._pending = sorted(self._pending), {}
+            raise MeterError(f"SinkMeter: the attention statistics of layers {layers} were asked for but never collected")
         super().end(logits)
 
     # -- hooks ---------------------------------------------------------------------------
@@ -247,28 +250,12 @@ class SinkMeter(ArrayMeter):
 
         return hook
 
-    def _query_hook(self, layer: int):
-        def hook(q: Float[Tensor, "batch pos head d_head"], hook):
-            self._query = q.detach()
-
-        return hook
-
-    def _key_hook(self, layer: int):
+    def _request_hook(self, layer: int):
         attn = self.model.blocks[layer].attn
 
         def hook(k: Float[Tensor, "batch pos kv_head d_head"], hook):
-            q, self._query = self._query, None
-            mask = current_mask(attn)
-            if q is None or mask is None:
-                raise MeterError(f"SinkMeter: blocks.{layer}.attn.hook_rot_k fired without the fused attention "
-                                 "path (no hook_rot_q before it, or no lazy mask); measure through circuits.driver.drive")
-            hf = attn.original_component
-            spec = AttentionSpec.of(hf, int(hf.head_dim))
-            lengths = self._lengths(k.device)
-            received, self_attn = column_sums(q.transpose(1, 2), k.detach().transpose(1, 2), spec, mask, lengths, block=self.block)
-            alpha, score = alpha_and_score(received, self_attn, lengths)
-            self.put("alpha", layer, alpha)
-            self.put("sink_score", layer, score)
+            self._pending[layer] = sums = ColumnSums(self._lengths(k.device))
+            reduce_pattern(attn, sums, block=self.block)
 
         return hook
 
@@ -276,6 +263,11 @@ class SinkMeter(ArrayMeter):
         last = layer == self.n_layers - 1
 
         def hook(resid: Float[Tensor, "batch pos d_model"], hook):
+            sums = self._pending.pop(layer, None)
+            if sums is not None:  # the layer's attention has run: its reduction is complete
+                alpha, score = alpha_and_score(*sums.result(), self._lengths(resid.device))
+                self.put("alpha", layer, alpha)
+                self.put("sink_score", layer, score)
             for name, value in residual_statistics(resid.detach().float(), self._lengths(resid.device)).items():
                 self.put(name, layer, value)
             if last and self.loss_from_residual:
@@ -419,26 +411,6 @@ def chunked_next_token_loss(
     valid = valid_positions(batch.lengths, t - 1, offset=1)
     nll[:, :-1] = torch.where(valid, nll[:, :-1], torch.nan)
     return nll
-
-
-def pattern_layers(model, hooks: Sequence[Hook]) -> set[int]:
-    """The layers whose ``hook_attn_scores`` or ``hook_pattern`` one of ``hooks`` names (aliases
-    resolved through the model's hook dictionary; a name filter counts for every layer)."""
-    hook_dict = getattr(model, "hook_dict", {})
-    points: dict[int, int] = {}
-    for layer, block in enumerate(model.blocks):
-        for name in ("hook_attn_scores", "hook_pattern"):
-            point = getattr(block.attn, name, None)
-            if point is not None:
-                points[id(point)] = layer
-    out: set[int] = set()
-    for name, _ in hooks:
-        if not isinstance(name, str):
-            return set(range(len(model.blocks)))
-        point = hook_dict.get(name)
-        if point is not None and id(point) in points:
-            out.add(points[id(point)])
-    return out
 
 
 # --------------------------------------------------------------------------- entry point

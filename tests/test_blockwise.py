@@ -16,12 +16,15 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from circuits.blockwise import AttentionSpec, LazyMask, attention_output, causal, column_sums, sdpa_output, sliding_causal
+from circuits import analyses
+from circuits.blockwise import (
+    AttentionSpec, ColumnSums, LazyMask, PatternBlock, attend, attention_output, causal, column_sums, sdpa_output, sliding_causal,
+)
 from circuits.driver import Run, drive
-from circuits.fused_attention import fallback_reason, fused_attention
+from circuits.fused_attention import PatternUnavailable, fallback_reason, fused_attention, reduce_pattern, reducible_layers
 from circuits.measure import SinkMeter, alpha_and_score, attention_received, measure
 from circuits.models import tiny_model
-from circuits.probes import tokenize
+from circuits.probes import tokenize, trace_batch
 from interventions.keybias import DropSinkAttention
 from interventions.mlp import AblateMLP
 
@@ -85,6 +88,43 @@ def test_blockwise_and_fused_outputs_equal_eager(case):
     torch.testing.assert_close(attention_output(q, k, v, spec, mask, block=5), want, atol=1e-6, rtol=0)
     if spec.softcap is None and spec.sinks is None:
         torch.testing.assert_close(sdpa_output(q, k, v, spec, mask, block=5), want, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_one_pass_hands_the_reducers_the_eager_pattern_and_returns_the_output(case):
+    """attend() with reducers: the blocks put back together are the eager pattern (rows
+    0..22 of 2 sequences, blocks of 5 queries), a reducer given rows 1:2 sees sequence 1 only,
+    ColumnSums equals column_sums, key_column(0) is the pattern's first column, and the output
+    is the eager output."""
+    torch.manual_seed(2)
+    spec, window = CASES[case]["spec"], CASES[case]["window"]
+    h = 4 if spec.sinks is not None else 6
+    hk = h // spec.groups
+    q, k, v = torch.randn(2, h, 23, 8), torch.randn(2, hk, 23, 8), torch.randn(2, hk, 23, 5)
+    mask = LazyMask(2, 23, 23, sliding_causal(window)) if window else LazyMask(2, 23, 23)
+    pattern = eager_pattern(q, k, spec, mask)
+    seen = {"all": torch.zeros(2, hk, 23, spec.groups, 23), "row1": torch.zeros(1, hk, 23, spec.groups, 23)}
+    first = torch.full((2, hk, spec.groups, 23), -1.0)
+
+    def keep(into):
+        def reducer(block: PatternBlock):
+            seen[into][:, :, block.q0 : block.q1, :, block.lo : block.hi] = block.probs
+            if into == "all":
+                column = block.key_column(0)
+                first[..., block.q0 : block.q1] = 0.0 if column is None else column
+
+        return reducer
+
+    lengths = torch.tensor([23, 14])
+    sums = ColumnSums(lengths)
+    out = attend(q, k, v, spec, mask, [(None, keep("all")), (slice(1, 2), keep("row1")), (None, sums)], block=5)
+    as_pattern = lambda x: x.permute(0, 1, 3, 2, 4).reshape(x.shape[0], h, 23, 23)  # noqa: E731
+    torch.testing.assert_close(as_pattern(seen["all"]), pattern, atol=1e-6, rtol=0)
+    torch.testing.assert_close(as_pattern(seen["row1"]), pattern[1:], atol=1e-6, rtol=0)
+    torch.testing.assert_close(first.reshape(2, h, 23), pattern[..., 0], atol=1e-6, rtol=0)
+    for got, want in zip(sums.result(), column_sums(q, k, spec, mask, lengths, block=7)):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    torch.testing.assert_close(out, pattern @ v.repeat_interleave(spec.groups, dim=1), atol=1e-6, rtol=0)
 
 
 def test_lazy_mask_knows_its_key_ranges():
@@ -207,6 +247,60 @@ def test_adapter_leaves_nothing_behind_after_an_error():
     assert not attn.hook_rot_q._forward_hooks
 
 
+def test_the_pattern_is_reduced_only_inside_a_fused_forward():
+    """Outside a forward, and in a layer made eager by a pattern hook, reduce_pattern refuses
+    with PatternUnavailable; reducible_layers says where it works; nothing stays behind."""
+    model = tiny_model("llama")
+    attn = model.blocks[1].attn
+    with pytest.raises(PatternUnavailable, match="no fused forward is running"):
+        reduce_pattern(attn, lambda block: None)
+    assert reducible_layers(model) == set()
+    pattern_hook = [("blocks.1.attn.hook_pattern", lambda x, hook: None)]
+    with fused_attention(model):
+        assert reducible_layers(model) == set(range(len(model.blocks)))
+        assert reducible_layers(model, pattern_hook) == set(range(len(model.blocks))) - {1}
+        ask = ("blocks.1.attn.hook_rot_k", lambda x, hook: reduce_pattern(attn, lambda block: None))
+        with pytest.raises(PatternUnavailable):
+            model.run_with_hooks(torch.arange(1, 9)[None], fwd_hooks=[*pattern_hook, ask])
+    assert not any(k.startswith("_sinkscope") for k in vars(attn))
+
+
+def test_stacked_copies_reduce_their_own_rows(small_blocks):
+    """Two stacked copies of a batch, the second with layer 1's keys scaled by 4 (sharper
+    attention, still fused), measure what two separate forwards measure: each copy's
+    reduction sees its own rows (hook_rows)."""
+    model = tiny_model("qwen2")
+    batch = tokenize(model, TEXTS)
+    hooks = [("blocks.1.attn.hook_rot_k", lambda k, hook: k * 4)]
+    separate = [measure(model, batch, hooks=h, progress=False) for h in ((), hooks)]
+    meters = [SinkMeter(model, block=16), SinkMeter(model, block=16)]
+    drive(model, batch, [Run([meters[0]]), Run([meters[1]], hooks)], stacked=True, logits=False)
+    for want, meter in zip(separate, meters):
+        assert_same(want, meter.result(), fields=("alpha", "sink_score"))
+    assert np.nanmax(np.abs(separate[0].sink_score - separate[1].sink_score)) > 100 * TOL
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "gpt-oss"])
+def test_kv_meter_reads_the_first_key_from_the_fused_attention(arch, small_blocks):
+    """KVMeter's attention to position 0 and the value share equal the eager pattern's (causal
+    with GQA, sliding window with softcapping, sink logits), and no float T x T tensor is built."""
+    model = tiny_model(arch)
+    batch = tokenize(model, TEXTS)
+    eager, fused = analyses.KVMeter(model), analyses.KVMeter(model)
+    analyses.observe(model, batch, [eager], fused=False)
+    with SquareTensors(int(batch.tokens.shape[1]), floats_only=True) as squares:
+        analyses.observe(model, batch, [fused])
+    assert squares.seen == []
+    assert_kv_same(eager.result(), fused.result())
+
+
+def assert_kv_same(eager, fused):
+    for name in ("attn_first", "value_share"):
+        a, b = getattr(eager, name), getattr(fused, name)
+        np.testing.assert_array_equal(np.isnan(a), np.isnan(b), err_msg=name)
+        assert np.nanmax(np.abs(a - b)) <= TOL, (name, np.nanmax(np.abs(a - b)))
+
+
 # --------------------------------------------------------------------------- packaged models
 
 
@@ -217,3 +311,22 @@ def test_fused_measure_equals_eager_on_packaged_models(name, request):
     batch = tokenize(model, TEXTS, max_tokens=48)
     eager = measure(model, batch, fused=False, full_logits=True, progress=False)
     assert_same(eager, measure(model, batch, progress=False), fields=("alpha", "sink_score", "next_token_loss"))
+
+
+@pytest.mark.parametrize("name", ["smollm2", "gemma3", "qwen2"])
+def test_fused_equals_eager_at_1024_tokens_of_the_models_own_session(name, request):
+    """Issue 12's bound at the reports' length: one of the model's own sessions cut to 1,024
+    tokens (Gemma 3 crosses its 512-token sliding window), alpha, sink score, attention to the
+    first key and value share within 1e-5. Measured when written (float32, one session),
+    largest differences smollm2 / gemma3 / qwen2: alpha 6.0e-8 / 5.1e-7 / 3.0e-8, sink score
+    6.0e-8 / 1.4e-7 / 1.5e-8, attention to the first key 0 / 6.0e-8 / 0."""
+    model = request.getfixturevalue(name)
+    batch = trace_batch(model, 1, 1024)
+    assert int(batch.lengths[0]) == 1024
+    runs = {}
+    for fused in (False, True):
+        sinks, kv = SinkMeter(model), analyses.KVMeter(model)
+        analyses.observe(model, batch, [sinks, kv], batch_size=1, fused=fused)
+        runs[fused] = sinks.result(), kv.result()
+    assert_same(runs[False][0], runs[True][0], fields=("alpha", "sink_score"))
+    assert_kv_same(runs[False][1], runs[True][1])
