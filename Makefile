@@ -3,7 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint install install-dev bench verdicts notebooks reports clean
+.PHONY: demo test lint install install-dev bench verdicts notebooks reports reports-long clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -51,6 +51,13 @@ REPORT_MODELS ?= smollm2-135m gemma3-270m qwen2.5-coder-0.5b
 reports: install
 	for m in $(REPORT_MODELS); do \
 	  $(BIN)/sinkscope reproduce --model $$m --out reports-out/$$m && $(BIN)/python scripts/publish_report.py reports-out/$$m || exit 1; \
+	done
+
+# Wong et al. at 8,192 tokens of each model's longest own session, compared with the full report
+reports-long: install
+	for m in $(REPORT_MODELS); do \
+	  $(BIN)/sinkscope reproduce --model $$m --size long --compare docs/figures/$$m/numbers.json --out reports-out/$$m-long \
+	    && $(BIN)/python scripts/publish_report.py reports-out/$$m-long || exit 1; \
 	done
 
 clean:

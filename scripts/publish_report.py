@@ -8,6 +8,10 @@ verdict table is then regenerated (``scripts/update_verdicts.py``).
 
     sinkscope reproduce --model qwen2.5-coder-0.5b --out /tmp/rep-qwen
     python scripts/publish_report.py /tmp/rep-qwen
+
+A ``--size long`` run (Wong et al. at 8,192 tokens) is published beside it, as
+``docs/reproduce-<model>-long.md`` with ``docs/figures/<model>-long/``; the verdict table reads
+the full-size runs only. Other sizes are refused.
 """
 
 from __future__ import annotations
@@ -25,9 +29,9 @@ LINK = re.compile(r"\]\(([A-Za-z0-9_]+\.(?:png|json))\)")
 
 def publish(folder: Path, root: Path = ROOT) -> Path:
     doc = json.loads((folder / "numbers.json").read_text(encoding="utf-8"))
-    model = doc["model"]
-    if doc.get("size") != "full":
-        raise SystemExit(f"{folder} is a {doc.get('size')!r}-size run; only full runs are committed")
+    if doc.get("size") not in ("full", "long"):
+        raise SystemExit(f"{folder} is a {doc.get('size')!r}-size run; only full and long runs are committed")
+    model = doc["model"] if doc["size"] == "full" else f"{doc['model']}-long"  # a long run sits beside the full one
     figures = root / "docs" / "figures" / model
     if figures.exists():
         shutil.rmtree(figures)

@@ -221,8 +221,12 @@ def _add_reproduce(sub) -> None:
     p = sub.add_parser("reproduce", help="run every paper analysis (Wong, Li, Gu et al.) on a model; writes report.md")
     _add_model_args(p)
     p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--size", choices=("full", "ci"), default="full",
-                   help="full: 1,024-token traces, about 15 min per model on 2 cores; ci: a small smoke-test setting")
+    p.add_argument("--size", choices=("full", "ci", "long"), default="full",
+                   help="full: every paper on 1,024-token traces, 10-30 min per model on 2 cores; ci: a small smoke-test setting; "
+                        "long: Wong et al. alone on the longest of the model's own sessions, 8,192 tokens")
+    p.add_argument("--compare", type=Path, default=None, metavar="NUMBERS_JSON",
+                   help="the numbers.json of another run of the same model (e.g. the full-size report beside a long run): "
+                        "the report then says what changes between the two lengths")
     p.add_argument("--checkpoints", type=Path, default=None, metavar="DIR",
                    help="also compare Sink_1^eps of every HF checkpoint folder under DIR (default $SINKSCOPE_CHECKPOINTS)")
 
@@ -235,10 +239,13 @@ def _run_reproduce(args) -> int:
 
     if args.checkpoints is not None and not args.checkpoints.is_dir():
         raise CLIError(f"--checkpoints {args.checkpoints}: no such folder")
+    if args.compare is not None and not args.compare.is_file():
+        raise CLIError(f"--compare {args.compare}: no such file")
     resolve_placement(args.dtype, args.device)  # a bad dtype or device fails here, before any work
     _check_out(args)
     with atomic_output_dir(args.out) as folder:  # the model is loaded inside, so its load time is reported
-        doc = reproduce(args.model, folder, size=args.size, checkpoints=args.checkpoints, dtype=args.dtype, device=args.device)
+        doc = reproduce(args.model, folder, size=args.size, checkpoints=args.checkpoints, dtype=args.dtype, device=args.device,
+                        compare=args.compare)
     counts = {v: sum(c["verdict"] == v for c in doc["claims"]) for v in ("holds", "partly holds", "does not hold")}
     print(f"{doc['model']}: {len(doc['claims'])} claims: " + ", ".join(f"{n} {v}" for v, n in counts.items())
           + f"; {doc['timings_s']['total'] / 60:.1f} min, peak {doc['peak_memory_mb'] / 1024:.2f} GB; report: {args.out}/report.md")

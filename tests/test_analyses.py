@@ -349,6 +349,32 @@ def test_reproduce_end_to_end_on_a_tiny_model(tmp_path):
     assert doc["peak_memory_mb"] > 0 and doc["timings_s"]["total"] > 0
 
 
+def test_a_wong_only_run_at_another_length_says_what_changes(tmp_path):
+    """settings.papers limits the run to Wong et al. (claims, rules, timings); compare= puts
+    the two runs' verdicts and numbers side by side, the shorter first, whichever is given."""
+    import dataclasses
+
+    from sinkscope.reproduce import SIZES, ReproduceError, reproduce
+
+    model = tiny_model("llama")
+    s = dataclasses.replace(SIZES["ci"], n_traces=2, max_tokens=64, papers=("wong",), dose_factors=(0.0,), norm_targets=(10.0,))
+    short = reproduce(model, tmp_path / "short", settings=s)
+    assert {c["id"][0] for c in short["claims"]} == {"W"} and set(short["rules"]) == {c["id"] for c in short["claims"]}
+    assert "li" not in short and "li" not in short["timings_s"] and short["tokens"] == [64, 64]
+    long = reproduce(model, tmp_path / "long", settings=dataclasses.replace(s, max_tokens=96), compare=tmp_path / "short" / "numbers.json")
+    report = (tmp_path / "long" / "report.md").read_text()
+    assert "## What changes between 64 and 96 tokens" in report and "Li et al." not in report
+    section = report.split("## What changes")[1]
+    assert "| 64 tokens | 96 tokens |" in section and "| sequences × tokens | 2 × 64 | 2 × 96 |" in section
+    for claim in long["claims"]:
+        assert claim["id"] in section
+    with pytest.raises(ReproduceError, match="papers must be some of wong, li, gu"):
+        reproduce(model, tmp_path / "x", settings=dataclasses.replace(s, papers=("wong", "smith")))
+    with pytest.raises(ReproduceError, match="not the numbers.json of a sinkscope reproduce run"):
+        (tmp_path / "other.json").write_text("{}")
+        reproduce(model, tmp_path / "y", settings=s, compare=tmp_path / "other.json")
+
+
 def test_reproduce_cli_bad_input_is_one_line(capsys, tmp_path):
     from sinkscope.cli import main
 
@@ -356,6 +382,8 @@ def test_reproduce_cli_bad_input_is_one_line(capsys, tmp_path):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("sinkscope: error:")
     assert main(["reproduce", "--model", "tiny-llama", "--size", "huge", "--out", str(tmp_path / "x")]) == 2
+    assert main(["reproduce", "--model", "tiny-llama", "--compare", str(tmp_path / "none.json"), "--out", str(tmp_path / "x")]) == 2
+    assert "--compare" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
 
 

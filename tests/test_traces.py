@@ -42,6 +42,19 @@ def test_a_trace_batch_is_the_stored_ids_cut_to_max_tokens(smollm2):
     assert batch.prepend_bos is True
 
 
+def test_a_longer_max_tokens_picks_the_sessions_that_are_that_long(smollm2):
+    """The first sessions in file order holding max_tokens, then the longest of the rest."""
+    _, sessions = model_traces("smollm2-135m")
+    lengths = [len(s["token_ids"]) for s in sessions]
+    long_enough = [i for i, n in enumerate(lengths) if n >= 1500]
+    assert 2 <= len(long_enough) < len(sessions)
+    batch = trace_batch(smollm2, 2, max_tokens=1500)
+    assert batch.token_ids == [sessions[i]["token_ids"][:1500] for i in long_enough[:2]]
+    everything = trace_batch(smollm2, len(sessions), max_tokens=1500)
+    rest = sorted((i for i in range(len(sessions)) if i not in long_enough), key=lambda i: -lengths[i])
+    assert everything.token_ids == [sessions[i]["token_ids"][:1500] for i in long_enough + rest]
+
+
 def test_gemma3_sessions_start_with_its_bos(gemma3):
     batch = trace_batch(gemma3, 1, max_tokens=8)
     assert batch.prepend_bos is True and batch.tokens[0, 0].item() == gemma3.tokenizer.bos_token_id

@@ -46,6 +46,10 @@ def test_publishing_a_report_replaces_the_old_figures_and_rewrites_links(tmp_pat
     assert target == root / "docs" / "reproduce-m-1.md"
     assert target.read_text() == "![x](figures/m-1/a_b.png) and [numbers](figures/m-1/numbers.json), not (a_b.png) or ](other/a.png)"
     assert sorted(p.name for p in old.iterdir()) == ["a_b.png", "numbers.json"]
+    (run / "numbers.json").write_text(json.dumps({"model": "m-1", "size": "long"}))
+    assert load_script("publish_report").publish(run, root) == root / "docs" / "reproduce-m-1-long.md"
+    assert (root / "docs" / "figures" / "m-1-long" / "a_b.png").is_file() and (old / "a_b.png").is_file()
+    assert list(committed_reports(root)) == ["m-1"]  # the verdict table reads full-size runs only
     (run / "numbers.json").write_text(json.dumps({"model": "m-1", "size": "ci"}))
-    with pytest.raises(SystemExit, match="only full runs are committed"):
+    with pytest.raises(SystemExit, match="only full and long runs are committed"):
         load_script("publish_report").publish(run, root)

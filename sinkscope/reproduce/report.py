@@ -39,7 +39,7 @@ from circuits.output import to_jsonable, write_json
 from circuits.probes import model_traces
 from sinkscope.reproduce import gu, li, wong
 from sinkscope.reproduce.claims import FAILS, HOLDS, PARTLY, Finding, Measured, evaluate
-from sinkscope.reproduce.settings import SIZES, Settings, Size
+from sinkscope.reproduce.settings import PAPERS, SIZES, Settings, Size
 
 SCHEMA = "sinkscope.reproduce/2"
 #: every claim of the report, in the order of its verdict table
@@ -114,6 +114,7 @@ def committed_reports(root: str | Path) -> dict[str, dict]:
     name, smallest model first (the order of :data:`circuits.models.PACKAGED`)."""
     folder = Path(root) / "docs" / "figures"
     docs = {p.parent.name: json.loads(p.read_text(encoding="utf-8")) for p in folder.glob("*/numbers.json")}
+    docs = {name: doc for name, doc in docs.items() if doc.get("size") == "full"}  # not the long-input runs
     rank = {name: i for i, name in enumerate(PACKAGED)}
     return {name: docs[name] for name in sorted(docs, key=lambda n: (rank.get(n, len(rank)), n))}
 
@@ -353,7 +354,8 @@ def render(doc: dict, sections: Sequence[str], prepend_bos: bool) -> str:
         "",
         f"Run time **{t['total'] / 60:.1f} min** wall, {doc['cpu_s'] / 60:.1f} min CPU, on {doc['threads']} torch thread(s) "
         f"(machine load average at the end {_load(doc)}; model load {t['load_model']:.0f} s, long-input pass "
-        f"{t['main_pass']:.0f} s, Wong {t['wong']:.0f} s, Li {t['li']:.0f} s, Gu {t['gu']:.0f} s); peak resident memory "
+        f"{t['main_pass']:.0f} s, " + ", ".join(f"{label} {t[key]:.0f} s" for key, label in (("wong", "Wong"), ("li", "Li"), ("gu", "Gu"))
+                                                  if key in t) + "); peak resident memory "
         f"**{doc['peak_memory_mb'] / 1024:.2f} GB**. Versions: "
         + ", ".join(f"{k} {v}" for k, v in doc["provenance"]["versions"].items()) + ".",
         "",
@@ -379,12 +381,18 @@ def reproduce(
     progress: bool = False,
     dtype: str = "float32",
     device: str | None = None,
+    compare: dict | str | Path | None = None,
 ) -> dict:
-    """Run every paper analysis on ``model`` (a name or a loaded bridge) and write the report.
+    """Run the paper analyses of ``settings.papers`` (default: all three) on ``model`` (a name or
+    a loaded bridge) and write the report.
 
     ``dtype``, ``device``: where a model named by ``model`` is loaded (:func:`circuits.models.load_model`);
     a loaded bridge is used as it is. ``checkpoints``: a folder searched for pre-training lab checkpoints to include in Gu et
     al.'s cross-model Sink_1^eps comparison (default ``$SINKSCOPE_CHECKPOINTS``).
+
+    ``compare``: the ``numbers.json`` (document or path) of another run of the same model at
+    another length, e.g. the committed 1,024-token report next to a ``"long"`` run: the report
+    then says what changes between the two (:func:`length_comparison`).
 
     Writes ``report.md``, the figures (PNG) and ``numbers.json`` into ``out_folder`` (which
     must exist; the CLI stages it atomically). Returns the ``numbers.json`` document.
@@ -392,6 +400,10 @@ def reproduce(
     if size not in SIZES:
         raise ReproduceError(f"size must be one of {', '.join(SIZES)}, got {size!r}")
     s = settings or SIZES[size]
+    unknown = [p for p in s.papers if p not in PAPERS]
+    if unknown or not s.papers:
+        raise ReproduceError(f"papers must be some of {', '.join(PAPERS)}, got {', '.join(s.papers) or 'none'}")
+    other = _other_run(compare)
     start, cpu_start = time.perf_counter(), cpu_seconds()
     folder = Path(out_folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -404,11 +416,13 @@ def reproduce(
     t0 = time.perf_counter()
     obs = observe_long_inputs(model, s.n_traces, s.max_tokens, inputs=s.inputs, batch_size=s.batch_size, progress=progress)
     timings["main_pass"] = time.perf_counter() - t0
-    papers = (
+    papers = [paper for paper in (
         ("wong", wong, lambda: wong.measure(model, obs, s), wong_section),
         ("li", li, lambda: li.measure(model, obs, s), li_section),
         ("gu", gu, lambda: gu.measure(model, obs, s, progress, checkpoints), gu_section),
-    )
+    ) if paper[0] in s.papers]
+    if other is not None and other["model"] != obs.sinks.model:
+        raise ReproduceError(f"compare: that run is of {other['model']!r}, this one of {obs.sinks.model!r}")
     numbers, findings, sections = {}, [], []
     for key, module, run, section in papers:
         t0 = time.perf_counter()
@@ -423,7 +437,8 @@ def reproduce(
         "model": obs.sinks.model,
         "size": size,
         "settings": asdict(s),
-        "rules": {c.id: dict(c.thresholds) for c in CLAIMS},
+        "rules": {c.id: dict(c.thresholds) for _, module, _, _ in papers for c in module.CLAIMS},
+        "tokens": obs.batch.lengths.tolist(),
         "claims": [asdict(f) for f in findings],
         "timings_s": {**timings, "total": time.perf_counter() - start},
         "cpu_s": cpu_seconds() - cpu_start,
@@ -435,8 +450,84 @@ def reproduce(
     }
     write_json(folder / "numbers.json", doc)
     doc = json.loads(json.dumps(to_jsonable(doc)))
+    if other is not None:
+        sections.insert(0, length_comparison(other, doc))
     (folder / "report.md").write_text(render(doc, sections, obs.sinks.prepend_bos), encoding="utf-8")
     return doc
+
+
+def _other_run(compare: dict | str | Path | None) -> dict | None:
+    if compare is None or isinstance(compare, dict):
+        return compare
+    try:
+        doc = json.loads(Path(compare).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ReproduceError(f"compare: cannot read {compare}: {exc}") from exc
+    if not isinstance(doc, dict) or doc.get("schema") != SCHEMA:
+        raise ReproduceError(f"compare: {compare} is not the numbers.json of a sinkscope reproduce run ({SCHEMA})")
+    return doc
+
+
+def _token_count(doc: dict) -> str:
+    lengths = doc.get("tokens")
+    if lengths:  # runs since the long size; earlier ones store only the settings
+        return f"{len(lengths)} × {min(lengths):,}" + (f"-{max(lengths):,}" if max(lengths) != min(lengths) else "")
+    return f"{doc['wong']['n_sequences']} × ≤ {doc['settings']['max_tokens']:,}"
+
+
+def _fmt(x, digits: int = 2) -> str:
+    """A number of a ``numbers.json``: NaN is stored as null; both print as "–"."""
+    return "–" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{x:.{digits}f}"
+
+
+def length_comparison(short: dict, long: dict) -> str:
+    """What changes in Wong et al.'s claims between two runs of one model on inputs of two
+    lengths: each shared claim's verdict and evidence side by side, then the numbers behind them."""
+    a, b = short["settings"]["max_tokens"], long["settings"]["max_tokens"]
+    if a > b:
+        short, long, a, b = long, short, b, a
+    claims = [{c["id"]: c for c in doc["claims"]} for doc in (short, long)]
+    shared = [cid for cid in claims[1] if cid in claims[0]]
+    rows = []
+    for cid in shared:
+        c0, c1 = claims[0][cid], claims[1][cid]
+        moved = "" if c0["verdict"] == c1["verdict"] else " (changed)"
+        rows.append({"claim": f"{cid} {c1['claim']}", f"{a:,} tokens": f"**{c0['verdict']}**: {c0['evidence']}",
+                     f"{b:,} tokens": f"**{c1['verdict']}**{moved}: {c1['evidence']}"})
+
+    def numbers(doc: dict) -> dict:
+        w = doc["wong"]
+        found = w.get("their_findings", {})
+        n_tokens = sum(doc["tokens"]) if doc.get("tokens") else None
+        return {
+            "sequences × tokens": _token_count(doc),
+            "attended secondary sinks": w["n_attended"],
+            "per 1,000 tokens": (f"{1000 * w['n_attended'] / n_tokens:.2f}" if n_tokens else "–"),
+            "creation layers holding them (levels)": ", ".join(map(str, w["levels"])) or "none",
+            "mode creation layer (share)": (f"{found['mode_creation_layer']} ({found['mode_creation_share']:.0%})" if found.get("n") else "–"),
+            "median lifetime (layers)": (f"{found['lifetime_median']:.0f}" if found.get("n") else "–"),
+            "share on the single-space token": (f"{found['single_space_share']:.0%}" if found.get("n") else "–"),
+            "primary sink score, live layers / others": _fmt(w["primary_ratio_live_vs_other"]),
+            "Spearman ρ, written norm vs peak score": _fmt(w["corr_norm_score"].get("spearman")),
+            "dose response: sinks rescaled": w["dose_n_sinks"],
+        }
+
+    n0, n1 = numbers(short), numbers(long)
+    table = pd.DataFrame({"": list(n0), f"{a:,} tokens": list(n0.values()), f"{b:,} tokens": [n1[k] for k in n0]})
+    changed = sum(claims[0][cid]["verdict"] != claims[1][cid]["verdict"] for cid in shared)
+    return "\n".join([
+        f"## What changes between {a:,} and {b:,} tokens",
+        "",
+        f"The same claims and rules on the same model's long inputs: the {a:,}-token run ({_token_count(short)} tokens, "
+        f"{short['size']} size) against this run at {b:,} tokens ({_token_count(long)}). {changed} of {len(shared)} verdicts "
+        "change. A session is the same conversation at both lengths only as far as the shorter run reads it; the longer run "
+        "may read other sessions (only the longest sessions reach it).",
+        "",
+        md_table(pd.DataFrame(rows)),
+        "",
+        md_table(table),
+        "",
+    ])
 
 
 def redraw(folder: str | Path) -> list[Path]:
@@ -472,6 +563,7 @@ def redraw(folder: str | Path) -> list[Path]:
 
 
 __all__ = [
-    "CLAIMS", "VERDICT_MARKERS", "ReproduceError", "SCHEMA", "claims_table", "committed_reports", "cpu_seconds", "md_table", "peak_memory_mb",
+    "CLAIMS", "VERDICT_MARKERS", "ReproduceError", "SCHEMA", "claims_table", "committed_reports", "cpu_seconds", "length_comparison", "md_table",
+    "peak_memory_mb",
     "redraw", "render", "reproduce", "verdict_table",
 ]

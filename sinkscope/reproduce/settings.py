@@ -3,7 +3,9 @@
 Why a module of its own: the three paper modules, the report and the notebooks all read the
 same knobs, and ``numbers.json`` stores them, so a reader can tell what a run measured on.
 ``"full"`` is the committed reports' setting; ``"ci"`` shrinks every count and length so the
-notebooks and tests run in a minute or two.
+notebooks and tests run in a minute or two; ``"long"`` runs Wong et al.'s analyses alone on
+the longest of the model's own sessions, cut to 8,192 tokens (the length their traces have),
+where the fused attention path keeps memory linear (:mod:`circuits.fused_attention`).
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ from typing import Literal
 
 from circuits.long_inputs import LongInputKind
 
-Size = Literal["full", "ci"]
+Size = Literal["full", "ci", "long"]
+#: the papers a run can reproduce, in report order
+PAPERS: tuple[str, ...] = ("wong", "li", "gu")
 
 
 @dataclass(frozen=True)
@@ -31,6 +35,7 @@ class Settings:
     Sink_1^eps over ``eps_grid`` on ``eps_n`` passages × ``eps_tokens`` tokens; the key-bias
     runs on ``keybias_n`` × ``keybias_tokens`` tokens with controls at position
     ``keybias_control``; ``other_models`` also measures every other model available offline.
+    ``papers``: which of :data:`PAPERS` the run reproduces.
     """
 
     inputs: LongInputKind = "auto"
@@ -55,6 +60,7 @@ class Settings:
     keybias_tokens: int = 128
     keybias_control: int = 64
     other_models: bool = True
+    papers: tuple[str, ...] = PAPERS
 
 
 SIZES: dict[str, Settings] = {
@@ -64,6 +70,9 @@ SIZES: dict[str, Settings] = {
         plant_position=10, amplify_factors=(1.0, 2.0, 4.0, 8.0, 16.0), eps_n=8, keybias_n=4, keybias_tokens=64, keybias_control=32,
         other_models=False,
     ),
+    # one trace: only the longest sessions reach 8k tokens (one per model is committed); the
+    # dose response and norm sweep then run on it (10 forwards of 8k tokens)
+    "long": Settings(n_traces=1, max_tokens=8192, dose_traces=1, papers=("wong",)),
 }
 
-__all__ = ["SIZES", "Settings", "Size"]
+__all__ = ["PAPERS", "SIZES", "Settings", "Size"]
