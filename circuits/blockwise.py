@@ -18,12 +18,17 @@ What must match the model's own attention (``PositionEmbeddingsAttentionBridge.f
 * grouped-query attention: query head ``h`` reads key head ``h // groups``;
 * gpt-oss's learned sink logit per head: an extra softmax column, dropped afterwards.
 
-:func:`column_sums` returns what :func:`circuits.measure.attention_received` sums from a
-pattern (attention received over the real queries, and the self-attention term), so both paths
-share the one formula that turns them into alpha and the sink score. :func:`attention_output`
-is the same loop producing ``softmax(scores) @ V`` for the layers whose extras (softcapping,
-sink logits) the fused ``scaled_dot_product_attention`` kernel cannot express; the rest use
-:func:`sdpa_output`. Everything here is plain torch and runs on any device.
+One loop, :func:`attend`, does it all: per block of queries it computes the softmax rows once,
+hands them as a :class:`PatternBlock` to every :data:`Reducer` (a statistic that keeps what it
+needs of each block), and, given values, multiplies them by ``V``. So a layer whose statistics
+are wanted computes its attention output from the same rows (the fused path does this:
+:func:`circuits.fused_attention.reduce_pattern`), instead of a second pass next to the kernel.
+:class:`ColumnSums` is the reducer of what :func:`circuits.measure.attention_received` sums from
+a pattern (attention received over the real queries, and the self-attention term), so both
+paths share the one formula that turns them into alpha and the sink score; :func:`column_sums`
+runs it without values. :func:`attention_output` is the loop without reducers, for the layers
+whose extras (softcapping, sink logits) ``scaled_dot_product_attention`` cannot express; the
+rest use :func:`sdpa_output`. Everything here is plain torch and runs on any device.
 """
 
 from __future__ import annotations
