@@ -29,6 +29,8 @@ def test_every_packaged_model_has_its_own_long_sessions_with_their_settings(name
         assert len(s["turns"]) == len(s["problems"]) >= 1
         assert all(t["finish"] in ("eos", "length") and 0 < t["new_tokens"] <= header["settings"]["max_new_tokens"] for t in s["turns"])
         assert sum(t["new_tokens"] for t in s["turns"]) > s["n_tokens"] / 2  # most of it is the model's own text
+    # the reports' long size reads one session at Wong et al.'s length
+    assert max(s["n_tokens"] for s in sessions) >= 8192
 
 
 def test_a_trace_batch_is_the_stored_ids_cut_to_max_tokens(smollm2):

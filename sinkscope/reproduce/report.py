@@ -498,11 +498,14 @@ def length_comparison(short: dict, long: dict) -> str:
     def numbers(doc: dict) -> dict:
         w = doc["wong"]
         found = w.get("their_findings", {})
-        n_tokens = sum(doc["tokens"]) if doc.get("tokens") else None
+        if doc.get("tokens"):
+            rate = f"{1000 * w['n_attended'] / sum(doc['tokens']):.2f}"
+        else:  # an earlier run stored no lengths: at most max_tokens each, so the rate is a lower bound
+            rate = f"≥ {1000 * w['n_attended'] / (w['n_sequences'] * doc['settings']['max_tokens']):.2f}"
         return {
             "sequences × tokens": _token_count(doc),
             "attended secondary sinks": w["n_attended"],
-            "per 1,000 tokens": (f"{1000 * w['n_attended'] / n_tokens:.2f}" if n_tokens else "–"),
+            "per 1,000 tokens": rate,
             "creation layers holding them (levels)": ", ".join(map(str, w["levels"])) or "none",
             "mode creation layer (share)": (f"{found['mode_creation_layer']} ({found['mode_creation_share']:.0%})" if found.get("n") else "–"),
             "median lifetime (layers)": (f"{found['lifetime_median']:.0f}" if found.get("n") else "–"),

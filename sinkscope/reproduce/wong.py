@@ -163,8 +163,9 @@ W6 = Claim(
 )
 
 _INPUTS = ("their inputs are the model's own chain-of-thought on AIME24/MATH problems, 9k-10k tokens; the report's are the model's "
-           "own multi-turn chain-of-thought sessions on problems written for this project (settings.inputs), cut to far fewer "
-           "tokens (settings.max_tokens; the lengths are in the inputs paragraph)")
+           "own multi-turn chain-of-thought sessions on problems written for this project (settings.inputs), cut to "
+           "settings.max_tokens tokens: 1,024 in the full reports, 8,192 in the long ones (--size long; the lengths are in the "
+           "inputs paragraph)")
 W1, W2, W3, W4, W5, W6 = (replace(c, method=m) for c, m in zip((W1, W2, W3, W4, W5, W6), (
     Method("token t > 0 flagged at layer l when |cos(h_t^l, h_0^l)| > 0.9, only inside the sink-clipper window (from the layer after "
            "the largest increase of ||h_0|| to the layer after the largest later decrease); lifetime = number of flagged layers "
