@@ -72,7 +72,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import Tensor
 
-from circuits.blockwise import DEFAULT_BLOCK, AttentionSpec, LazyMask, Reducer, attend, attention_output, sdpa_output
+from circuits.blockwise import AttentionSpec, LazyMask, Reducer, attend, attention_output, sdpa_output
 from circuits.errors import SinkscopeError
 
 log = logging.getLogger("sinkscope")
@@ -83,9 +83,9 @@ _DEPTH_ATTR = "_sinkscope_fused_depth"  # nesting depth of fused_attention on a 
 _CALL_ATTR = "_sinkscope_fused_call"  # the running fused call, on its attention bridge
 _PATTERN_HOOKS = ("hook_attn_scores", "hook_pattern")
 #: queries per block of the fused kernel when the mask is not plain causal, and of the
-#: blockwise loop (softcapping, sink logits); read at call time
+#: blockwise loop (softcapping, sink logits; None: :func:`circuits.blockwise.stats_block`); read at call time
 SDPA_BLOCK = 1024
-LOOP_BLOCK = DEFAULT_BLOCK
+LOOP_BLOCK: int | None = None
 
 
 # --------------------------------------------------------------------------- HF registration
