@@ -256,6 +256,14 @@ def attended_secondary(
     return table, attended, th
 
 
+def distinct_contexts(meas: SinkMeasurement, table: pd.DataFrame) -> int:
+    """How many of ``table``'s tokens (rows with ``sequence`` and ``position``) differ in their
+    context, the token ids up to and including them. Causal attention makes a token's
+    activations a function of its context, so a sink inside a prefix several sequences share (a
+    chat template's system prompt) is one observation, however many sequences repeat it."""
+    return len({tuple(meas.token_ids[int(s)][: int(p) + 1]) for s, p in zip(table["sequence"], table["position"])})
+
+
 def live_per_layer(meas: SinkMeasurement, table: pd.DataFrame, cos: float) -> Int[np.ndarray, " layer"]:
     """How many of ``table``'s tokens (rows with ``sequence`` and ``position``) are flagged,
     |cos(h_t, h_0)| > ``cos``, at each layer."""

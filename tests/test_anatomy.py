@@ -24,6 +24,7 @@ import pytest
 
 from circuits.anatomy import (
     SecondaryThresholds,
+    distinct_contexts,
     massive_activations,
     massive_dimensions,
     primary_sink_layers,
@@ -164,6 +165,19 @@ def test_secondary_sinks_rows_by_hand():
 
     r = rows[(1, 1)]
     assert (r.start_layer, r.lifetime, r.kind) == (0, 10, "primary-like")
+
+
+def test_a_sink_in_a_shared_prefix_is_one_context():
+    """Sequences 0 and 1 share tokens 0-2 (a system prompt) and differ from 3 on; sequence 2
+    differs from 1. Position 2 in sequences 0 and 1 is one context; position 4 is two; position
+    2 of sequence 2 is its own."""
+    import pandas as pd
+
+    meas = make_measurement(2, [6, 6, 6], token_ids=[[1, 2, 3, 4, 5, 6], [1, 2, 3, 9, 9, 9], [7, 2, 3, 4, 5, 6]])
+    table = pd.DataFrame({"sequence": [0, 1, 0, 1, 2], "position": [2, 2, 4, 4, 2]})
+    assert distinct_contexts(meas, table) == 4
+    assert distinct_contexts(meas, table.iloc[:2]) == 1
+    assert distinct_contexts(meas, table.iloc[:0]) == 0
 
 
 def test_secondary_sinks_include_noise():

@@ -188,7 +188,10 @@ def wong_section(res: Measured, model, obs: LongInputs, s: Settings, figure: Fig
         f"(secondary when {th.min_lifetime} < lifetime < {n_layers - th.primary_margin}). The rule flags "
         f"**{len(table)}** tokens ({int((table['kind'] == 'secondary').sum())} secondary-class, "
         f"{int((table['kind'] == 'primary-like').sum())} primary-like); **{n_att}** secondary-class tokens also receive "
-        f"≥ {s.min_score_ratio:g} × the median token's attention at their peak layer (*attended secondary sinks*, used below). "
+        f"≥ {s.min_score_ratio:g} × the median token's attention at their peak layer (*attended secondary sinks*, used below), "
+        f"**{res.numbers['n_attended_distinct']}** of them in distinct contexts (a sink inside a prefix that several inputs "
+        "share, such as a system prompt, has the same activations in each and is one observation; the counts and correlations "
+        "below count it once per input). "
         f"Positions 0-{res.numbers['skip_first'] - 1} are excluded from detection"
         + (" (a chat template opens the input; Wong et al.'s code excludes 0-2 then)." if res.numbers["skip_first"] == 3 else "."),
         "",
@@ -505,6 +508,7 @@ def length_comparison(short: dict, long: dict) -> str:
         return {
             "sequences × tokens": _token_count(doc),
             "attended secondary sinks": w["n_attended"],
+            "of them in distinct contexts": w.get("n_attended_distinct", "not stored"),
             "per 1,000 tokens": rate,
             "creation layers holding them (levels)": ", ".join(map(str, w["levels"])) or "none",
             "mode creation layer (share)": (f"{found['mode_creation_layer']} ({found['mode_creation_share']:.0%})" if found.get("n") else "–"),

@@ -335,7 +335,8 @@ def measure(model, obs: LongInputs, s: Settings) -> Measured:
     settings_table = detection_settings(meas, th, skip)
     level_counts = anatomy.sink_levels(anatomy.secondary_sinks(meas, th, include_noise=True, skip_first=skip), meas.n_layers)
     numbers = {
-        "n_sequences": meas.n_sequences, "n_candidates": len(table), "n_attended": n_att, "attended": att.to_dict(orient="records"),
+        "n_sequences": meas.n_sequences, "n_candidates": len(table), "n_attended": n_att,
+        "n_attended_distinct": anatomy.distinct_contexts(meas, att), "attended": att.to_dict(orient="records"),
         "layers": layers.to_dict(orient="records"), "live_layers": live_at.tolist(), "primary_ratio_live_vs_other": ratio,
         "levels": levels, "creation_layer_share": {int(k): float(v) for k, v in shares.items()},
         "mlp_sites_median_abs_cos": med_abs, "mlp_sites_baseline": base, "median_abs_cos_sink": sink_cos,
