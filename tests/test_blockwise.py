@@ -18,7 +18,16 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from circuits import analyses
 from circuits.blockwise import (
-    AttentionSpec, ColumnSums, LazyMask, PatternBlock, attend, attention_output, causal, column_sums, sdpa_output, sliding_causal,
+    AttentionSpec,
+    ColumnSums,
+    LazyMask,
+    PatternBlock,
+    attend,
+    attention_output,
+    causal,
+    column_sums,
+    sdpa_output,
+    sliding_causal,
 )
 from circuits.driver import Run, drive
 from circuits.fused_attention import PatternUnavailable, fallback_reason, fused_attention, reduce_pattern, reducible_layers
