@@ -38,7 +38,8 @@ concatenation, :meth:`SinkMeasurement.select` and the sweep's copy of the layers
 block all read that declaration. A new per-sequence statistic takes two edits: its field here,
 with its axes, and the line that computes it in a hook (a new key of the dict that
 :func:`residual_statistics` returns needs nothing else; one from the attention pattern is one
-more ``put`` in ``SinkMeter._pattern_hook``). To see its clean/intervened delta in
+more ``put`` in ``SinkMeter._pattern_hook`` for the eager path and the same reduction in a
+:data:`~circuits.blockwise.Reducer` for the fused one, as :class:`~circuits.blockwise.ColumnSums` does). To see its clean/intervened delta in
 :attr:`interventions.effect.Effect.frame` too, add a row to ``interventions.effect.METRIC_TABLE``.
 """
 
