@@ -30,8 +30,6 @@ This is a small adapter, not a fork. Inside :func:`fused_attention` (the driver,
      (dummy) weights by the fused output, which upstream multiplies by the identity (exact)
      and sends through its own gates, ``hook_z``, ``o_proj`` and ``hook_out``.
 
-   The layer's lazy mask stays readable (:func:`current_mask`) while its forward runs.
-
 3. **Statistics of the pattern without the pattern.** A hook of the running forward (on
    ``hook_rot_q`` / ``hook_rot_k``, which fire before attention is computed) may ask, with
    :func:`reduce_pattern`, for the pattern to be handed to a :data:`~circuits.blockwise.Reducer`
@@ -78,7 +76,6 @@ from circuits.errors import SinkscopeError
 log = logging.getLogger("sinkscope")
 
 IMPLEMENTATION = "sinkscope_fused"
-_MASK_ATTR = "_sinkscope_lazy_mask"  # the running layer's mask, on its attention bridge
 _DEPTH_ATTR = "_sinkscope_fused_depth"  # nesting depth of fused_attention on a model
 _CALL_ATTR = "_sinkscope_fused_call"  # the running fused call, on its attention bridge
 _PATTERN_HOOKS = ("hook_attn_scores", "hook_pattern")
@@ -197,11 +194,6 @@ def is_active(model) -> bool:
     return getattr(model, _DEPTH_ATTR, 0) > 0
 
 
-def current_mask(attn) -> LazyMask | None:
-    """The lazy mask of the forward running in this attention bridge (None outside one)."""
-    return getattr(attn, _MASK_ATTR, None)
-
-
 def pattern_layers(model, hooks: Sequence[tuple[Any, Any]]) -> set[int]:
     """The layers whose ``hook_attn_scores`` or ``hook_pattern`` one of ``hooks`` names (aliases
     resolved through the model's hook dictionary; a name filter counts for every layer)."""
@@ -314,30 +306,27 @@ def _fused_forward(attn, upstream, eager_layers: set[int], layer: int):
         mask = kwargs.get("attention_mask")
         if not isinstance(mask, LazyMask):
             return upstream(*args, **kwargs)
-        hidden = kwargs.get("hidden_states", args[0] if args else None)
-        object.__setattr__(attn, _MASK_ATTR, mask)
+        if needs_pattern(attn) or attn.training:
+            eager_layers.add(layer)
+            hidden = kwargs.get("hidden_states", args[0] if args else None)
+            dtype = hidden.dtype if isinstance(hidden, Tensor) else torch.float32
+            return upstream(*args, **{**kwargs, "attention_mask": mask.dense(dtype)})
+        call = _FusedCall(attn, mask)
+        handle = attn.hook_rot_q.register_forward_hook(call.capture_query)
+        seams = {
+            "_update_kv_cache": call.update_kv_cache,
+            "_apply_reconstruct_attention_mask": call.pass_scores,
+            "_scrub_compatibility_pattern_nans": call.fused_weights,
+            _CALL_ATTR: call,  # what reduce_pattern finds while the forward runs
+        }
         try:
-            if needs_pattern(attn) or attn.training:
-                eager_layers.add(layer)
-                dtype = hidden.dtype if isinstance(hidden, Tensor) else torch.float32
-                return upstream(*args, **{**kwargs, "attention_mask": mask.dense(dtype)})
-            call = _FusedCall(attn, mask)
-            handle = attn.hook_rot_q.register_forward_hook(call.capture_query)
-            seams = {
-                "_update_kv_cache": call.update_kv_cache,
-                "_apply_reconstruct_attention_mask": call.pass_scores,
-                "_scrub_compatibility_pattern_nans": call.fused_weights,
-            }
-            try:
-                for name, fn in [*seams.items(), (_CALL_ATTR, call)]:
-                    object.__setattr__(attn, name, fn)
-                return upstream(*args, **kwargs)
-            finally:
-                handle.remove()
-                for name in [*seams, _CALL_ATTR]:
-                    attn.__dict__.pop(name, None)
+            for name, fn in seams.items():
+                object.__setattr__(attn, name, fn)
+            return upstream(*args, **kwargs)
         finally:
-            attn.__dict__.pop(_MASK_ATTR, None)
+            handle.remove()
+            for name in seams:
+                attn.__dict__.pop(name, None)
 
     return forward
 
@@ -393,7 +382,7 @@ def fused_attention(model, *, enabled: bool = True) -> Iterator[bool]:
     finally:
         config._attn_implementation = previous
         for attn in attns:
-            for name in ("forward", _MASK_ATTR, _CALL_ATTR):
+            for name in ("forward", _CALL_ATTR):
                 attn.__dict__.pop(name, None)
         model.__dict__.pop(_DEPTH_ATTR, None)
         if eager_layers:
@@ -402,6 +391,6 @@ def fused_attention(model, *, enabled: bool = True) -> Iterator[bool]:
 
 
 __all__ = [
-    "IMPLEMENTATION", "PatternUnavailable", "current_mask", "fallback_reason", "fused_attention", "hook_rows", "is_active",
+    "IMPLEMENTATION", "PatternUnavailable", "fallback_reason", "fused_attention", "hook_rows", "is_active",
     "layer_fallback_reason", "lazy_mask", "needs_pattern", "pattern_layers", "reduce_pattern", "reducible_layers",
 ]
