@@ -187,8 +187,7 @@ class SinkMeter(ArrayMeter):
         self.n_layers = int(model.cfg.n_layers)
         self.n_heads = int(model.cfg.n_heads)
         self.d_model = int(model.cfg.d_model)
-        info = getattr(model, "_sinkscope_info", {})
-        self.model_name = model_name or info.get("name") or str(getattr(model.cfg, "model_name", "?"))
+        self.model_name = model_name or recorded_name(model)
         super().__init__(self.result_type.axes(), {"layer": self.n_layers, "head": self.n_heads, "d_model": self.d_model, "k": TOP_DIMS})
         self.model = model
         #: compute the next-token loss from the last block's output in chunks when the forward
@@ -414,6 +413,11 @@ def chunked_next_token_loss(
     return nll
 
 
+def recorded_name(model) -> str:
+    """The model name stored with every result: sinkscope's registry name, else the config's."""
+    return getattr(model, "_sinkscope_info", {}).get("name") or str(getattr(model.cfg, "model_name", "?"))
+
+
 # --------------------------------------------------------------------------- entry point
 
 
@@ -462,7 +466,7 @@ def provenance(model, batch: TokenBatch | None = None) -> dict:
 
     info = dict(getattr(model, "_sinkscope_info", {}))
     out = {
-        "model": info.get("name", str(getattr(model.cfg, "model_name", "?"))),
+        "model": recorded_name(model),
         "model_source": info.get("source"),
         "n_layers": int(model.cfg.n_layers),
         "n_heads": int(model.cfg.n_heads),

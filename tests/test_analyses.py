@@ -370,6 +370,9 @@ def test_a_wong_only_run_at_another_length_says_what_changes(tmp_path):
         assert claim["id"] in section
     with pytest.raises(ReproduceError, match="papers must be some of wong, li, gu"):
         reproduce(model, tmp_path / "x", settings=dataclasses.replace(s, papers=("wong", "smith")))
+    with pytest.raises(ReproduceError, match="that run is of 'tiny-gpt2', this one of 'tiny-llama'"):
+        reproduce(model, tmp_path / "z", settings=s, compare={**short, "model": "tiny-gpt2"})
+    assert not (tmp_path / "z" / "numbers.json").exists()
     with pytest.raises(ReproduceError, match="not the numbers.json of a sinkscope reproduce run"):
         (tmp_path / "other.json").write_text("{}")
         reproduce(model, tmp_path / "y", settings=s, compare=tmp_path / "other.json")

@@ -33,7 +33,7 @@ import torch
 from circuits import anatomy, paper_plots, plots
 from circuits.errors import SinkscopeError
 from circuits.long_inputs import LongInputs, observe_long_inputs, sliding_layers
-from circuits.measure import provenance
+from circuits.measure import provenance, recorded_name
 from circuits.models import PACKAGED, load_model
 from circuits.output import to_jsonable, write_json
 from circuits.probes import model_traces
@@ -416,6 +416,8 @@ def reproduce(
     if isinstance(model, str):
         model = load_model(model, dtype=dtype, device=device)
     timings["load_model"] = time.perf_counter() - t0
+    if other is not None and other["model"] != recorded_name(model):  # before the long-input pass, not after it
+        raise ReproduceError(f"compare: that run is of {other['model']!r}, this one of {recorded_name(model)!r}")
     t0 = time.perf_counter()
     obs = observe_long_inputs(model, s.n_traces, s.max_tokens, inputs=s.inputs, batch_size=s.batch_size, progress=progress)
     timings["main_pass"] = time.perf_counter() - t0
@@ -424,8 +426,6 @@ def reproduce(
         ("li", li, lambda: li.measure(model, obs, s), li_section),
         ("gu", gu, lambda: gu.measure(model, obs, s, progress, checkpoints), gu_section),
     ) if paper[0] in s.papers]
-    if other is not None and other["model"] != obs.sinks.model:
-        raise ReproduceError(f"compare: that run is of {other['model']!r}, this one of {obs.sinks.model!r}")
     numbers, findings, sections = {}, [], []
     for key, module, run, section in papers:
         t0 = time.perf_counter()
