@@ -26,12 +26,14 @@ depth range) and rounds half up: 30 layers → ``3 < lifetime < 21``; 18 layers 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import pandas as pd
 from jaxtyping import Int
 
+from circuits.checks import check_eps
 from circuits.measure import SinkMeasurement, nanmean
 from circuits.stats import bootstrap_ci
 
@@ -123,7 +125,8 @@ def secondary_sinks(
             outside[lo:hi] = False
             flagged[outside] = False
         scores = meas.sink_score[s, :, 1:length]
-        with np.errstate(all="ignore"):
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # a 2-token sequence: no other token has a score (NaN)
             median_other = np.nanmedian(np.where(np.isnan(scores), np.nan, scores), axis=1)  # [L]
         for j in np.flatnonzero(flagged.any(axis=0)):
             layers = np.flatnonzero(flagged[:, j])
@@ -169,6 +172,7 @@ def primary_sink_layers(meas: SinkMeasurement, eps: float = 0.3, min_share: floa
     ``holds_sink`` marks the layers where that share, over heads and sequences, is at least
     ``min_share``.
     """
+    eps = check_eps(eps)
     alpha0 = meas.alpha[:, :, :, 0]  # [N, L, H]
     share = (alpha0 > eps).mean(axis=(0, 2))
     score = nanmean(meas.sink_score[:, :, 0], axis=0)

@@ -37,9 +37,10 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from circuits.checks import check_int
 from circuits.fused_attention import fused_attention, hook_rows
 from circuits.meter import Hook, Meter, MeterError, SubBatch
-from circuits.probes import TokenBatch
+from circuits.probes import TokenBatch, check_batch
 
 HookSource = Sequence[Hook] | Callable[[TokenBatch], Sequence[Hook]]
 #: ``forward(model, sub, fwd_hooks, logits, copies)``: the logits of ``copies`` stacked copies of
@@ -184,8 +185,10 @@ def drive(
         fused: run attention fused wherever no hook needs the pattern
             (:func:`circuits.fused_attention.fused_attention`); False: eager everywhere.
     """
-    if len(batch) == 0:
-        raise MeterError("empty batch")
+    if isinstance(batch, TokenBatch) and len(batch) == 0:
+        raise MeterError("empty batch: no sequence to measure")
+    batch = check_batch(model, batch)  # a batch, not empty, each sequence long enough, every id in the vocabulary
+    check_int(batch_size, "batch_size", error=MeterError)
     runs = [runs] if isinstance(runs, Run) else list(runs)
     chunks = list(iter_batches(batch, batch_size, by_length=by_length))
     with fused_attention(model, enabled=fused):

@@ -56,11 +56,12 @@ from jaxtyping import Float
 from torch import Tensor
 
 from circuits.blockwise import ColumnSums
+from circuits.checks import check_eps
 from circuits.driver import HookSource, Run, drive
 from circuits.fused_attention import reduce_pattern, reducible_layers
 from circuits.memory import loss_chunk
 from circuits.meter import ArrayMeter, Axes, Hook, MeterError, array, axes_of, per_sequence, select_sequences
-from circuits.probes import TokenBatch
+from circuits.probes import TokenBatch, as_batch
 from circuits.stats import nanmean, valid_positions
 
 TOP_DIMS = 4  # residual dimensions kept per (layer, position), by |value|
@@ -117,14 +118,18 @@ class SinkMeasurement:
         return nanmean(self.alpha, axis=0)
 
     def sink_indicator(self, eps: float = 0.3) -> np.ndarray:
-        """Per sequence, the share of (layer, head) pairs with alpha > eps at each key: [N, T]."""
+        """Per sequence, the share of (layer, head) pairs with alpha > eps at each key: [N, T].
+
+        ``eps``: a number strictly between 0 and 1 (:func:`circuits.checks.check_eps`, the
+        command's rule for ``--eps``); anything else raises :class:`~circuits.checks.ArgumentError`."""
+        eps = check_eps(eps)
         with np.errstate(invalid="ignore"):
             hit = (self.alpha > eps).astype(np.float32)
         hit[np.isnan(self.alpha)] = np.nan
         return nanmean(hit, axis=(1, 2))
 
     def sink_rate(self, eps: float = 0.3) -> np.ndarray:
-        """Sink_k^eps in percent for every position k (0-based): [T]."""
+        """Sink_k^eps in percent for every position k (0-based): [T]. ``eps`` as :meth:`sink_indicator`."""
         return 100.0 * nanmean(self.sink_indicator(eps), axis=0)
 
     def sink_score_mean(self) -> np.ndarray:
@@ -436,6 +441,10 @@ def measure(
     """Run ``model`` over ``batch`` once and return its sink statistics.
 
     Args:
+        batch: a :class:`~circuits.probes.TokenBatch`, or a text or list of texts (tokenized
+            with the model's native BOS policy, :func:`circuits.probes.as_batch`). Every
+            sequence needs at least two tokens, token ids in the vocabulary; anything else is
+            a :class:`~circuits.probes.TokenizationError` naming what was wrong.
         hooks: extra forward hooks (typically an intervention's), or a function of the
             sub-batch that returns them. They run before the measurement hooks at every point.
         batch_size: sequences per forward pass (sub-batches are sorted by length; the result
@@ -449,6 +458,7 @@ def measure(
             the last block and the next-token loss is computed a chunk of positions at a time
             (:func:`chunked_next_token_loss`), so hooks on ``ln_final`` / ``unembed`` do not fire.
     """
+    batch = as_batch(model, batch)
     meter = SinkMeter(model, loss_from_residual=not full_logits)
     drive(model, batch, Run([meter], hooks), batch_size=batch_size, progress=progress, desc="measuring",
           logits=full_logits, fused=fused)

@@ -352,7 +352,7 @@ def _inspect(folder: Path, known: dict | None = None) -> tuple[str | None, dict,
     try:
         info = json.loads(marker.read_text())
         files = info.get("files")
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, RecursionError):
         return "its COMPLETE marker is unreadable", {}, {}
     if files is None:  # an earlier sinkscope's marker: nothing to check against yet
         return None, info, _fingerprints(folder)

@@ -103,7 +103,7 @@ def file_digest(path: Path) -> str:
 def _manifest_files(folder: Path) -> dict[str, dict] | None:
     try:
         doc = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # unreadable (or nested too deeply): not a manifest sinkscope wrote
         return None
     return doc.get("files") if isinstance(doc, dict) and isinstance(doc.get("files"), dict) else None
 

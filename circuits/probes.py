@@ -18,12 +18,13 @@ import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import torch
 from jaxtyping import Bool, Int
 from torch import Tensor
 
+from circuits.checks import check_int, check_text, load_json
 from circuits.errors import SinkscopeError
 
 
@@ -65,24 +66,51 @@ MIN_TOKENS = 2
 
 
 def check_texts(texts: str | Sequence[str], max_tokens: int | None = None) -> list[str]:
-    """The model-independent checks of :func:`tokenize`, cheap enough to run before loading."""
+    """The model-independent checks of :func:`tokenize`, cheap enough to run before loading:
+    a text or a list of texts, none empty, none holding a lone surrogate (:func:`circuits.checks.check_text`)."""
     if isinstance(texts, str):
         texts = [texts]
+    elif isinstance(texts, (bytes, bytearray, dict)) or not isinstance(texts, Iterable) or isinstance(texts, Tensor):
+        raise TokenizationError(f"texts must be a text (str) or a list of texts, got {_described(texts)}")
     texts = list(texts)
     if not texts:
         raise TokenizationError("no texts given")
     for i, text in enumerate(texts):
-        if not isinstance(text, str) or not text.strip():
+        if not isinstance(text, str):
+            raise TokenizationError(f"text {i} must be a string, got {_described(text)}")
+        if not text.strip():
             raise TokenizationError(f"text {i} is empty")
+        check_text(text, f"text {i}", error=TokenizationError)
     check_max_tokens(max_tokens)
     return texts
 
 
+def _described(value) -> str:
+    """A bad input as a message names it: its type, and its value where that is short."""
+    if isinstance(value, Tensor):
+        return f"a torch.Tensor of shape {tuple(value.shape)}"
+    text = repr(value)
+    return f"{text if len(text) <= 40 else text[:37] + '...'} ({type(value).__name__})"
+
+
 def check_max_tokens(max_tokens: int | None) -> None:
     """A truncation length must leave at least :data:`MIN_TOKENS` tokens."""
-    if max_tokens is not None and max_tokens < MIN_TOKENS:
+    if max_tokens is None:
+        return
+    check_int(max_tokens, "max_tokens", minimum=None, error=TokenizationError)
+    if max_tokens < MIN_TOKENS:
         raise TokenizationError(
             f"max_tokens must be at least {MIN_TOKENS} (a sink is attention from later queries), got {max_tokens}")
+
+
+def check_lengths(rows: Sequence[Sequence[int]], what: str = "text") -> None:
+    """Every sequence must hold at least :data:`MIN_TOKENS` tokens: the rule of ``max_tokens``,
+    for a text that is one token long (``--text "a"`` without BOS) as for a truncation to one."""
+    for i, row in enumerate(rows):
+        if len(row) < MIN_TOKENS:
+            raise TokenizationError(
+                f"{what} {i} is {len(row)} token{'s' if len(row) != 1 else ''} long; a sink needs at least {MIN_TOKENS} tokens "
+                "(it is attention from later queries): give a longer text, or prepend BOS (prepend_bos=True, --prepend-bos)")
 
 
 def default_prepend_bos(model) -> bool:
@@ -129,20 +157,71 @@ def tokenize(
                 f"truncate it with max_tokens (--max-tokens) <= {n_ctx}"
             )
         rows.append(ids)
+    check_lengths(rows)
     return batch_from_ids(model, rows, bool(prepend_bos))
+
+
+def as_batch(model, batch, *, name: str = "batch") -> TokenBatch:
+    """What a measurement entry point takes as ``batch``: a :class:`TokenBatch` (checked by
+    :func:`check_batch`), or a text or list of texts, tokenized with the model's native BOS
+    policy (:func:`tokenize`). Anything else (token ids, a tensor, None) is refused by name."""
+    if isinstance(batch, TokenBatch):
+        return check_batch(model, batch, name=name)
+    if isinstance(batch, str) or (isinstance(batch, (list, tuple)) and batch and all(isinstance(t, str) for t in batch)):
+        return tokenize(model, batch)
+    hint = ""
+    if isinstance(batch, Tensor) or (isinstance(batch, (list, tuple)) and batch and not isinstance(batch[0], str)):
+        hint = "; for token ids, build one with circuits.probes.batch_from_ids(model, rows, prepend_bos=...)"
+    what = "an empty list" if isinstance(batch, (list, tuple)) and not batch else _described(batch)
+    raise TokenizationError(f"{name} must be a TokenBatch (circuits.probes.tokenize), a text or a list of texts; got {what}{hint}")
+
+
+def check_batch(model, batch: TokenBatch, *, name: str = "batch") -> TokenBatch:
+    """A batch a forward pass can take: at least one sequence, each of at least
+    :data:`MIN_TOKENS` tokens and at most the model's context, every token id in the vocabulary.
+    Raises :class:`TokenizationError` naming the sequence, the position and the value."""
+    if not isinstance(batch, TokenBatch):
+        return as_batch(model, batch, name=name)
+    if len(batch) == 0:
+        raise TokenizationError(f"{name} is an empty batch: no sequence to measure")
+    check_lengths([range(int(n)) for n in batch.lengths], "sequence")
+    n_ctx, vocab = int(model.cfg.n_ctx), int(model.cfg.d_vocab)
+    longest = int(batch.lengths.max())
+    if longest > n_ctx:
+        i = int(batch.lengths.argmax())
+        raise TokenizationError(f"{name}: sequence {i} has {longest} tokens, more than the model's context of {n_ctx}")
+    ids = torch.where(batch.valid, batch.tokens, 0)
+    bad = (ids < 0) | (ids >= vocab)
+    if bool(bad.any()):
+        i, t = (int(x) for x in bad.nonzero()[0])
+        raise TokenizationError(f"{name}: sequence {i}, position {t} holds token id {int(ids[i, t])}, outside the model's "
+                                f"vocabulary of {vocab} (ids 0..{vocab - 1})")
+    return batch
 
 
 def batch_from_ids(model, rows: Sequence[Sequence[int]], prepend_bos: bool) -> TokenBatch:
     """A right-padded :class:`TokenBatch` of token-id rows as given (no BOS added, nothing cut)."""
     tokenizer = model.tokenizer
-    rows = [list(map(int, r)) for r in rows]
+    try:
+        rows = [[int(t) for t in r] for r in rows]
+    except (TypeError, ValueError):
+        raise TokenizationError(f"rows must be lists of token ids (integers), got {_described(rows)}") from None
+    if not rows:
+        raise TokenizationError("rows is empty: no sequence to measure")
+    vocab = int(model.cfg.d_vocab)
+    for i, r in enumerate(rows):
+        bad = [t for t in r if not 0 <= t < vocab]
+        if bad:
+            raise TokenizationError(f"row {i} holds token id {bad[0]}, outside the model's vocabulary of {vocab} (ids 0..{vocab - 1})")
+    check_lengths(rows, "row")
     lengths = torch.tensor([len(r) for r in rows])
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     tokens = torch.full((len(rows), int(lengths.max())), pad, dtype=torch.long)
     for i, r in enumerate(rows):
         tokens[i, : len(r)] = torch.tensor(r)
     str_tokens = [tokenizer.convert_ids_to_tokens(r) for r in rows]
-    str_tokens = [[_readable(t, tokenizer) for t in seq] for seq in str_tokens]
+    str_tokens = [[_readable(t, tokenizer) if t is not None else f"<id {i}>" for t, i in zip(seq, r)]
+                  for seq, r in zip(str_tokens, rows)]
     return TokenBatch(tokens, lengths, prepend_bos, str_tokens)
 
 
@@ -283,6 +362,8 @@ def _sniff_format(path: Path, raw: str) -> str:
         try:
             json.loads(raw)
             kind = "json"
+        except RecursionError:  # JSON nested too deeply to parse: read as JSON, which says so
+            kind = "json"
         except json.JSONDecodeError:
             kind = "jsonl" if head[:1] == "{" and _all_json_lines(raw) else "text"
     if kind != "text":
@@ -300,7 +381,7 @@ def _sniff_format(path: Path, raw: str) -> str:
 def _all_json_lines(raw: str) -> bool:
     try:
         return all(isinstance(json.loads(line), dict) for line in raw.splitlines() if line.strip())
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         return False
 
 
@@ -317,14 +398,11 @@ def _prompt_of(item, where: str) -> str:
         item = item.get("text")
     if not isinstance(item, str):
         raise PromptsFileError(f"{where}: each prompt must be a string or an object with a string 'text' field")
-    return item
+    return check_text(item, where, error=PromptsFileError)
 
 
 def _json_list(path: Path, raw: str) -> list[str]:
-    try:
-        items = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise PromptsFileError(f"prompts file {path} is not valid JSON: {exc}") from None
+    items = load_json(raw, f"prompts file {path}", error=PromptsFileError)
     if not isinstance(items, list):
         kind = "object" if isinstance(items, dict) else type(items).__name__
         raise PromptsFileError(
@@ -342,5 +420,7 @@ def _json_lines(path: Path, raw: str) -> list[str]:
             item = json.loads(line)
         except json.JSONDecodeError as exc:
             raise PromptsFileError(f"prompts file {path}, line {number}: not valid JSON ({exc.msg})") from None
+        except RecursionError:
+            raise PromptsFileError(f"prompts file {path}, line {number}: nests JSON arrays or objects too deeply to be read") from None
         prompts.append(_prompt_of(item, f"prompts file {path}, line {number}"))
     return prompts

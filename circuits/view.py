@@ -38,6 +38,7 @@ import numpy as np
 from jaxtyping import Float
 
 from circuits import anatomy
+from circuits.checks import check_eps
 from circuits.errors import SinkscopeError
 from circuits.measure import SinkMeasurement
 
@@ -187,8 +188,7 @@ def view_data(
         kind = "effect"
     else:
         raise ViewError(f"view() shows a SinkMeasurement or an effect with .clean and .intervened measurements, not {type(source).__name__}")
-    if not 0 < eps < 1:
-        raise ViewError(f"eps must be in (0, 1), got {eps}")
+    eps = check_eps(eps, error=ViewError)
     first = next(iter(runs.values()))
     n_layers, n_heads = first.n_layers, first.n_heads
     th = thresholds or anatomy.SecondaryThresholds.for_depth(n_layers)

@@ -49,13 +49,14 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
+from circuits.checks import check_eps, check_float, check_int
 from circuits.driver import Run, drive
 from circuits.errors import SinkscopeError
 from circuits.measure import SinkMeasurement, SinkMeter, next_token_loss, provenance
 from circuits.meter import SubBatch
 from circuits.output import to_jsonable
-from circuits.probes import TokenBatch, tokenize
-from circuits.stats import nanmean, paired_bootstrap, valid_positions
+from circuits.probes import TokenBatch, as_batch
+from circuits.stats import MIN_SEQUENCES, nanmean, paired_bootstrap, valid_positions
 from interventions import registry
 from interventions.base import (
     Compose,
@@ -385,12 +386,10 @@ class EffectSettings:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.eps, (int, float)) and 0 < self.eps < 1):
-            raise EffectError(f"eps must be between 0 and 1, got {self.eps!r}")
-        if not (isinstance(self.confidence, (int, float)) and 0 < self.confidence < 1):
-            raise EffectError(f"confidence must be between 0 and 1, got {self.confidence!r}")
-        if isinstance(self.n_resamples, bool) or not isinstance(self.n_resamples, int) or self.n_resamples < 0:
-            raise EffectError(f"n_resamples must be a non-negative integer (0: no CIs), got {self.n_resamples!r}")
+        check_eps(self.eps, "eps", error=EffectError)
+        check_float(self.confidence, "confidence", low=0, high=1, low_open=True, high_open=True, error=EffectError)
+        check_int(self.n_resamples, "n_resamples", minimum=0, error=EffectError, rule="a non-negative integer (0: no CIs)")
+        check_int(self.seed, "seed", minimum=0, error=EffectError, rule="a non-negative integer (numpy's seeds are)")
         if self.layers is not None:
             object.__setattr__(self, "layers", tuple(int(l) for l in self.layers))
         if isinstance(self.positions, str):
@@ -712,6 +711,11 @@ def compare(
             rows = rows[rows["position"] == position]
         if len(rows):
             summary[key] = _summary_row(rows.iloc[0], has_ctrl)
+    if summary.get("target_sink_score", {}).get("n") == 0:
+        summary["target_sink_score"]["note"] = empty_target_note(target, int(clean.lengths.max()))
+    for row in summary.values():  # a missing interval says why, in effect.json and in print
+        if s.n_resamples and row["n"] and not np.isfinite(np.asarray(row["ci95"], dtype=float)).all():
+            row["ci95_note"] = f"a confidence interval needs at least {MIN_SEQUENCES} sequences with a value (got {row['n']})"
     meta = {**(metadata or {}), "settings": {**(metadata or {}).get("settings", {}), **s.describe(cells)}}
     return Effect(
         frame=frame, summary=summary, clean=clean, intervened=intervened, kl=np.asarray(runs["intervened"].kl),
@@ -720,6 +724,28 @@ def compare(
         control_intervention=None if control_intervention is None else as_intervention(control_intervention),
         control_target=control_target, metadata=meta,
     )
+
+
+def empty_target_note(target: Target, longest: int) -> str:
+    """Why no sequence has a target sink score (said in the output and in effect.json, never NaN)."""
+    if not target.layers:
+        return ("no target sink score: the intervention acts after the last layer's attention, so no attention "
+                "pattern can show its effect (the side effects, loss and KL, are measured)")
+    return (f"no target sink score: no sequence has a token after the target position(s) "
+            f"{list(target.positions)} (the longest has {longest} tokens), and a sink score is attention from later tokens")
+
+
+def check_target_positions(positions: Sequence[int] | None, batch: TokenBatch) -> None:
+    """Refuse, before any forward pass, an intervention whose target positions have no later
+    token in any sequence: its target sink score would be empty (a sink score is the attention
+    a token receives from later queries)."""
+    chosen = (0,) if positions is None else tuple(positions)
+    longest = int(batch.lengths.max())
+    if chosen and min(chosen) >= longest - 1:
+        raise EffectError(
+            f"the intervention's target position(s) {list(chosen)} have no later token in any sequence (the longest has "
+            f"{longest} tokens): a sink score is attention from later tokens; give longer texts (or a larger max_tokens) "
+            "or target an earlier position")
 
 
 def _summary_row(row: pd.Series, has_ctrl: bool) -> dict:
@@ -759,8 +785,7 @@ def first_token_resid_hooks(n_layers: int, into: dict[int, Tensor]) -> list[tupl
 
 
 def _check_batch_size(batch_size: int) -> None:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise EffectError(f"batch_size must be a positive integer, got {batch_size!r}")
+    check_int(batch_size, "batch_size", error=EffectError)
 
 
 @torch.no_grad()
@@ -808,11 +833,9 @@ def measure_effect(
     iv = as_intervention(intervention)
     settings = EffectSettings(eps=eps, layers=layers, positions=positions, confidence=confidence, n_resamples=n_resamples, seed=seed)
     _check_batch_size(batch_size)
-    if not isinstance(batch, TokenBatch):
-        batch = tokenize(model, batch)
-    if len(batch) == 0:
-        raise EffectError("empty batch")
+    batch = as_batch(model, batch)
     factory = hooks_for(model, iv, batch)  # validates before any forward pass
+    check_target_positions(intervention_positions(iv), batch)
     explicit_control = None
     if isinstance(control, Intervention):
         explicit_control = control
@@ -945,7 +968,9 @@ __all__ = [
     "Target",
     "as_intervention",
     "check_control",
+    "check_target_positions",
     "compare",
+    "empty_target_note",
     "first_affected_layer",
     "first_token_resid_hooks",
     "intervention_layers",

@@ -187,7 +187,10 @@ def _item(raw: str, where: str) -> _Item:
 
 def parse_spec(text: str) -> Intervention:
     """Parse one spec, or several joined by ``+`` or ``;`` (then a :class:`Compose`)."""
-    if not isinstance(text, str) or not text.strip():
+    if not isinstance(text, str):
+        raise SpecError(f"an intervention spec must be a text (str), e.g. 'ablate-mlp:layer=3,positions=5'; "
+                        f"got {text!r} ({type(text).__name__})")
+    if not text.strip():
         raise SpecError("empty intervention spec; expected e.g. 'ablate-mlp:layer=3,positions=5'")
     pieces = [p.strip() for p in _split_top(text, ";", plus=True)]
     if any(not p for p in pieces):

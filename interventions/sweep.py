@@ -62,7 +62,7 @@ from circuits.driver import Run, drive, full_forward
 from circuits.measure import SinkMeasurement, SinkMeter, provenance
 from circuits.meter import SubBatch, axes_of
 from circuits.output import write_json
-from circuits.probes import TokenBatch
+from circuits.probes import TokenBatch, as_batch
 from interventions.base import HookFactory, Intervention, InterventionError, checked_hooks, hook_layer, hooks_for
 from interventions.effect import (
     EffectError,
@@ -236,8 +236,7 @@ def sweep(
         raise EffectError(f"format must be 'parquet' or 'csv', got {format!r}")
     summary = EffectSettings(eps=eps, layers=layers, positions=positions, confidence=confidence, n_resamples=n_resamples, seed=seed)
     _check_batch_size(batch_size)
-    if len(batch) == 0:
-        raise EffectError("empty batch")
+    batch = as_batch(model, batch)
     make, made_by = _maker(make_intervention)
     out = Path(out)
     items_dir = out / "items"

@@ -17,13 +17,13 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import os
 import signal
 import sys
 import threading
 from pathlib import Path
 
+from circuits.checks import check_eps, check_float, check_int
 from circuits.errors import SinkscopeError
 from sinkscope.lab.cli import add_lab_compare, add_pretrain, run_lab_compare, run_pretrain
 
@@ -57,13 +57,12 @@ def _texts(args) -> list[str]:
 
 
 def _check_eps(eps: float) -> None:
-    if not (math.isfinite(eps) and 0 < eps < 1):  # NaN fails every comparison: test it by name
-        raise CLIError(f"--eps must be a number strictly between 0 and 1, got {eps}")
+    """The library's rule for eps (:func:`circuits.checks.check_eps`), named by its option."""
+    check_eps(eps, "--eps", error=CLIError)
 
 
 def _check_positive(flag: str, value: int) -> None:
-    if value < 1:
-        raise CLIError(f"{flag} must be a positive integer, got {value}")
+    check_int(value, flag, error=CLIError)
 
 
 def _check_out(args) -> None:
@@ -236,11 +235,13 @@ def _run_reproduce(args) -> int:
     from circuits.models import resolve_placement
     from circuits.output import atomic_output_dir
     from sinkscope.reproduce import reproduce
+    from sinkscope.reproduce.report import read_compare
 
     if args.checkpoints is not None and not args.checkpoints.is_dir():
         raise CLIError(f"--checkpoints {args.checkpoints}: no such folder")
     if args.compare is not None and not args.compare.is_file():
         raise CLIError(f"--compare {args.compare}: no such file")
+    read_compare(args.compare)  # a file without what the comparison reads fails here, before any work
     resolve_placement(args.dtype, args.device)  # a bad dtype or device fails here, before any work
     _check_out(args)
     with atomic_output_dir(args.out) as folder:  # the model is loaded inside, so its load time is reported
@@ -282,13 +283,12 @@ def _run_intervene(args) -> int:
     from interventions.registry import parse_spec
 
     _check_eps(args.eps)
-    if args.n_resamples < 0:
-        raise CLIError(f"--n-resamples must be 0 (no CIs) or positive, got {args.n_resamples}")
+    check_int(args.n_resamples, "--n-resamples", minimum=0, error=CLIError, rule="0 (no CIs) or a positive integer")
+    check_int(args.seed, "--seed", minimum=0, error=CLIError, rule="a non-negative integer (numpy's seeds are)")
     _check_positive("--batch-size", args.batch_size)
     strengths = list(args.strengths or [])
-    bad = [s for s in strengths if not math.isfinite(s)]
-    if bad:
-        raise CLIError(f"--strengths must be finite numbers, got {bad[0]}")
+    for s in strengths:
+        check_float(s, "--strengths", error=CLIError)
     _check_out(args)
     texts = _texts(args)
     intervention = parse_spec(args.intervention)
@@ -303,10 +303,11 @@ def _run_intervene(args) -> int:
     doc = _write_effect(args, model, batch, effect, intervention, strengths, settings)
     t = effect.summary["target_sink_score"]
     kl = effect.summary["kl"]["delta"]
-    ci = (f"95% CI {t['ci95'][0]:+.4f}..{t['ci95'][1]:+.4f}" if "ci95_note" not in doc
-          else f"no CI: {doc['ci95_note']}")
-    print(f"{effect.clean.model}: {effect.spec}: target sink score {t['clean']:.4f} -> {t['intervened']:.4f} "
-          f"(delta {t['delta']:+.4f}, {ci}); KL {kl:.4g} nats/token; wrote {args.out}/effect.json")
+    note = doc.get("ci95_note") or t.get("ci95_note")
+    ci = f"no CI: {note}" if note else f"95% CI {t['ci95'][0]:+.4f}..{t['ci95'][1]:+.4f}"
+    change = (t["note"] if "note" in t else  # an empty target is explained, never printed as nan
+              f"target sink score {t['clean']:.4f} -> {t['intervened']:.4f} (delta {t['delta']:+.4f}, {ci})")
+    print(f"{effect.clean.model}: {effect.spec}: {change}; KL {kl:.4g} nats/token; wrote {args.out}/effect.json")
     return 0
 
 

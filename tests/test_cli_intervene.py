@@ -69,7 +69,7 @@ def test_nan_strength(tmp_path, capsys):
     assert "finite" in msg
     msg = _bad(tmp_path, capsys, "--intervention", "amplify-variance:layer=1,positions=2,factor=2", "--strengths", "1", "nan",
                "--text", "hi there")
-    assert "--strengths must be finite" in msg
+    assert "--strengths must be a finite number" in msg
 
 
 def test_other_bad_input(tmp_path, capsys):

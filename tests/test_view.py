@@ -109,7 +109,7 @@ def test_an_effect_carries_both_runs_and_its_target():
 def test_only_measurements_and_effects_have_a_view():
     with pytest.raises(ViewError, match="not dict"):
         view({})
-    with pytest.raises(ViewError, match=r"eps must be in \(0, 1\)"):
+    with pytest.raises(ViewError, match="eps must be a number strictly between 0 and 1"):
         view(synthetic((8,)), eps=1.5)
 
 

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 VARIANT_NAMES = ("softmax", "sigmoid-nonorm", "key-bias", "head-rmsnorm", "gated-attention")
@@ -32,14 +34,33 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _config(args, **overrides):
-    """The run's TrainConfig: the options given, TrainConfig's defaults for the rest; validated."""
+    """The run's TrainConfig: the options given, TrainConfig's defaults for the rest; validated
+    (every number with its range) before any work, a bad value named by its option."""
     # deferred: the command starts without torch; a job imports what it runs
     from sinkscope.lab.train import TrainConfig
 
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     values = {k: v for k, v in vars(args).items() if k in fields and v is not None}
     values.update(overrides)
-    return TrainConfig(**values).validate()
+    with _named_by_option():
+        return TrainConfig(**values).validate()
+
+
+@contextmanager
+def _named_by_option():
+    """A config error that names a field (``weight_decay must be ...``) names its option
+    (``--weight-decay must be ...``) instead: the user typed the option."""
+    # deferred: the command starts without torch; a job imports what it runs
+    from sinkscope.lab.train import LabError
+
+    try:
+        yield
+    except LabError as exc:
+        text = str(exc)
+        field_name = text.split(" ", 1)[0]
+        if re.fullmatch(r"[a-z][a-z0-9_]*", field_name) and text[len(field_name):].startswith(" must "):
+            raise LabError("--" + field_name.replace("_", "-") + text[len(field_name):]) from None
+        raise
 
 
 def _check_run_folder(out: Path, marker: str) -> None:
@@ -126,8 +147,9 @@ def run_lab_compare(args) -> int:
         raise LabError(f"--seeds must be non-negative integers, got {bad[0]}")
     over = {"steps": args.steps} if args.steps is not None else {}
     base = _config(args, **over)
-    cmp = CompareConfig(base=base, seeds=tuple(args.seeds), seeded=tuple(args.seeded), single=tuple(args.single),
-                        jobs=args.jobs, bench_steps=args.bench_steps).validate()
+    with _named_by_option():
+        cmp = CompareConfig(base=base, seeds=tuple(args.seeds), seeded=tuple(args.seeded), single=tuple(args.single),
+                            jobs=args.jobs, bench_steps=args.bench_steps).validate()
     _check_run_folder(args.out, "runs")
     try:
         command = "sinkscope " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["lab-compare"] else ""

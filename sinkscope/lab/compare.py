@@ -39,6 +39,7 @@ import torch
 from transformers.utils import logging as hf_logging
 
 from circuits import variants as V
+from circuits.checks import check_int
 from circuits.measure import measure
 from circuits.models import load_model
 from circuits.output import write_json
@@ -78,8 +79,12 @@ class CompareConfig:
             V.check_variant(v)
         if "softmax" not in self.seeded:
             raise LabError("the softmax baseline must be among the seeded variants")
-        if self.jobs <= 0:
-            raise LabError(f"jobs must be positive, got {self.jobs}")
+        check_int(self.jobs, "jobs", error=LabError)
+        for s in self.seeds:
+            check_int(s, "seeds", minimum=0, error=LabError, rule="non-negative integers")
+        if self.bench_steps is not None:  # None: base.eval_every
+            check_int(self.bench_steps, "bench_steps", minimum=0, error=LabError, rule="0 (no throughput measurement) or a positive integer")
+        check_int(self.bench_repeats, "bench_repeats", error=LabError)
         return self
 
     def runs(self) -> list[TrainConfig]:

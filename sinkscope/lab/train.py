@@ -60,6 +60,7 @@ import torch
 from transformers import LlamaConfig
 
 from circuits import variants as V
+from circuits.checks import check_eps, check_float, check_int, load_json
 from circuits.errors import SinkscopeError
 from circuits.measure import attention_received
 from circuits.models import byte_tokenizer
@@ -116,20 +117,23 @@ class TrainConfig:
         positive = ("steps", "d_model", "n_layers", "n_heads", "d_mlp", "n_ctx", "batch_size", "eval_every",
                     "val_windows", "sink_sequences", "sink_tokens", "threads")
         for name in positive:
-            if int(getattr(self, name)) <= 0:
-                raise LabError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.seed < 0:
-            raise LabError(f"seed must be >= 0, got {self.seed}")
+            check_int(getattr(self, name), name, error=LabError, rule="positive (an integer >= 1)")
+        for name in ("seed", "warmup_steps", "checkpoint_every"):
+            check_int(getattr(self, name), name, minimum=0, error=LabError)
         if self.d_model % self.n_heads:
             raise LabError(f"d_model ({self.d_model}) must be a multiple of n_heads ({self.n_heads})")
-        if not self.lr > 0 or not 0 <= self.min_lr_ratio <= 1 or self.warmup_steps < 0:
-            raise LabError("lr must be > 0, min_lr_ratio in [0, 1], warmup_steps >= 0")
-        if not 0 < self.eps < 1:
-            raise LabError(f"eps must be between 0 and 1, got {self.eps}")
+        # every number with its range, NaN and the infinities refused by name: a NaN weight decay
+        # would otherwise train and fail later as "the loss became nan ... lower --lr"
+        check_float(self.lr, "lr", low=0, low_open=True, error=LabError)
+        check_float(self.min_lr_ratio, "min_lr_ratio", low=0, high=1, error=LabError)
+        check_float(self.weight_decay, "weight_decay", low=0, error=LabError)
+        check_float(self.beta1, "beta1", low=0, high=1, high_open=True, error=LabError)
+        check_float(self.beta2, "beta2", low=0, high=1, high_open=True, error=LabError)
+        check_float(self.grad_clip, "grad_clip", low=0, error=LabError)
+        check_float(self.sigmoid_bias, "sigmoid_bias", error=LabError, allow_none=True)
+        check_eps(self.eps, "eps", error=LabError)
         if self.sink_tokens > self.n_ctx:
             raise LabError(f"sink_tokens ({self.sink_tokens}) cannot exceed n_ctx ({self.n_ctx})")
-        if self.checkpoint_every < 0:
-            raise LabError("checkpoint_every must be >= 0")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -343,9 +347,12 @@ def _load_run_json(out: Path) -> dict | None:
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise LabError(f"{path} is corrupt ({exc}); delete {out} to start over") from exc
+        doc = load_json(path.read_text(encoding="utf-8"), str(path), error=LabError)
+    except LabError as exc:
+        raise LabError(f"{exc}: it is corrupt; delete {out} to start over") from None
+    if not isinstance(doc, dict):
+        raise LabError(f"{path} is corrupt (not a JSON object); delete {out} to start over")
+    return doc
 
 
 def train(

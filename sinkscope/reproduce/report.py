@@ -31,6 +31,7 @@ import pandas as pd
 import torch
 
 from circuits import anatomy, paper_plots, plots
+from circuits.checks import load_json
 from circuits.errors import SinkscopeError
 from circuits.long_inputs import LongInputs, observe_long_inputs, sliding_layers
 from circuits.measure import provenance, recorded_name
@@ -406,7 +407,7 @@ def reproduce(
     unknown = [p for p in s.papers if p not in PAPERS]
     if unknown or not s.papers:
         raise ReproduceError(f"papers must be some of {', '.join(PAPERS)}, got {', '.join(s.papers) or 'none'}")
-    other = _other_run(compare)
+    other = read_compare(compare)
     start, cpu_start = time.perf_counter(), cpu_seconds()
     folder = Path(out_folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -459,16 +460,33 @@ def reproduce(
     return doc
 
 
-def _other_run(compare: dict | str | Path | None) -> dict | None:
-    if compare is None or isinstance(compare, dict):
-        return compare
-    try:
-        doc = json.loads(Path(compare).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ReproduceError(f"compare: cannot read {compare}: {exc}") from exc
+def read_compare(compare: dict | str | Path | None) -> dict | None:
+    """The other run of ``reproduce(..., compare=...)``, read and checked before any work: a
+    ``numbers.json`` (document or path) of a reproduce run that names its model and holds
+    everything :func:`length_comparison` reads (tried on it here), so a file that lacks a field
+    is one :class:`ReproduceError`, not a ``KeyError`` after the long-input pass."""
+    if compare is None:
+        return None
+    doc = compare
+    if not isinstance(compare, dict):
+        try:
+            text = Path(compare).read_text(encoding="utf-8")
+        except (OSError, ValueError) as exc:
+            raise ReproduceError(f"compare: cannot read {compare}: {exc}") from exc
+        doc = load_json(text, f"compare: {compare}", error=ReproduceError)
+    where = "the compare document" if isinstance(compare, dict) else str(compare)
     if not isinstance(doc, dict) or doc.get("schema") != SCHEMA:
-        raise ReproduceError(f"compare: {compare} is not the numbers.json of a sinkscope reproduce run ({SCHEMA})")
+        raise ReproduceError(f"compare: {where} is not the numbers.json of a sinkscope reproduce run ({SCHEMA})")
+    if not isinstance(doc.get("model"), str):
+        raise ReproduceError(f"compare: {where} names no model (its 'model' field is missing or not a name); "
+                             "pass the numbers.json a reproduce run wrote")
+    try:
+        length_comparison(doc, doc)
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, ZeroDivisionError) as exc:
+        raise ReproduceError(f"compare: {where} lacks what a length comparison reads ({type(exc).__name__}: {exc}); "
+                             "pass the numbers.json a reproduce run wrote") from None
     return doc
+
 
 
 def _token_count(doc: dict) -> str:
