@@ -226,11 +226,54 @@ def batch_from_ids(model, rows: Sequence[Sequence[int]], prepend_bos: bool) -> T
 
 
 def _readable(token: str, tokenizer) -> str:
-    """Byte-level BPE shows spaces as 'Ġ' and newlines as 'Ċ'; show them as text."""
+    """A token as text: byte-level BPE shows spaces as 'Ġ' and newlines as 'Ċ', shown as text.
+
+    A token that holds only part of a UTF-8 character (an emoji or a Hebrew letter split over
+    two tokens) would decode to U+FFFD; its bytes that do not decode are written as ``\\xHH``
+    escapes instead (``" \\xf0\\x9f\\x98"``, then ``"\\x80"``), so the token stays readable and
+    its neighbours can be merged back for display (:func:`circuits.view.merged_text`)."""
     try:
-        return tokenizer.convert_tokens_to_string([token])
+        text = tokenizer.convert_tokens_to_string([token])
     except Exception:  # some special tokens do not round-trip; keep the raw form
         return token
+    if "\ufffd" in text:
+        raw = _token_bytes(token)
+        if raw is not None:
+            return raw.decode("utf-8", errors="backslashreplace")
+    return text
+
+
+_BYTE_FALLBACK = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
+
+
+def _token_bytes(token: str) -> bytes | None:
+    """The bytes a token stands for: SentencePiece's byte-fallback ``<0xF0>``, or a byte-level
+    BPE token (GPT-2's byte-to-character map); None for any other token."""
+    m = _BYTE_FALLBACK.match(token)
+    if m:
+        return bytes([int(m.group(1), 16)])
+    decoder = _byte_decoder()
+    if all(ch in decoder for ch in token):
+        return bytes(decoder[ch] for ch in token)
+    return None
+
+
+_BYTE_DECODER: dict[str, int] = {}
+
+
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's printable character -> byte map, inverted (what byte-level BPE tokens are written in)."""
+    if not _BYTE_DECODER:
+        bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+        cs = bs[:]
+        n = 0
+        for b in range(256):
+            if b not in bs:
+                bs.append(b)
+                cs.append(256 + n)
+                n += 1
+        _BYTE_DECODER.update({chr(c): b for b, c in zip(bs, cs)})
+    return _BYTE_DECODER
 
 
 # --------------------------------------------------------------------------- built-in texts

@@ -29,6 +29,7 @@ from __future__ import annotations
 import html
 import json
 import math
+import re
 from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
@@ -154,8 +155,56 @@ def _alpha_positions(
     return {s: sorted(c) for s, c in chosen.items()}, False
 
 
+#: the bytes of a token that hold part of a UTF-8 character, as :mod:`circuits.probes` writes them
+_BYTE = re.compile(r"\\x([89a-f][0-9a-f])")
+_BYTE_RUN = re.compile(r"(?:\\x[89a-f][0-9a-f])+")
+
+
+def merged_text(tokens: Sequence[str]) -> str:
+    """The tokens joined, with the ``\\xHH`` bytes of characters split over tokens decoded back
+    into the characters (an emoji over two byte-level tokens reads as the emoji)."""
+    return _BYTE_RUN.sub(lambda m: bytes(int(h, 16) for h in _BYTE.findall(m.group())).decode("utf-8", "backslashreplace"),
+                         "".join(tokens))
+
+
+def partial_chars(tokens: Sequence[str]) -> dict[int, str]:
+    """Position -> the character(s) a token holds part of, for every token written with ``\\xHH``
+    bytes (:func:`circuits.probes.tokenize`): the page shows it beside the bytes. A character's
+    bytes are followed across token boundaries, never across other text."""
+    out: dict[int, str] = {}
+    run: list[tuple[int, int]] = []  # (byte, position) of consecutive escaped bytes
+
+    def flush() -> None:
+        i = 0
+        while i < len(run):
+            lead = run[i][0]
+            size = 2 if 0xC0 <= lead < 0xE0 else 3 if 0xE0 <= lead < 0xF0 else 4 if 0xF0 <= lead < 0xF8 else 1
+            chunk = run[i : i + size]
+            try:
+                char = bytes(b for b, _ in chunk).decode("utf-8")
+            except UnicodeDecodeError:  # a stray byte: it stays an escape, with no character
+                char, chunk = "", chunk[:1]
+            for k in dict.fromkeys(k for _, k in chunk):
+                if char:
+                    out[k] = out.get(k, "") + char
+            i += len(chunk)
+        run.clear()
+
+    for k, token in enumerate(tokens):
+        pos = 0
+        for m in _BYTE.finditer(token):
+            if m.start() > pos:
+                flush()
+            run.append((int(m.group(1), 16), k))
+            pos = m.end()
+        if pos < len(token) or not token:
+            flush()
+    flush()
+    return out
+
+
 def _sequence_label(tokens: list[str], n: int = 48) -> str:
-    text = "".join(tokens).replace("\n", " ").strip()
+    text = merged_text(tokens).replace("\n", " ").strip()
     return text if len(text) <= n else text[: n - 1] + "…"
 
 
@@ -222,6 +271,8 @@ def view_data(
             "index": s,
             "label": _sequence_label(first.tokens[s]),
             "tokens": list(first.tokens[s][:n]),
+            # the character(s) of tokens that hold part of one (their bytes show as \xHH)
+            "chars": {str(k): c for k, c in partial_chars(first.tokens[s][:n]).items()},
             "score": {name: _floats(m.sink_score[s, :, :n]) for name, m in runs.items()},
             "alpha_positions": pos,
             # [positions, layer * head], layer-major
@@ -276,14 +327,20 @@ def _asset(name: str) -> str:
     return (_ASSETS / name).read_text(encoding="utf-8")
 
 
+_PLACEHOLDER = re.compile(r"__(CSS|JS|TITLE|DATA)__")
+
+
 def render_html(data: dict) -> str:
-    """The whole page: template, style, script and data, one string with nothing to fetch."""
+    """The whole page: template, style, script and data, one string with nothing to fetch.
+
+    The template's placeholders are filled in one pass (``re.sub``): what goes in is never
+    searched again, so a title, a model folder or a spec that contains ``__DATA__`` (or any
+    placeholder) stays text. The data sit in a ``<script type="application/json">`` block with
+    every ``<`` escaped, so no string in them can end the block.
+    """
     payload = _encode(data).replace("<", "\\u003c")  # "<" occurs only inside strings: no "</script>" can end the block
-    page = _asset("view.html")
-    for key, value in (("__CSS__", _asset("view.css")), ("__JS__", _asset("view.js")), ("__TITLE__", html.escape(data["title"])),
-                       ("__DATA__", payload)):
-        page = page.replace(key, value, 1)
-    return page
+    values = {"CSS": _asset("view.css"), "JS": _asset("view.js"), "TITLE": html.escape(data["title"]), "DATA": payload}
+    return _PLACEHOLDER.sub(lambda m: values[m.group(1)], _asset("view.html"))
 
 
 @dataclass(frozen=True)

@@ -102,6 +102,11 @@
     return out;
   }
   function shownToken(t) { return t.replace(/\n/g, "\u21B5\n").replace(/\t/g, "\u2192\t") || "\u2205"; }
+  /* a token in quotes with its whitespace escaped; the \xHH bytes of a token that holds part of a
+   * UTF-8 character (written so by circuits.probes) keep their one backslash */
+  function quoted(t) { return JSON.stringify(t).replace(/\\\\x([89a-f][0-9a-f])/g, "\\x$1"); }
+  /* the character(s) a token holds part of (null for a whole token) */
+  function partOf(seq, k) { return (seq.chars && seq.chars[k]) || null; }
 
   // ---------------------------------------------------------------- text
   function renderText() {
@@ -113,7 +118,8 @@
       var s = document.createElement("span");
       s.textContent = shownToken(seq.tokens[k]);
       s.dataset.k = k;
-      var cls = [];
+      var cls = [], part = partOf(seq, k);
+      if (part) { cls.push("bytes"); s.title = "UTF-8 bytes of \u201C" + part + "\u201D"; }
       if (k === 0) cls.push("primary");
       if (sec[k]) cls.push("secondary");
       if (isTarget(k)) cls.push("target");
@@ -291,12 +297,13 @@
       $("detail-body").hidden = true; $("detail-empty").hidden = false; return;
     }
     $("detail-empty").hidden = true; $("detail-body").hidden = false;
-    $("d-token").textContent = JSON.stringify(seq.tokens[k]);
+    $("d-token").textContent = quoted(seq.tokens[k]);
     $("d-pos").textContent = k;
     var badges = $("d-badges"), sec = secondaryOf(seq, k);
     badges.replaceChildren();
     var badge = function (cls, txt) { var b = document.createElement("span"); b.className = "badge " + cls; b.textContent = txt; badges.append(b); };
     if (k === 0) badge("primary", "first token: the primary sink");
+    if (partOf(seq, k)) badge("bytes", "UTF-8 bytes of \u201C" + partOf(seq, k) + "\u201D");
     Object.keys(sec).forEach(function (r) { badge("secondary", (EFFECT ? r + ": " : "") + sec[r].kind); });
     if (isTarget(k)) badge("target", "intervention target");
     // sink score at the layer, per run
@@ -414,7 +421,7 @@
     text.addEventListener("click", function (ev) { var k = ev.target.dataset && ev.target.dataset.k; if (k !== undefined) pin(+k); });
     heat.addEventListener("mousemove", function (ev) {
       var cell = heatCell(ev), seq = seqData(), v = value(seq, S.view, cell.layer, cell.k);
-      $("heat-hover").textContent = "layer " + cell.layer + ", position " + cell.k + " " + JSON.stringify(seq.tokens[cell.k]) + ": " + fmt(v);
+      $("heat-hover").textContent = "layer " + cell.layer + ", position " + cell.k + " " + quoted(seq.tokens[cell.k]) + ": " + fmt(v);
     });
     var heatHelp = "layer 0 at the top, position 0 at the left; hover for values, click to select";
     $("heat-hover").textContent = heatHelp;
