@@ -20,13 +20,13 @@ from interventions.effect import EffectError, measure_effect
 from interventions.mlp import AblateMLP
 from interventions.residual import AmplifyVariance
 from interventions.sweep import LAYER_FIELDS, OTHER_FIELDS, grid_items, sweep
+from tolerances import assert_frames_agree
 
 TEXTS = [
     "The cat sat on the mat, and then it slept.",
     "A quick brown fox jumps over the lazy dog!",
     "Sinks store attention that has nowhere to go.",
 ]
-ATOL = 1e-5
 VALUES = ["clean", "intervened", "delta", "ci_low", "ci_high", "n"]
 
 
@@ -76,17 +76,20 @@ SPECS = [
 ]
 
 
+@pytest.mark.numerical
 def test_prefix_reuse_equals_a_full_intervened_forward(llama, batch, tmp_path):
     """Every item of a sweep (blocks >= min_layer only, variants stacked) equals measure_effect
-    (full clean and intervened forwards) on every cell, the side effects and the CIs."""
+    (full clean and intervened forwards) on every cell and the side effects, within the rounding
+    of two float32 computations on other shapes (:func:`tolerances.assert_frames_agree`); the
+    CIs are defined on the same rows (NaN in the same places)."""
     result = sweep(llama, batch, "{spec}", {"spec": SPECS}, tmp_path, positions=None, n_resamples=300, progress=False)
     assert registered_hooks(llama) == {}
     for spec in SPECS:
         item = result.frame[result.frame["iv_spec"] == spec].reset_index(drop=True)
-        full = measure_effect(llama, batch, spec, n_resamples=300).frame
+        effect = measure_effect(llama, batch, spec, n_resamples=300)
+        full = effect.frame
         assert list(item["metric"]) == list(full["metric"]) and item["spec"].iloc[0] == spec
-        diff = np.abs(_values(item) - _values(full))
-        assert np.nanmax(diff) <= ATOL, spec
+        assert_frames_agree(item, full, effect, llama, batch.tokens, what=f"{spec}: ")
         np.testing.assert_array_equal(np.isnan(_values(item)), np.isnan(_values(full)))
 
 
@@ -96,7 +99,11 @@ def test_blocks_below_the_intervention_do_not_run(llama, batch, tmp_path):
     assert counts == [1, 1, 2, 2]  # the clean pass runs every block once; the item only blocks 2, 3
 
 
+@pytest.mark.numerical
 def test_strengths_share_one_forward(llama, batch, tmp_path):
+    """Four strengths stacked in one forward equal four forwards of one copy each, within the
+    rounding of two float32 computations on other shapes; strength 1 (deviation mode) is the
+    identity up to that rounding."""
     grid = {"strength": [0.5, 1.0, 2.0, 4.0]}
     iv = "amplify-variance:layer=1,positions=4,factor={strength}"
     with forward_counter(llama) as calls:
@@ -105,16 +112,22 @@ def test_strengths_share_one_forward(llama, batch, tmp_path):
     with forward_counter(llama) as calls:
         single = sweep(llama, batch, iv, grid, tmp_path / "single", batch_size=len(batch), progress=False)
     assert len(calls) == 5
-    assert np.nanmax(np.abs(_values(stacked.frame) - _values(single.frame))) <= ATOL
-    identity = stacked.frame[(stacked.frame["iv_strength"] == 1.0) & stacked.frame["delta"].notna()]
-    assert (identity["delta"].abs() <= 1e-6).all()
+    for strength in grid["strength"]:
+        pick = lambda f, s=strength: f[f["iv_strength"] == s].reset_index(drop=True)  # noqa: E731
+        effect = measure_effect(llama, batch, iv.format(strength=strength), n_resamples=0)
+        assert_frames_agree(pick(stacked.frame), pick(single.frame), effect, llama, batch.tokens, what=f"strength {strength}: ")
+        if strength == 1.0:  # the identity: the intervened run is the clean run, up to the same rounding
+            identity = pick(stacked.frame).assign(intervened=lambda f: f["clean"], delta=0.0)
+            assert_frames_agree(pick(stacked.frame), identity, effect, llama, batch.tokens, what="identity: ")
 
 
 def test_side_effects_off_skips_logits_only(llama, batch, tmp_path):
+    """Without side effects the forwards stop after the last block; everything before it runs the
+    same shapes on the same kernels, so the scores are identical, bit for bit."""
     on = sweep(llama, batch, "ablate-mlp:layers={layer}", {"layer": [1]}, tmp_path / "on", progress=False).frame
     off = sweep(llama, batch, "ablate-mlp:layers={layer}", {"layer": [1]}, tmp_path / "off", side_effects=False, progress=False).frame
     scores = lambda f: _values(f[f["metric"].isin(["sink_score", "sink_rate", "target_sink_score"])])  # noqa: E731
-    np.testing.assert_allclose(scores(on), scores(off), atol=1e-6)
+    np.testing.assert_array_equal(scores(on), scores(off))
     assert off.loc[off["metric"] == "kl", "delta"].isna().all()
     assert on.loc[on["metric"] == "kl", "delta"].iloc[0] > 0
 

@@ -167,3 +167,83 @@ def assert_within(a, b, bound, what: str) -> None:
         i = np.unravel_index(int(np.argmax(over)), a.shape)
         raise AssertionError(f"{what}: |a - b| = {diff[i]:.3g} > bound {bound[i]:.3g} at index {tuple(int(j) for j in i)} "
                              f"(a = {a[i]:.6g}, b = {b[i]:.6g}; {int((over > 0).sum())} of {a.size} elements over)")
+
+
+def max_abs_logit(model, tokens) -> np.ndarray:
+    """The largest ``|logit|`` at every position ([N, T]): the size the loss's error is relative to."""
+    import torch  # heavy only for the tests that need it
+
+    with torch.no_grad():
+        return model(tokens).abs().amax(-1).float().numpy()
+
+
+def assert_measurements_agree(a, b, model, tokens, *, fields=None, paths: int = 2, dtype: str = "float32", what: str = "",
+                              max_logit=None) -> None:
+    """Two :class:`~circuits.measure.SinkMeasurement` of the same sequences agree within the
+    rounding model: every array field within :func:`field_bound` (magnitudes from ``a``), the
+    loss within :func:`loss_bound` (``max_logit``: the run's largest ``|logit|`` per position,
+    by default the plain forward's), the top dimensions except at near ties."""
+    fields = fields or ("alpha", "sink_score", "cos_to_first", "first_resid", "resid_norm", "top_values", "median_abs",
+                        "next_token_loss", "top_dims")
+    n = longest_sum(model.cfg, tokens.shape[-1])
+    for name in fields:
+        if name == "next_token_loss":
+            logit = max_abs_logit(model, tokens) if max_logit is None else max_logit
+            bound = loss_bound(logit, a.n_layers, n, dtype=dtype, paths=paths)
+            assert_within(a.next_token_loss, b.next_token_loss, bound, f"{what}next_token_loss")
+        elif name == "top_dims":
+            assert_top_dims_agree(a.top_dims, a.top_values, b.top_dims, b.top_values,
+                                  field_bound("top_values", a, n, dtype=dtype, paths=paths), f"{what}top_dims")
+        else:
+            assert_within(getattr(a, name), getattr(b, name), field_bound(name, a, n, dtype=dtype, paths=paths), f"{what}{name}")
+
+
+def frame_bounds(frame, effect, model, tokens, *, eps: float = 0.3, paths: int = 2) -> np.ndarray:
+    """Per row of an effect frame (``interventions.effect.Effect.frame``), the bound its
+    ``clean`` and ``intervened`` means owe under the rounding model; ``delta`` owes their sum.
+    ``effect`` supplies the magnitudes (its clean and intervened measurements):
+
+    * ``sink_score`` / ``target_sink_score``: probabilities of the row's layer (the deepest for
+      the target row, a mean over layers);
+    * ``sink_rate`` (percent of (layer, head) cells with alpha > eps, per sequence, then averaged):
+      a cell may flip only where its alpha lies within its bound of eps, so the bound is 100 times
+      the mean over sequences of the share of such cells at that position, in either run;
+    * ``next_token_loss``: :func:`loss_bound` at the largest ``|logit|`` of the batch; ``kl``, a
+      difference of two log-softmaxes: twice that.
+    """
+    n = longest_sum(model.cfg, tokens.shape[-1])
+    n_layers = effect.clean.n_layers
+    loss = float(loss_bound(np.nanmax(max_abs_logit(model, tokens)), n_layers, n, paths=paths))
+    alpha_bound = paths * depth_error(np.arange(n_layers)[None, :, None, None], n)  # [1, L, 1, 1]
+    near = [margin_mask(m.alpha, eps, alpha_bound) | np.isnan(m.alpha) for m in (effect.clean, effect.intervened)]
+    near_share = np.nanmax([100.0 * (1.0 - owed.mean(axis=(1, 2))).mean(axis=0) for owed in near], axis=0)  # [T]
+    out = np.empty(len(frame))
+    for i, row in enumerate(frame.itertuples()):
+        layer = n_layers - 1 if row.metric == "target_sink_score" or _missing(row.layer) else int(row.layer)
+        out[i] = {"sink_score": paths * depth_error(layer, n), "target_sink_score": paths * depth_error(layer, n),
+                  "next_token_loss": loss, "kl": 2 * loss}.get(row.metric, np.nan)
+        if row.metric == "sink_rate":
+            out[i] = near_share[int(row.position)]
+    if np.isnan(out).any():
+        raise KeyError(f"no rounding bound is stated for metric(s) {sorted(set(frame['metric'][np.isnan(out)]))}")
+    return out
+
+
+def _missing(x) -> bool:
+    import pandas as pd  # heavy only for the tests that compare frames
+
+    return bool(pd.isna(x))
+
+
+def assert_frames_agree(a, b, effect, model, tokens, *, eps: float = 0.3, paths: int = 2, what: str = "") -> None:
+    """Two effect frames of the same cells: ``n`` exactly, ``clean`` / ``intervened`` within
+    :func:`frame_bounds`, ``delta`` within the sum of both. The bootstrap CI columns are not
+    compared: a BCa endpoint is discontinuous in rounding (its bias correction counts the
+    resamples whose mean lies below the observed mean, and a resample that permutes the sequences
+    has that very mean, up to rounding), so two computations that differ in the last bits can
+    move an endpoint by far more than the bits. They are compared where the runs are identical."""
+    assert list(a["metric"]) == list(b["metric"]), f"{what}rows differ"
+    np.testing.assert_array_equal(a["n"].to_numpy(float), b["n"].to_numpy(float), err_msg=f"{what}n")
+    bound = frame_bounds(a, effect, model, tokens, eps=eps, paths=paths)
+    for col, scale in (("clean", 1.0), ("intervened", 1.0), ("delta", 2.0)):
+        assert_within(a[col].to_numpy(float), b[col].to_numpy(float), scale * bound, f"{what}{col}")
