@@ -7,14 +7,19 @@ never delete a file it did not write. The policy, in one place:
 * ``--out`` may be absent or an empty folder; or a folder sinkscope wrote before, which is then
   **replaced as a whole** once the new run succeeded. Sinkscope knows it wrote a folder from the
   manifest :data:`MANIFEST` it leaves in it (every file with its size and sha256). A folder that
-  holds any file the manifest does not list, a folder without a manifest, or a file is refused
-  before any work starts (:class:`OutputDirError`).
+  is no longer as sinkscope wrote it (a file the manifest does not list, a file whose sha256
+  changed, a folder sinkscope did not make, any symlink: :func:`changes`), a folder without a
+  manifest, a file, and the current folder (``--out .``) or one holding it, are refused before
+  any work starts, with one line naming what was found (:class:`OutputDirError`): sinkscope
+  never deletes what a user changed or added.
 * Everything is written into a hidden staging folder next to the target
   (``.<name>.staging-<pid>-...``) and swapped into place by two renames under an exclusive lock
   on the parent folder, so two runs writing the same ``--out`` at once end with one whole result
   (the later one), and a run that fails or is interrupted (Ctrl-C, SIGTERM) leaves nothing.
 * Staging folders of runs killed outright (SIGKILL: no handler runs) carry the dead process' id
-  and are swept by the next run that writes next to them (:func:`sweep_stale`).
+  and are swept by the next run that writes next to them, into any ``--out`` (:func:`sweep_stale`).
+* A folder one run must have to itself (a training run, a resumable sweep) is held with
+  :func:`exclusive`: a second run into it is refused with one line naming the first one's id.
 """
 
 from __future__ import annotations
@@ -56,30 +61,32 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def _stale_re(name: str) -> re.Pattern:
-    return re.compile(rf"^\.{re.escape(name)}\.(staging|old)-(\d+)-")
+#: ``.<name>.staging-<pid>-...`` / ``.<name>.old-<pid>-...``: what a run writes next to its target
+_STALE = re.compile(r"^\.(.+)\.(staging|old)-(\d+)-")
 
 
 def sweep_stale(out: Path) -> list[Path]:
-    """Remove staging folders next to ``out`` left by killed runs (their process is gone).
+    """Remove the staging folders next to ``out`` left by killed runs (their process is gone),
+    whatever ``--out`` they were for: a run killed by SIGKILL or SIGHUP into ``a`` is swept by
+    the next run into ``b`` beside it.
 
     A killed swap (``.old-``: the previous result moved aside, the new one not yet in place) is
-    put back when ``out`` is missing. Returns what was removed or restored.
+    put back when its target is missing. Returns what was removed or restored.
     """
     out = Path(out)
     parent = out.parent
-    pattern = _stale_re(out.name)
     done: list[Path] = []
     try:
         entries = list(parent.iterdir())
     except OSError:
         return done
     for entry in entries:
-        m = pattern.match(entry.name)
-        if not m or int(m.group(2)) == os.getpid() or pid_alive(int(m.group(2))):
+        m = _STALE.match(entry.name)
+        if not m or int(m.group(3)) == os.getpid() or pid_alive(int(m.group(3))):
             continue
-        if m.group(1) == "old" and not out.exists() and (entry / "previous").is_dir():
-            os.replace(entry / "previous", out)
+        target = parent / m.group(1)
+        if m.group(2) == "old" and not target.exists() and not target.is_symlink() and (entry / "previous").is_dir():
+            os.replace(entry / "previous", target)
         shutil.rmtree(entry, ignore_errors=True)
         done.append(entry)
     return done
@@ -110,11 +117,37 @@ def _manifest_files(folder: Path) -> dict[str, dict] | None:
 
 def foreign_files(folder: Path) -> list[str] | None:
     """Files in ``folder`` its manifest does not list (None: no readable manifest)."""
-    listed = _manifest_files(folder)
-    if listed is None:
-        return None
-    present = [p.relative_to(folder).as_posix() for p in folder.rglob("*") if not p.is_dir()]
-    return sorted(p for p in present if p != MANIFEST and p not in listed)
+    return None if _manifest_files(folder) is None else changes(folder)["a file sinkscope did not write"]
+
+
+def changes(folder: Path) -> dict[str, list[str]]:
+    """What in a folder sinkscope wrote is no longer as it wrote it, by kind (each a sorted list
+    of paths relative to ``folder``): files it did not write, files changed since (their sha256
+    differs from the manifest's), folders it did not make, and symlinks (it never makes one).
+    A file deleted since is no change worth keeping: replacing the folder loses nothing."""
+    listed = _manifest_files(folder) or {}
+    made = {Path(name).parent.as_posix() for name in listed} | {
+        parent.as_posix() for name in listed for parent in Path(name).parents}
+    out: dict[str, list[str]] = {kind: [] for kind in (
+        "a file sinkscope did not write", "a file changed since sinkscope wrote it", "a folder sinkscope did not make", "a symlink")}
+    for root, dirs, files in os.walk(folder):  # followlinks=False: a symlink is reported, never entered
+        base = Path(root)
+        for name in dirs + files:
+            path = base / name
+            rel = path.relative_to(folder).as_posix()
+            if path.is_symlink():
+                out["a symlink"].append(rel)
+            elif name in dirs:
+                if rel not in made:
+                    out["a folder sinkscope did not make"].append(rel)
+            elif rel == MANIFEST:
+                continue
+            elif rel not in listed:
+                out["a file sinkscope did not write"].append(rel)
+            elif not isinstance(listed[rel], dict) or path.stat().st_size != listed[rel].get("bytes") or \
+                    file_digest(path) != listed[rel].get("sha256"):
+                out["a file changed since sinkscope wrote it"].append(rel)
+    return {kind: sorted(paths) for kind, paths in out.items()}
 
 
 def check_output_dir(out: str | Path, *, label: str = "--out") -> Path:
@@ -133,17 +166,27 @@ def check_output_dir(out: str | Path, *, label: str = "--out") -> Path:
         os.rmdir(tempfile.mkdtemp(prefix=".sinkscope-probe-", dir=base))
     except OSError as exc:
         raise OutputDirError(f"{label} {out}: cannot write under {base} ({exc.strerror or exc})") from None
+    here = Path.cwd().resolve()
+    if out.resolve() == here or out.resolve() in here.parents:
+        raise OutputDirError(
+            f"{label} {out} is the current folder{'' if out.resolve() == here else ' or holds it'}, and an --out is "
+            "replaced as a whole; name a folder for the results, such as sinkscope-out")
     if out.is_dir() and any(out.iterdir()):
-        foreign = foreign_files(out)
-        if foreign is None:
+        if _manifest_files(out) is None:
             raise OutputDirError(
                 f"{label} {out} is a non-empty folder sinkscope did not write (no {MANIFEST}); "
                 "choose a new or empty folder, or empty this one yourself")
-        if foreign:
-            more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
+        for kind, paths in changes(out).items():
+            if not paths:
+                continue
+            more = f" and {len(paths) - 1} more" if len(paths) > 1 else ""
+            if kind == "a file sinkscope did not write":
+                what = f"files sinkscope did not write ({paths[0]}{more})"
+            else:
+                what = f"{kind} ({paths[0]}{more})"
             raise OutputDirError(
-                f"{label} {out} holds files sinkscope did not write ({foreign[0]}{more}); sinkscope replaces "
-                "only its own earlier outputs: move them, or choose another folder")
+                f"{label} {out} holds {what}; sinkscope replaces only its own earlier outputs, as it wrote them: "
+                "move what you changed or added, or choose another folder")
     return out
 
 
@@ -160,6 +203,67 @@ def locked(folder: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # closing releases the lock
+
+
+class FolderBusyError(OutputDirError):
+    """A folder that one run at a time may write is in use by another live run."""
+
+
+def lock_holder(folder: Path) -> int | None:
+    """The id of the process holding a ``flock`` on ``folder`` (Linux' ``/proc/locks``), or None."""
+    try:
+        st = os.stat(folder)
+        lines = Path("/proc/locks").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        parts = line.split()
+        if len(parts) < 6 or parts[1] != "FLOCK":
+            continue
+        where = next((p for p in parts if p.count(":") == 2), "")
+        try:
+            major, minor, inode = where.split(":")
+            if int(inode) == st.st_ino and (int(major, 16), int(minor, 16)) == (os.major(st.st_dev), os.minor(st.st_dev)):
+                return int(parts[4])
+        except ValueError:
+            continue
+    return None
+
+
+@contextmanager
+def exclusive(folder: Path, what: str) -> Iterator[Path]:
+    """Hold ``folder`` (made if missing) for this run alone until the block ends; a second run
+    that asks while this one lives gets :class:`FolderBusyError` at once, naming this run's id.
+
+    A non-blocking ``flock`` on the folder's own descriptor, released by the kernel when the
+    holder dies (a killed run never blocks the next); the lock is taken on the folder that is at
+    ``folder`` *now* (a folder moved away while a second run waited for it is not the one it
+    asked for, so it tries again). ``what`` names the folder in the message.
+    """
+    folder = Path(folder)
+    for _ in range(100):
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            holder = lock_holder(folder)
+            raise FolderBusyError(f"{what} {folder} is in use by another sinkscope run"
+                                  f"{f' (process {holder})' if holder else ''}; wait for it to finish, or choose another folder") from None
+        try:
+            same = os.stat(folder).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # moved or replaced between open and lock: lock what is there now
+    else:
+        raise FolderBusyError(f"{what} {folder} keeps being replaced by another run; try again")
+    try:
+        yield folder
+    finally:
+        os.close(fd)
 
 
 def write_manifest(folder: Path, **info: Any) -> Path:

@@ -15,9 +15,11 @@ deferred into the ``_run_<name>`` that needs it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -278,6 +280,7 @@ def _add_intervene(sub) -> None:
 
 def _run_intervene(args) -> int:
     # deferred: the command starts without torch; a job imports what it runs
+    from circuits.output import exclusive
     from circuits.probes import tokenize
     from interventions.effect import measure_effect
     from interventions.registry import parse_spec
@@ -298,9 +301,14 @@ def _run_intervene(args) -> int:
     _check_context(model, args.max_tokens)
     batch = tokenize(model, texts, prepend_bos=args.prepend_bos, max_tokens=args.max_tokens)
     settings = dict(eps=args.eps, batch_size=args.batch_size, n_resamples=args.n_resamples, seed=args.seed)
-    effect = measure_effect(model, batch, intervention, control=args.control, progress=True,
-                            metadata={"max_tokens": args.max_tokens}, **settings)
-    doc = _write_effect(args, model, batch, effect, intervention, strengths, settings)
+    with contextlib.ExitStack() as held:
+        if strengths:  # the sweep's resumable folder is this run's alone, from before the first forward
+            partial = _sweep_partial(args, batch, intervention, strengths, settings)
+            held.enter_context(exclusive(partial, f"--out {args.out}: the same sweep's folder"))
+            held.callback(_drop_unstarted, partial)
+        effect = measure_effect(model, batch, intervention, control=args.control, progress=True,
+                                metadata={"max_tokens": args.max_tokens}, **settings)
+        doc = _write_effect(args, model, batch, effect, intervention, strengths, settings)
     t = effect.summary["target_sink_score"]
     kl = effect.summary["kl"]["delta"]
     note = doc.get("ci95_note") or t.get("ci95_note")
@@ -311,9 +319,18 @@ def _run_intervene(args) -> int:
     return 0
 
 
+def _drop_unstarted(partial: Path) -> None:
+    """Remove the sweep folder of a run that ended before its first finished item (nothing to resume)."""
+    items = partial / "items"
+    if partial.is_dir() and not (items.is_dir() and any(items.glob("*.csv"))):
+        shutil.rmtree(partial, ignore_errors=True)
+
+
 def _sweep_partial(args, batch, intervention, strengths, settings) -> Path:
     """Where an interrupted ``--strengths`` sweep keeps its finished items: a hidden folder next to
-    ``--out`` named by everything that decides them, so only the same command resumes them."""
+    ``--out`` named by everything that decides them, so only the same command resumes them. A run
+    holds it (:func:`circuits.output.exclusive`) from before its first forward: the same command
+    started again while the first runs is refused at once, instead of sharing (and losing) it."""
     key = json.dumps([args.model, args.dtype, args.intervention, strengths, batch.token_ids, settings], sort_keys=True)
     out = args.out.absolute()
     return out.parent / f".{out.name}.sweep-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
@@ -349,6 +366,8 @@ def _write_effect(args, model, batch, effect, intervention, strengths, settings)
                                progress=True, **settings)
             except KeyboardInterrupt:
                 done = len(list((partial / "items").glob("*.csv")))
+                if not done:
+                    raise  # nothing finished, nothing kept (the folder goes with the run)
                 raise Interrupted(f"{done} of {len(strengths)} finished sweep items are kept in {partial}; "
                                   "run the same command again to resume") from None
             os.replace(partial, folder / "sweep")
@@ -380,13 +399,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: SIGINT (Ctrl-C), SIGTERM and SIGHUP (the terminal closed) all unwind the run
+_STOPS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 def _terminate(signum, frame):
-    raise KeyboardInterrupt  # SIGTERM unwinds like Ctrl-C: staging folders are removed on the way out
+    """The first stop signal unwinds like Ctrl-C (staging folders are removed on the way out);
+    later ones are ignored until the run has cleaned up, so a second Ctrl-C cannot cut the
+    clean-up short or end the process by the signal instead of exit code 130."""
+    for sig in _STOPS:
+        signal.signal(sig, _cleaning_up)
+    raise KeyboardInterrupt
+
+
+def _cleaning_up(signum, frame):
+    return None  # already unwinding: let the clean-up finish
 
 
 def main(argv: list[str] | None = None) -> int:
     in_main_thread = threading.current_thread() is threading.main_thread()  # only it may set handlers
-    previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
+    previous = {sig: signal.signal(sig, _terminate) for sig in _STOPS} if in_main_thread else {}
     try:
         args = build_parser().parse_args(argv)
         return COMMANDS[args.command][1](args)
@@ -400,8 +432,10 @@ def main(argv: list[str] | None = None) -> int:
         print("sinkscope: interrupted; nothing was written", file=sys.stderr)
         return 130
     finally:
-        if in_main_thread:
-            signal.signal(signal.SIGTERM, previous)
+        stopping = signal.getsignal(signal.SIGINT) is _cleaning_up if in_main_thread else False
+        if not (stopping and argv is None):  # the command itself keeps ignoring stops until the process exits
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
 
 if __name__ == "__main__":

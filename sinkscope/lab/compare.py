@@ -42,7 +42,7 @@ from circuits import variants as V
 from circuits.checks import check_int
 from circuits.measure import measure
 from circuits.models import load_model
-from circuits.output import write_json
+from circuits.output import exclusive, write_json
 from circuits.plots import style
 from circuits.probes import TokenBatch
 from sinkscope.lab.corpus import load_corpus
@@ -489,7 +489,11 @@ def run_comparison(out: str | Path, cmp: CompareConfig, *, progress: Callable[[s
     """Train all runs (resumable), measure throughput, analyse, write report, figures, JSON."""
     cmp = cmp.validate()
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    with exclusive(out, "the comparison folder"):  # one comparison per folder at a time
+        return _run_comparison(out, cmp, progress=progress, command=command)
+
+
+def _run_comparison(out: Path, cmp: CompareConfig, *, progress: Callable[[str], None], command: str) -> dict[str, Any]:
     t0 = time.perf_counter()
     train_all(out, cmp, progress)
     bench = None

@@ -64,6 +64,7 @@ from circuits.checks import check_eps, check_float, check_int, load_json
 from circuits.errors import SinkscopeError
 from circuits.measure import attention_received
 from circuits.models import byte_tokenizer
+from circuits.output import exclusive
 from sinkscope.lab import corpus as corpus_mod
 
 SCHEMA = "sinkscope.lab.run/1"
@@ -373,7 +374,12 @@ def train(
     """
     cfg = config.validate()
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    with exclusive(out, "the run folder"):  # one run per folder: a second one at once is refused, not interleaved
+        return _train(cfg, out, corpus=corpus, progress=progress, interrupt_after=interrupt_after)
+
+
+def _train(cfg: TrainConfig, out: Path, *, corpus, progress, interrupt_after) -> TrainResult:
+    """:func:`train`'s work, in a folder this process holds."""
     previous = _load_run_json(out)
     if previous is not None and previous.get("config") != cfg.to_dict():
         diff = {k: (previous.get("config", {}).get(k), v) for k, v in cfg.to_dict().items()
