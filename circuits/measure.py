@@ -486,7 +486,30 @@ def provenance(model, batch: TokenBatch | None = None) -> dict:
     }
     if batch is not None:
         out["prepend_bos"] = batch.prepend_bos
+        out["special_tokens"] = special_tokens(model, batch)
     return out
+
+
+#: How sinkscope reads special-token text in a prompt (README, "Inputs").
+SPECIAL_TOKEN_RULE = ("special-token text in a prompt (such as <|im_start|>) is read as that special token, as the "
+                      "model's own tokenizer and chat templates read it; prepend_bos says only whether sinkscope added a BOS")
+
+
+def special_tokens(model, batch: TokenBatch, *, keep: int = 50) -> dict:
+    """What a result records about special tokens: the rule, whether each sequence starts with the
+    tokenizer's BOS token (added or written in the text), and the special tokens that came from
+    the text (sequence, position, token; the first ``keep``, and their count)."""
+    tokenizer = getattr(model, "tokenizer", None)
+    special = set(getattr(tokenizer, "all_special_ids", None) or ())
+    bos = getattr(tokenizer, "bos_token_id", None)
+    found = [[i, t, batch.str_tokens[i][t]] for i, ids in enumerate(batch.token_ids) for t, tok in enumerate(ids)
+             if tok in special and not (batch.prepend_bos and t == 0)]
+    return {
+        "rule": SPECIAL_TOKEN_RULE,
+        "first_token_is_bos": [bool(bos is not None and ids[:1] == [bos]) for ids in batch.token_ids],
+        "from_text": found[:keep],
+        "n_from_text": len(found),
+    }
 
 
 def isfinite_or_none(x: float) -> float | None:

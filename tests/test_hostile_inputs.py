@@ -323,3 +323,22 @@ def test_measure_effect_takes_the_same_inputs(llama):
 def test_max_tokens_must_be_an_integer(llama):
     with pytest.raises(TokenizationError, match=r"max_tokens must be an integer, got 2.5"):
         tokenize(llama, TEXTS, max_tokens=2.5)
+
+
+# --------------------------------------------------------------------------- literal special tokens
+
+
+def test_special_token_text_is_read_as_the_special_token_and_recorded(tmp_path, capsys):
+    out = tmp_path / "o"
+    assert main(["measure", "--model", "tiny-llama", "--text", "<bos>hello <eos> you", "plain text", "--out", str(out)]) == 0
+    doc = strict_json(out / "sinks.json")
+    assert doc["prepend_bos"] is False and doc["tokens"][0][:2] == ["<bos>", "h"]
+    special = doc["metadata"]["special_tokens"]
+    assert special["rule"].startswith("special-token text in a prompt (such as <|im_start|>) is read as that special token")
+    assert special["first_token_is_bos"] == [True, False], "the text's own <bos> is recorded even with prepend_bos false"
+    assert special["from_text"] == [[0, 0, "<bos>"], [0, 7, "<eos>"]] and special["n_from_text"] == 2
+    # a BOS sinkscope prepends is not "from the text"
+    out2 = tmp_path / "o2"
+    assert main(["measure", "--model", "tiny-llama", "--text", "hello <eos> you", "--prepend-bos", "--out", str(out2)]) == 0
+    special = strict_json(out2 / "sinks.json")["metadata"]["special_tokens"]
+    assert special["first_token_is_bos"] == [True] and special["from_text"] == [[0, 7, "<eos>"]]
