@@ -788,7 +788,10 @@ def load_model(
     (``torch.bfloat16`` or ``"bfloat16"``), one ``device`` (``"cuda"``), or a split over
     several: ``device_map`` / ``max_memory`` as transformers takes them, or ``n_devices``.
     """
-    if not isinstance(name, str) or not name.strip():
+    if not isinstance(name, str):
+        raise UnknownModelError(f"name must be a model name, a local folder or a Hugging Face id (a str), got {name!r} "
+                                f"({type(name).__name__}); see `sinkscope models`")
+    if not name.strip():
         raise UnknownModelError("a model name is required; see `sinkscope models`")
     placement = resolve_placement(dtype, device, device_map=device_map, n_devices=n_devices, max_memory=max_memory)
     _quiet_transformers()

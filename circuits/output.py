@@ -230,17 +230,37 @@ def lock_holder(folder: Path) -> int | None:
     return None
 
 
+#: folders this process holds with :func:`exclusive` ((device, inode) -> depth): a nested hold
+#: (the command holds a sweep's folder, then the library's sweep asks for it) is granted
+_HELD: dict[tuple[int, int], int] = {}
+
+
 @contextmanager
 def exclusive(folder: Path, what: str) -> Iterator[Path]:
-    """Hold ``folder`` (made if missing) for this run alone until the block ends; a second run
-    that asks while this one lives gets :class:`FolderBusyError` at once, naming this run's id.
+    """Hold ``folder`` (made if missing) for this run alone until the block ends; another process
+    that asks while this one lives gets :class:`FolderBusyError` at once, naming this one's id.
 
     A non-blocking ``flock`` on the folder's own descriptor, released by the kernel when the
     holder dies (a killed run never blocks the next); the lock is taken on the folder that is at
     ``folder`` *now* (a folder moved away while a second run waited for it is not the one it
-    asked for, so it tries again). ``what`` names the folder in the message.
+    asked for, so it tries again). Within one process a hold nests. ``what`` names the folder in
+    the message.
     """
     folder = Path(folder)
+    try:
+        st = os.stat(folder)
+        key = (st.st_dev, st.st_ino)
+    except OSError:
+        key = None
+    if key in _HELD:
+        _HELD[key] += 1
+        try:
+            yield folder
+        finally:
+            _HELD[key] -= 1
+            if not _HELD[key]:
+                del _HELD[key]
+        return
     for _ in range(100):
         folder.mkdir(parents=True, exist_ok=True)
         fd = os.open(folder, os.O_RDONLY)
@@ -260,9 +280,13 @@ def exclusive(folder: Path, what: str) -> Iterator[Path]:
         os.close(fd)  # moved or replaced between open and lock: lock what is there now
     else:
         raise FolderBusyError(f"{what} {folder} keeps being replaced by another run; try again")
+    st = os.fstat(fd)
+    key = (st.st_dev, st.st_ino)
+    _HELD[key] = 1
     try:
         yield folder
     finally:
+        _HELD.pop(key, None)
         os.close(fd)
 
 

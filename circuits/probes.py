@@ -137,6 +137,8 @@ def tokenize(
             model's context (``model.cfg.n_ctx``) after truncation.
     """
     texts = check_texts(texts, max_tokens)
+    if prepend_bos not in (None, True, False):
+        raise TokenizationError(f"prepend_bos must be True, False or None (the model's native policy), got {_described(prepend_bos)}")
     if prepend_bos is None:
         prepend_bos = default_prepend_bos(model)
     tokenizer = model.tokenizer

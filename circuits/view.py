@@ -39,7 +39,7 @@ import numpy as np
 from jaxtyping import Float
 
 from circuits import anatomy
-from circuits.checks import check_eps
+from circuits.checks import check_eps, check_int
 from circuits.errors import SinkscopeError
 from circuits.measure import SinkMeasurement
 
@@ -229,6 +229,8 @@ def view_data(
         sequences: which sequences to show (default: all that fit in ``max_values``).
         max_values, alpha_values: the size budgets of the module docstring.
     """
+    check_int(max_values, "max_values", error=ViewError)
+    check_int(alpha_values, "alpha_values", minimum=0, error=ViewError)
     if isinstance(source, SinkMeasurement):
         runs = {"measurement": source}
         kind = "measurement"

@@ -833,6 +833,7 @@ def measure_effect(
     iv = as_intervention(intervention)
     settings = EffectSettings(eps=eps, layers=layers, positions=positions, confidence=confidence, n_resamples=n_resamples, seed=seed)
     _check_batch_size(batch_size)
+    check_float(flag_percent, "flag_percent", low=0, high=100, error=EffectError)
     batch = as_batch(model, batch)
     factory = hooks_for(model, iv, batch)  # validates before any forward pass
     check_target_positions(intervention_positions(iv), batch)

@@ -61,7 +61,7 @@ from tqdm.auto import tqdm
 from circuits.driver import Run, drive, full_forward
 from circuits.measure import SinkMeasurement, SinkMeter, provenance
 from circuits.meter import SubBatch, axes_of
-from circuits.output import write_json
+from circuits.output import exclusive, write_json
 from circuits.probes import TokenBatch, as_batch
 from interventions.base import HookFactory, Intervention, InterventionError, checked_hooks, hook_layer, hooks_for
 from interventions.effect import (
@@ -269,50 +269,52 @@ def sweep(
     path_of = lambda item: items_dir / f"{item.key}.{format}"  # noqa: E731
     pending = [item for item in items if not path_of(item).is_file()]
 
-    started = time.perf_counter()
-    if pending:
-        items_dir.mkdir(parents=True, exist_ok=True)
-        run = {"batch_size": batch_size, "side_effects": side_effects, "meta": meta}
-        clean, chunks = _clean_pass(model, batch, sorted({i.start for i in pending if i.start is not None}), **run)
-        bar = tqdm(total=len(items), initial=len(items) - len(pending), desc="sweep", unit="item", disable=not progress)
-        try:
-            for group in _groups(pending, max(1, batch_size // min(batch_size, len(batch)))):
-                for item, (meas, kl, names) in zip(group, _run_group(model, batch, group, factories, clean, chunks, **run)):
-                    effect = compare(
-                        clean, meas, target=target_of(item.intervention, names, n_layers), intervention=item.intervention,
-                        kl=kl, settings=summary,
-                    )
-                    _write_atomic(_item_frame(effect.frame, item), path_of(item), format)
-                    bar.update(1)
-        finally:
-            bar.close()
+    # the store is one run's at a time: a second sweep into it at once is refused, not interleaved
+    with exclusive(out, "the sweep folder"):
+        started = time.perf_counter()
+        if pending:
+            items_dir.mkdir(parents=True, exist_ok=True)
+            run = {"batch_size": batch_size, "side_effects": side_effects, "meta": meta}
+            clean, chunks = _clean_pass(model, batch, sorted({i.start for i in pending if i.start is not None}), **run)
+            bar = tqdm(total=len(items), initial=len(items) - len(pending), desc="sweep", unit="item", disable=not progress)
+            try:
+                for group in _groups(pending, max(1, batch_size // min(batch_size, len(batch)))):
+                    for item, (meas, kl, names) in zip(group, _run_group(model, batch, group, factories, clean, chunks, **run)):
+                        effect = compare(
+                            clean, meas, target=target_of(item.intervention, names, n_layers), intervention=item.intervention,
+                            kl=kl, settings=summary,
+                        )
+                        _write_atomic(_item_frame(effect.frame, item), path_of(item), format)
+                        bar.update(1)
+            finally:
+                bar.close()
 
-    frame = _read_items([path_of(i) for i in items], format)
-    table_path = out / f"sweep.{format}"
-    _write_atomic(frame, table_path, format)
-    doc = {
-        "schema": SCHEMA,
-        **meta,
-        "made_by": made_by,
-        "grid": {k: [_plain(v) for v in vs] for k, vs in grid.items()},
-        "settings": settings,
-        "n_items": len(items),
-        "n_run": len(pending),
-        "n_resumed": len(items) - len(pending),
-        "seconds": time.perf_counter() - started,
-        "table": table_path.name,
-        "items": [{"item": i.index, "key": i.key, "spec": i.spec, **{f"iv_{k}": v for k, v in i.values.items()}} for i in items],
-        "columns": {
-            "item, item_key, spec, iv_<name>": "the grid item: its index, store key, intervention spec and grid values",
-            "metric, layer, position, n, clean, intervened, delta, ci_low, ci_high": "as in effect.json (interventions.effect.compare)",
-        },
-        "token_ids": batch.token_ids,
-    }
-    metadata_path = out / "sweep.json"
-    tmp = out / ".sweep.json.tmp"
-    write_json(tmp, doc)
-    os.replace(tmp, metadata_path)
-    return SweepResult(frame, doc, table_path, metadata_path)
+        frame = _read_items([path_of(i) for i in items], format)
+        table_path = out / f"sweep.{format}"
+        _write_atomic(frame, table_path, format)
+        doc = {
+            "schema": SCHEMA,
+            **meta,
+            "made_by": made_by,
+            "grid": {k: [_plain(v) for v in vs] for k, vs in grid.items()},
+            "settings": settings,
+            "n_items": len(items),
+            "n_run": len(pending),
+            "n_resumed": len(items) - len(pending),
+            "seconds": time.perf_counter() - started,
+            "table": table_path.name,
+            "items": [{"item": i.index, "key": i.key, "spec": i.spec, **{f"iv_{k}": v for k, v in i.values.items()}} for i in items],
+            "columns": {
+                "item, item_key, spec, iv_<name>": "the grid item: its index, store key, intervention spec and grid values",
+                "metric, layer, position, n, clean, intervened, delta, ci_low, ci_high": "as in effect.json (interventions.effect.compare)",
+            },
+            "token_ids": batch.token_ids,
+        }
+        metadata_path = out / "sweep.json"
+        tmp = out / ".sweep.json.tmp"
+        write_json(tmp, doc)
+        os.replace(tmp, metadata_path)
+        return SweepResult(frame, doc, table_path, metadata_path)
 
 
 def _item_frame(frame: pd.DataFrame, item: _Item) -> pd.DataFrame:

@@ -342,3 +342,18 @@ def test_special_token_text_is_read_as_the_special_token_and_recorded(tmp_path, 
     assert main(["measure", "--model", "tiny-llama", "--text", "hello <eos> you", "--prepend-bos", "--out", str(out2)]) == 0
     special = strict_json(out2 / "sinks.json")["metadata"]["special_tokens"]
     assert special["first_token_is_bos"] == [True] and special["from_text"] == [[0, 7, "<eos>"]]
+
+
+def test_more_of_the_same_classes_are_named(llama):
+    from circuits.models import UnknownModelError, load_model
+
+    with pytest.raises(UnknownModelError, match=r"name must be a model name, a local folder or a Hugging Face id \(a str\), got 123 \(int\)"):
+        load_model(123)
+    with pytest.raises(TokenizationError, match="prepend_bos must be True, False or None .*, got 'yes' \\(str\\)"):
+        tokenize(llama, "abc", prepend_bos="yes")
+    with pytest.raises(EffectError, match="flag_percent must be a finite number >= 0 and <= 100, got nan"):
+        measure_effect(llama, TEXTS, "ablate-mlp:layer=1", flag_percent=float("nan"))
+    with pytest.raises(ViewError, match="max_values must be a positive integer, got 0"):
+        view(synthetic((6,)), max_values=0)
+    with pytest.raises(EffectError, match="confidence must be a finite number > 0 and < 1, got 1.5"):
+        EffectSettings(confidence=1.5)

@@ -21,6 +21,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -32,6 +33,22 @@ from sinkscope.cli import build_parser, main
 TINY = ["--model", "tiny-llama"]
 SWEEP = ["intervene", *TINY, "--intervention", "amplify-variance:layer=1,positions=3,factor=2", "--strengths", "1", "2", "4", "8",
          "--text", "a b c d e f", "g h i j k l", "--n-resamples", "0"]
+
+
+@contextmanager
+def held_elsewhere(folder: Path):
+    """Another process holds ``folder`` (:func:`circuits.output.exclusive`) until the block ends;
+    yields its process id. (A hold nests within one process, so the holder must be another.)"""
+    script = "import sys\nfrom circuits.output import exclusive\nwith exclusive(sys.argv[1], 'x'):\n" \
+             "    print('held', flush=True)\n    sys.stdin.read()\n"
+    proc = subprocess.Popen([sys.executable, "-c", script, str(folder)], cwd=ROOT, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    try:
+        yield proc.pid
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=30)
 
 
 def _popen(script: str, *args: str) -> subprocess.Popen:
@@ -57,13 +74,16 @@ def _sweep_folder(argv: list[str]) -> Path:
 
 def test_exclusive_refuses_a_second_holder_and_names_the_first(tmp_path):
     folder = tmp_path / "run"
-    with exclusive(folder, "the run folder"):
-        assert lock_holder(folder) == os.getpid()
-        with pytest.raises(FolderBusyError, match=f"the run folder {folder} is in use by another sinkscope run \\(process {os.getpid()}\\)"):
+    with held_elsewhere(folder) as pid:
+        assert lock_holder(folder) == pid
+        with pytest.raises(FolderBusyError, match=f"the run folder {folder} is in use by another sinkscope run \\(process {pid}\\)"):
             with exclusive(folder, "the run folder"):
                 pass
-    with exclusive(folder, "the run folder"):  # released at the end of the block
-        pass
+    with exclusive(folder, "the run folder"):  # released when its holder ended
+        assert lock_holder(folder) == os.getpid()
+        with exclusive(folder, "the run folder"):  # a hold nests within one process
+            pass
+        assert lock_holder(folder) == os.getpid(), "the outer hold outlives the nested one"
     assert lock_holder(folder) is None
 
 
@@ -71,7 +91,7 @@ def test_a_folder_moved_away_while_held_is_not_the_one_locked(tmp_path):
     """The first run moves its sweep folder into its result while holding it: a second run then
     gets a new folder of that name, not the moved one."""
     folder = tmp_path / "partial"
-    with exclusive(folder, "x"):
+    with held_elsewhere(folder):
         folder.rename(tmp_path / "moved")
         with exclusive(folder, "x") as again:
             assert again == folder and folder.is_dir()
@@ -85,11 +105,11 @@ def test_the_same_sweep_while_one_runs_is_refused_at_once(tmp_path, capsys):
     out = tmp_path / "E"
     argv = [*SWEEP, "--out", str(out)]
     partial = _sweep_folder(argv)
-    with exclusive(partial, "held by the test"):  # the first run, inside its sweep
+    with held_elsewhere(partial) as pid:  # the first run, inside its sweep
         code = main(argv)
         err = capsys.readouterr().err.strip().splitlines()
         assert code == 2 and len(err) == 1
-        assert f"--out {out}: the same sweep's folder {partial} is in use by another sinkscope run (process {os.getpid()})" in err[0]
+        assert f"--out {out}: the same sweep's folder {partial} is in use by another sinkscope run (process {pid})" in err[0]
         assert not out.exists() and partial.is_dir()
     assert main(argv) == 0, "free again: the run goes ahead"
     assert (out / "sweep" / "sweep.csv").is_file() and not partial.exists()
@@ -152,9 +172,9 @@ LAB = ["--variant", "softmax", "--steps", "2", "--corpus", "builtin", "--eval-ev
 
 def test_a_second_pretrain_into_a_busy_folder_is_refused(tmp_path, capsys):
     out = tmp_path / "run"
-    with exclusive(out, "held by the test"):  # the first run, training
+    with held_elsewhere(out) as pid:  # the first run, training
         msg = expect_bad_out(capsys, ["pretrain", *LAB], out)
-        assert msg == (f"sinkscope: error: the run folder {out} is in use by another sinkscope run (process {os.getpid()}); "
+        assert msg == (f"sinkscope: error: the run folder {out} is in use by another sinkscope run (process {pid}); "
                        "wait for it to finish, or choose another folder")
         assert list(out.iterdir()) == [], "the second run wrote nothing into it"
     assert main(["pretrain", *LAB, "--out", str(out)]) == 0
@@ -196,16 +216,28 @@ def test_the_library_trainer_holds_its_folder_too(tmp_path):
     from sinkscope.lab.train import TrainConfig, train
 
     out = tmp_path / "run"
-    with exclusive(out, "held by the test"):
+    with held_elsewhere(out):
         with pytest.raises(FolderBusyError, match="the run folder"):
             train(TrainConfig(steps=1, corpus="builtin"), out)
 
 
+def test_the_library_sweep_holds_its_store_before_any_forward(tmp_path, llama):
+    from helpers import forward_counter
+    from interventions.sweep import sweep
+
+    store = tmp_path / "store"
+    with held_elsewhere(store) as pid, forward_counter(llama) as calls:
+        with pytest.raises(FolderBusyError, match=f"the sweep folder {store} is in use by another sinkscope run \\(process {pid}\\)"):
+            sweep(llama, ["a b c d e f", "g h i j k l"], "amplify-variance:layer=1,positions=3,factor={f}", {"f": [1.0, 2.0]},
+                  store, format="csv", progress=False)
+    assert calls == []
+
+
 def test_a_second_lab_compare_into_a_busy_folder_is_refused(tmp_path, capsys):
     out = tmp_path / "cmp"
-    with exclusive(out, "held by the test"):
+    with held_elsewhere(out) as pid:
         msg = expect_bad_out(capsys, ["lab-compare", "--corpus", "builtin", "--steps", "1"], out)
-        assert f"the comparison folder {out} is in use by another sinkscope run (process {os.getpid()})" in msg
+        assert f"the comparison folder {out} is in use by another sinkscope run (process {pid})" in msg
         assert list(out.iterdir()) == []
 
 
