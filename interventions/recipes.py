@@ -200,7 +200,7 @@ def summarize_plant(table: pd.DataFrame, layers: Sequence[int] | None = None) ->
     out = {"layers": [int(l) for l in sel["layer"]], "sink_layers": table.attrs.get("sink_layers")}
     for col in ("clean", "intervened", "control", "did", "did_ci_low", "control_own", "ordinary_median", "primary"):
         if col in sel:
-            out[col] = float(np.nanmean(sel[col]))
+            out[col] = float(nanmean(np.asarray(sel[col], dtype=float)))  # all-NaN (a tiny model): NaN, no warning
     out["vs_clean"] = out["intervened"] / out["clean"] if out.get("clean") else float("nan")
     out["vs_primary"] = out["intervened"] / out["primary"] if out.get("primary") else float("nan")
     return out

@@ -23,6 +23,7 @@ from circuits.meter import MeterError
 from circuits.probes import TokenBatch, TokenizationError, batch_from_ids, check_texts, read_prompts, tokenize
 from circuits.view import ViewError, view
 from helpers import expect_bad_input, forward_counter
+from interventions.base import registered_hooks
 from interventions.effect import EffectError, EffectSettings, measure_effect
 from interventions.registry import SpecError, parse_spec
 from sinkscope.cli import main
@@ -60,7 +61,7 @@ def test_an_effect_whose_target_has_no_later_token_is_refused_before_any_forward
     with forward_counter(llama) as calls:
         with pytest.raises(EffectError, match=r"target position\(s\) \[1\] have no later token"):
             measure_effect(llama, batch, "ablate-mlp:layer=1,positions=1")
-    assert calls == []
+    assert calls == [] and registered_hooks(llama) == {}
 
 
 def test_an_effect_after_the_last_attention_is_an_explained_empty_result(tmp_path, capsys):
@@ -266,7 +267,7 @@ def test_measure_refuses_what_is_not_a_batch_by_name(llama, batch, expected):
     with forward_counter(llama) as calls:
         with pytest.raises(TokenizationError) as err:
             measure(llama, batch, progress=False)
-    assert expected in str(err.value) and calls == []
+    assert expected in str(err.value) and calls == [] and registered_hooks(llama) == {}
 
 
 def test_an_empty_batch_a_bad_batch_size_and_ids_beyond_the_vocabulary(llama):
