@@ -11,6 +11,18 @@ import torch
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.manual_seed(0)
 
+#: the session fixtures that load a packaged pretrained model
+REAL_FIXTURES = frozenset({"smollm2", "gemma3", "qwen2"})
+
+
+def pytest_collection_modifyitems(config, items):
+    """A test that uses a packaged model (directly or through another fixture) carries the
+    ``real`` marker, so ``-m "not real"`` is the quick tier it claims to be."""
+    unmarked = [item.nodeid for item in items
+                if REAL_FIXTURES & set(getattr(item, "fixturenames", ())) and item.get_closest_marker("real") is None]
+    if unmarked:
+        raise pytest.UsageError("these tests load a packaged model but lack @pytest.mark.real: " + ", ".join(unmarked))
+
 
 @pytest.fixture(scope="module")
 def llama():

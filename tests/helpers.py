@@ -46,6 +46,20 @@ def expect_bad_out(capsys, argv: list[str], out: Path) -> str:
     return err[0]
 
 
+def waiters_on(folder: Path) -> list[int]:
+    """Processes blocked waiting for a ``flock`` on ``folder`` (the ``->`` lines of Linux'
+    /proc/locks): how a concurrency test proves that two processes overlapped."""
+    st = os.stat(folder)
+    pids = []
+    for line in Path("/proc/locks").read_text().splitlines():
+        parts = line.split()
+        if len(parts) > 6 and parts[1] == "->" and parts[2] == "FLOCK":
+            major, minor, inode = parts[6].split(":")
+            if int(inode) == st.st_ino and (int(major, 16), int(minor, 16)) == (os.major(st.st_dev), os.minor(st.st_dev)):
+                pids.append(int(parts[5]))
+    return pids
+
+
 class Interrupt(Exception):
     """Raised by :func:`forward_counter` to simulate an interruption."""
 

@@ -6,12 +6,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 
 import pytest
 
 from circuits.probes import PromptsFileError, read_prompts
-from helpers import ROOT, expect_bad_input, run_cli
+from helpers import ROOT, expect_bad_input
 from sinkscope.cli import main
 
 # --------------------------------------------------------------------------- prompt files
@@ -181,10 +180,14 @@ def test_building_the_parser_imports_neither_torch_nor_transformers():
 
 
 @pytest.mark.parametrize("args", [["--help"], ["pretrain", "--help"], ["measure", "--eps", "x"], ["nosuchcommand"]])
-def test_help_and_argument_errors_answer_well_under_a_second(args):
-    start = time.perf_counter()
-    proc = run_cli(*args, timeout=30)
-    elapsed = time.perf_counter() - start
+def test_help_and_argument_errors_never_import_torch(args):
+    """Why help and argument errors answer at once: they are answered before torch, transformers,
+    TransformerLens or pandas is imported. Proved by making those imports fail in the process
+    (the seconds it takes are a benchmark figure, not a test: a loaded machine may be slow)."""
+    code = ("import sys; [sys.modules.__setitem__(m, None) for m in ('torch', 'transformers', 'transformer_lens', 'pandas')]; "
+            "from sinkscope.cli import main; sys.exit(main(sys.argv[1:]))")
+    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert proc.returncode == (0 if "--help" in args else 2), proc.stderr
-    assert "Traceback" not in proc.stderr
-    assert elapsed < 1.0, f"{args}: {elapsed:.2f} s"
+    assert "Traceback" not in proc.stderr and "ModuleNotFoundError" not in proc.stderr
+    if "--help" not in args:
+        assert len(proc.stderr.strip().splitlines()) >= 1 and "sinkscope" in proc.stderr

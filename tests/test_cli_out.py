@@ -100,28 +100,45 @@ def test_a_users_file_in_a_sinkscope_folder_stops_the_rerun(tmp_path, capsys):
 
 
 def test_two_processes_writing_one_out_end_with_one_whole_result(tmp_path):
-    """Each run's swap is slowed down; both succeed and the folder is exactly one of them."""
+    """The swap into --out runs under a lock on its parent. The first run to swap holds it until
+    the other is seen blocked on that lock (/proc/locks; at most 120 s, else it exits 3: no
+    overlap), so the two provably overlapped; both succeed and the folder is exactly one of them."""
     out = tmp_path / "out"
+    barrier = tmp_path / "barrier"
+    barrier.mkdir()
     script = textwrap.dedent("""
         import os, sys, time
+        from pathlib import Path
         import circuits.output as output
-        real = output.os.replace
-        def slow(a, b):
-            time.sleep(0.5)
+        from helpers import waiters_on
+        real, barrier = output.os.replace, Path(sys.argv[3])
+        def at_the_same_time(a, b):
+            output.os.replace = real
+            deadline = time.monotonic() + 120
+            while not (seen := waiters_on(Path(b).parent)):
+                if list(barrier.iterdir()):  # the other one has swapped: this one waited for it
+                    return real(a, b)
+                if time.monotonic() > deadline:
+                    sys.exit(3)
+                time.sleep(0.02)
+            (barrier / str(seen[0])).touch()  # the run seen waiting
             return real(a, b)
-        output.os.replace = slow
+        output.os.replace = at_the_same_time
         from sinkscope.cli import main
         sys.exit(main(["measure", "--model", "tiny-llama", "--text", sys.argv[1], "--out", sys.argv[2]]))
     """)
     texts = ["the first run's only text", "the second run writes this"]
-    procs = [subprocess.Popen([sys.executable, "-c", script, text, str(out)], cwd=ROOT, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for text in texts]
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "tests")}
+    procs = [subprocess.Popen([sys.executable, "-c", script, text, str(out), str(barrier)], cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env) for text in texts]
     results = [p.communicate(timeout=300) for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], results
+    assert [p.returncode for p in procs] == [0, 0], results  # 3: one never saw the other at its swap
+    waited = [int(p.name) for p in barrier.iterdir()]
+    assert len(waited) == 1 and waited[0] in {p.pid for p in procs}, "one run was seen waiting for the other's swap"
     _whole(out)
     doc = json.loads((out / "sinks.json").read_text())
     assert "".join(doc["tokens"][0]) in texts
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["barrier", "out"]
 
 
 # --------------------------------------------------------------------------- interrupted, terminated, killed

@@ -33,6 +33,7 @@ def test_every_packaged_model_has_its_own_long_sessions_with_their_settings(name
     assert max(s["n_tokens"] for s in sessions) >= 8192
 
 
+@pytest.mark.real
 def test_a_trace_batch_is_the_stored_ids_cut_to_max_tokens(smollm2):
     _, sessions = model_traces("smollm2-135m")
     batch = trace_batch(smollm2, 2, max_tokens=40)
@@ -44,6 +45,7 @@ def test_a_trace_batch_is_the_stored_ids_cut_to_max_tokens(smollm2):
     assert batch.prepend_bos is True
 
 
+@pytest.mark.real
 def test_a_longer_max_tokens_picks_the_sessions_that_are_that_long(smollm2):
     """The first sessions in file order holding max_tokens, then the longest of the rest."""
     _, sessions = model_traces("smollm2-135m")
@@ -57,11 +59,13 @@ def test_a_longer_max_tokens_picks_the_sessions_that_are_that_long(smollm2):
     assert everything.token_ids == [sessions[i]["token_ids"][:1500] for i in long_enough + rest]
 
 
+@pytest.mark.real
 def test_gemma3_sessions_start_with_its_bos(gemma3):
     batch = trace_batch(gemma3, 1, max_tokens=8)
     assert batch.prepend_bos is True and batch.tokens[0, 0].item() == gemma3.tokenizer.bos_token_id
 
 
+@pytest.mark.real
 def test_auto_means_generated_where_the_model_has_traces_else_written(smollm2, llama):
     assert resolve_inputs(smollm2, "auto") == "generated"
     assert resolve_inputs(llama, "auto") == "written"
@@ -75,6 +79,7 @@ def test_a_model_without_traces_asked_for_them_is_one_precise_error(llama):
         long_input_batch(llama, 2, 32, "generated")
 
 
+@pytest.mark.real
 def test_an_unknown_kind_of_input_names_the_choices(smollm2):
     with pytest.raises(SinkscopeError, match=", ".join(LONG_INPUT_KINDS)):
         resolve_inputs(smollm2, "invented")

@@ -3,7 +3,8 @@
 Each test loads a page, moves the layer slider with the keyboard, hovers or clicks a token or a
 heat-map cell, reads what the page shows and compares it with ``sinks.json`` (or the effect), and
 saves a screenshot under the test's tmp folder. Render times come from the page's own
-``performance.now()`` marks (``window.sinkscope.timings``) and are recorded as test properties.
+``performance.now()`` marks (``window.sinkscope.timings``) and are recorded as test properties,
+never asserted: speed is a benchmark figure (BENCHMARKS.md), not a property a loaded machine keeps.
 
 Without Chromium, chromedriver or selenium the tests skip with one line saying how to get them;
 ``SINKSCOPE_REQUIRE_BROWSER=1`` (set by ``.ci/run``) turns that skip into a failure, so CI cannot
@@ -29,8 +30,6 @@ from synthetic import synthetic
 pytestmark = pytest.mark.browser
 
 HINT = "no headless browser: apt-get install chromium chromium-driver (Debian) and pip install selenium"
-#: generous bounds: the figures measured here are ~10x smaller (README, "The interactive view")
-LOAD_MS, UPDATE_MS = 3000, 250
 
 
 def _unavailable(why: str):
@@ -189,7 +188,7 @@ def test_8k_tokens_load_and_move_the_slider_fast(browser, tmp_path, record_prope
     record_property("slider_update_ms_8k_max", round(max(updates), 1))
     print(f"8k tokens: {path.stat().st_size / 1e6:.2f} MB, load {timings['load_ms']:.0f} ms "
           f"(script {timings['init_ms']:.0f} ms, JSON parse {timings['parse_ms']:.0f} ms), slider update max {max(updates):.1f} ms")
-    assert timings["load_ms"] < LOAD_MS and max(updates) < UPDATE_MS
+    assert timings["load_ms"] > 0 and all(u >= 0 for u in updates), "the page recorded its own timings"
 
 
 def test_the_effect_view_switches_between_clean_intervened_and_delta(browser, tmp_path):

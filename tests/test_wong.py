@@ -124,6 +124,7 @@ def test_their_findings_reads_tokens_creation_layers_and_lifetimes():
     assert wong.their_findings(att.iloc[:0]) == {"n": 0}
 
 
+@pytest.mark.real
 def test_positions_0_to_2_are_excluded_only_under_a_chat_template(smollm2, llama):
     from types import SimpleNamespace
 

@@ -247,3 +247,14 @@ def assert_frames_agree(a, b, effect, model, tokens, *, eps: float = 0.3, paths:
     bound = frame_bounds(a, effect, model, tokens, eps=eps, paths=paths)
     for col, scale in (("clean", 1.0), ("intervened", 1.0), ("delta", 2.0)):
         assert_within(a[col].to_numpy(float), b[col].to_numpy(float), scale * bound, f"{what}{col}")
+
+
+def assert_logits_agree(a, b, cfg, what: str = "logits", paths: int = 2) -> None:
+    """Logits of two computations of the same forward (the bridge against plain transformers,
+    a resumed forward against a full one): after every block and the unembedding, within
+    ``paths`` times :func:`depth_error` at depth ``n_layers``, relative to the largest
+    ``|logit|`` of that position."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    n = longest_sum(cfg, a.shape[-2] if a.ndim >= 2 else 0)
+    bound = paths * depth_error(int(cfg.n_layers), n) * np.abs(a).max(axis=-1, keepdims=True)
+    assert_within(a, b, bound, what)
