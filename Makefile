@@ -3,7 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint install install-dev bench verdicts notebooks reports reports-long clean
+.PHONY: demo test test-kernels test-installs wheel ci lint install install-dev bench verdicts notebooks reports reports-long clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,7 +30,29 @@ demo: install
 # ruff first: a lint error fails in seconds, before the suite's minutes
 test: install-dev
 	$(BIN)/ruff check .
+	$(BIN)/python scripts/kernel_path.py
 	$(BIN)/python -m pytest
+
+# The numerical tests again on other kernels (ATen's scalar code path, MKL's reproducible mode,
+# one thread), so a tolerance that only the default path meets fails here, not on a user's CPU
+OTHER_KERNELS := ATEN_CPU_CAPABILITY=default MKL_CBWR=COMPATIBLE OMP_NUM_THREADS=1
+test-kernels: install-dev
+	$(OTHER_KERNELS) $(BIN)/python scripts/kernel_path.py
+	$(OTHER_KERNELS) $(BIN)/python -m pytest -m numerical -p no:cacheprovider
+
+# The wheel, installed (not editable) into fresh environments: Python 3.12 and 3.13 with the
+# newest dependencies PyPI gives, and 3.11 with every dependency at its lower bound
+INSTALL_PYTHONS ?= python3.12 python3.13
+wheel: install
+	rm -rf dist
+	$(BIN)/pip wheel --quiet --no-deps -w dist .
+
+test-installs: wheel
+	for py in $(INSTALL_PYTHONS); do scripts/install_check.sh dist/sinkscope-*.whl $$py || exit 1; done
+	scripts/install_check.sh dist/sinkscope-*.whl $(PYTHON) lowest
+
+# what .ci/run runs after installing the browser
+ci: test test-kernels test-installs
 
 lint: install-dev
 	$(BIN)/ruff check .
@@ -61,4 +83,4 @@ reports-long: install
 	done
 
 clean:
-	rm -rf $(VENV) sinkscope-out reports-out
+	rm -rf $(VENV) sinkscope-out reports-out dist

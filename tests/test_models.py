@@ -11,6 +11,7 @@ import torch
 
 from circuits import models
 from circuits.models import CorruptModelError, MissingPackageError, UnknownModelError, load_model
+from tolerances import assert_logits_agree, assert_within, depth_error, margin_mask
 
 TEXT = "The old lighthouse keeper counted the ships that passed, one by one, until the fog came in."
 
@@ -68,7 +69,7 @@ def test_local_hf_folder_loads(tmp_path):
     bridge = load_model(str(tmp_path))
     tokens = torch.tensor([[256, 97, 98, 99]])
     with torch.no_grad():
-        assert torch.allclose(bridge(tokens), hf(tokens).logits, atol=1e-5)
+        assert_logits_agree(bridge(tokens), hf(tokens).logits, bridge.cfg)
     assert bridge._sinkscope_info["source"] == "local folder"
 
 
@@ -293,7 +294,7 @@ def test_a_device_map_passes_through_to_transformers(tmp_path, monkeypatch):
     assert str(bridge.cfg.device) == "cpu"
     tokens = torch.tensor([[256, 97, 98, 99, 100]])
     with torch.no_grad():
-        assert torch.allclose(bridge(tokens), hf(tokens).logits, atol=1e-5)
+        assert_logits_agree(bridge(tokens), hf(tokens).logits, bridge.cfg)
 
 
 def test_half_precision_models_keep_float32_statistics():
@@ -308,18 +309,22 @@ def test_half_precision_models_keep_float32_statistics():
 
 
 @pytest.mark.real
+@pytest.mark.numerical
 @pytest.mark.parametrize("name", list(FIXTURE))
 def test_bfloat16_agrees_with_float32_on_the_packaged_models(name, request):
-    """Measured on 2026-11-30 (8 probe passages x 64 tokens, native BOS policy, CPU):
+    """bfloat16 against float32, 8 probe passages x 64 tokens, native BOS policy.
 
-    | model | max abs d sink score | mean abs d alpha | Sink_1^0.3 fp32 / bf16 |
-    |---|---:|---:|---:|
-    | smollm2-135m | 0.012 | 3.3e-4 | 71.76 / 71.67 % |
-    | gemma3-270m | 0.006 | 2.6e-4 | 78.82 / 78.99 % |
-    | qwen2.5-coder-0.5b | 0.025 | 7.4e-4 | 57.96 / 57.85 % |
+    What is owed, and why (tests/tolerances.py): bfloat16 stores every weight and activation
+    with 8 significant bits, ``3 * 2**-8`` per block, ``(l + 1)`` times that after block ``l``.
+    A single attention cell owes nothing: the softmax multiplies a logit's relative error by the
+    logit's size (``|q||k| / sqrt(d)`` reaches 50-120 in smollm2 and 4,600 in Qwen's layer 0), and
+    single cells do move by tenths (0.28 on one Qwen head, 2026-11-30). What is owed is what the
+    papers read, averages over many cells, in which independent rounding errors do not add up:
 
-    (single alpha cells move more: up to 0.28 on one Qwen head, hence the mean.) Tolerances:
-    about twice the largest measured difference.
+    * the primary sink's mass per layer (alpha at position 0, averaged over sequences and heads)
+      within ``(l + 1) * 3 * 2**-8`` (probabilities: magnitude 1);
+    * Sink_1^0.3 (percent of cells with alpha > 0.3), equal except for the cells whose float32
+      alpha lies within that bound of 0.3 (:func:`tolerances.margin_mask`).
     """
     from circuits.measure import measure
     from circuits.probes import probe_texts, tokenize
@@ -328,7 +333,9 @@ def test_bfloat16_agrees_with_float32_on_the_packaged_models(name, request):
     bf16 = load_model(name, dtype="bfloat16")
     batch = tokenize(fp32, probe_texts(8), max_tokens=64)
     a, b = measure(fp32, batch, progress=False), measure(bf16, batch, progress=False)
-    assert b.alpha.dtype == np.float32
-    assert np.nanmax(np.abs(a.sink_score - b.sink_score)) <= 0.05
-    assert np.nanmean(np.abs(a.alpha - b.alpha)) <= 2e-3
-    assert abs(a.sink_rate(0.3)[0] - b.sink_rate(0.3)[0]) <= 0.5
+    assert b.alpha.dtype == np.float32 and b.metadata["dtype"] == "torch.bfloat16"
+    layers = np.arange(a.n_layers)
+    bound = depth_error(layers, 0, "bfloat16")  # [L]
+    assert_within(np.nanmean(a.alpha[..., 0], axis=(0, 2)), np.nanmean(b.alpha[..., 0], axis=(0, 2)), bound, "mean alpha_0 per layer")
+    near = ~margin_mask(a.alpha[..., 0], 0.3, bound[None, :, None])  # [N, L, H]: cells that may flip
+    assert abs(a.sink_rate(0.3)[0] - b.sink_rate(0.3)[0]) <= 100.0 * near.mean()
