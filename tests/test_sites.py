@@ -126,7 +126,7 @@ def test_an_int_layer_site_takes_exactly_one_layer():
 
 def test_every_builtin_kind_declares_its_sites():
     builtins = [get_kind(k) for k in known_kinds() if get_kind(k).__module__.startswith("interventions.")]
-    assert len(builtins) >= 11  # the eleven of the second session, and kinds added since
+    assert len(builtins) >= 11  # the eleven kinds of commit 13568b5 (2026-11-30), and kinds added since
     for cls in builtins:
         declared = cls.__dict__.get("sites")
         assert isinstance(declared, Sites), f"{cls.__name__} does not declare its sites"
