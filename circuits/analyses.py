@@ -100,8 +100,9 @@ def observe(
     by_length: bool = False,
     progress: bool = False,
     fused: bool = True,
-) -> None:
-    """One forward pass per sub-batch feeding every meter (``SinkMeter`` or the meters here).
+) -> list:
+    """One forward pass per sub-batch feeding every meter (``SinkMeter`` or the meters here);
+    returns their results (``meter.result()``), in the order of ``meters``.
 
     Every meter's result has one row per sequence of ``batch``, in order. ``hooks`` are extra
     forward hooks (an intervention's, e.g. ``iv.hooks_for(model, batch)``), registered before
@@ -117,6 +118,7 @@ def observe(
         model, batch, Run(list(meters), hooks), batch_size=batch_size, logits=logits, by_length=by_length,
         progress=progress, desc="observing", fused=fused,
     )
+    return [meter.result() for meter in meters]
 
 
 # ------------------------------------------------------------------------------ MLP sites

@@ -1,0 +1,47 @@
+"""sinkscope: causal, mechanistic study of attention sinks, in one namespace.
+
+    import sinkscope as ss
+
+    model = ss.load_model("smollm2-135m")
+    meas = ss.measure(model, ["The cat sat on the mat.", "Sinks store attention."])
+    meas.sink_rate(eps=0.3)[0]                    # Sink_1^0.3 in percent (position 0)
+    effect = ss.measure_effect(model, ["The cat sat on the mat."], ss.parse("ablate-mlp:layers=3"))
+    ss.view(meas)                                 # the interactive view, in a notebook
+
+Each name is the function of the layer that owns it (``circuits`` observes, ``interventions``
+acts, ``sinkscope.reproduce`` runs the papers), imported on first use: ``import sinkscope``
+costs nothing, so the command line starts without torch. The layers stay importable for those
+who extend them.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+#: name in ``sinkscope`` -> (module, attribute)
+_EXPORTS: dict[str, tuple[str, str]] = {
+    "load_model": ("circuits.models", "load_model"),
+    "tokenize": ("circuits.probes", "tokenize"),
+    "measure": ("circuits.measure", "measure"),
+    "observe": ("circuits.analyses", "observe"),
+    "measure_effect": ("interventions.effect", "measure_effect"),
+    "sweep": ("interventions.sweep", "sweep"),
+    "parse": ("interventions.registry", "parse_spec"),
+    "view": ("circuits.view", "view"),
+    "reproduce": ("sinkscope.reproduce.report", "reproduce"),
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'sinkscope' has no attribute {name!r}; it exports {', '.join(__all__)}")
+    module, attribute = _EXPORTS[name]
+    value = getattr(importlib.import_module(module), attribute)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

@@ -1,0 +1,51 @@
+"""``import sinkscope as ss``: one namespace over the layers, imported lazily."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+import sinkscope as ss
+from helpers import ROOT
+
+
+def test_importing_sinkscope_imports_neither_torch_nor_the_layers():
+    code = ("import sys, sinkscope; print(sorted(m for m in ('torch', 'transformers', 'circuits.measure', "
+            "'interventions.effect') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
+
+
+def test_each_name_is_the_layers_own_function():
+    from circuits.analyses import observe
+    from circuits.measure import measure
+    from circuits.models import load_model
+    from interventions.effect import measure_effect
+    from interventions.registry import parse_spec
+
+    assert (ss.load_model, ss.measure, ss.observe, ss.measure_effect, ss.parse) == (load_model, measure, observe, measure_effect, parse_spec)
+    assert set(ss.__all__) <= set(dir(ss))
+
+
+def test_an_unknown_name_says_what_is_exported():
+    with pytest.raises(AttributeError, match="has no attribute 'mesure'; it exports .*measure"):
+        ss.mesure  # noqa: B018
+
+
+def test_a_notebook_session_in_one_namespace():
+    """Texts in, results out: measure, observe (returns its meters' results), an effect."""
+    from circuits.analyses import KVMeter
+    from circuits.measure import SinkMeter
+
+    model = ss.load_model("tiny-llama")
+    meas = ss.measure(model, ["the cat sat on the mat", "a b c d e f"])
+    assert meas.n_sequences == 2 and 0.0 <= meas.sink_rate(0.3)[0] <= 100.0
+    batch = ss.tokenize(model, ["the cat sat on the mat", "a b c d e f"])
+    sinks, kv = ss.observe(model, batch, [SinkMeter(model), KVMeter(model)])
+    assert sinks.alpha.shape == meas.alpha.shape and kv.attn_first.shape[0] == 2
+    effect = ss.measure_effect(model, ["the cat sat on the mat", "a b c d e f", "x y z w"], ss.parse("ablate-mlp:layers=1"),
+                               n_resamples=0)
+    assert "sink_score" in set(effect.frame["metric"])
