@@ -9,7 +9,15 @@
 set -euo pipefail
 wheel=$(realpath "$1"); python=$2; mode=${3:-latest}
 root=$(cd "$(dirname "$0")/.." && pwd)
-command -v "$python" >/dev/null || { echo "install_check: $python is not on PATH" >&2; exit 1; }
+# A name like python3.12 that is not on PATH (or is only a pyenv shim of a version not selected)
+# is looked for among pyenv's installed versions.
+if ! "$python" -c "" 2>/dev/null; then
+    v=${python#python}
+    found=$(ls -d "${PYENV_ROOT:-$HOME/.pyenv}"/versions/"$v"*/bin/python"$v" 2>/dev/null | sort -V | tail -n 1)
+    [ -n "$found" ] && "$found" -c "" || { echo "install_check: no working $python here (nor in pyenv)" >&2; exit 1; }
+    python=$found
+fi
+echo "install_check: $("$python" --version) ($python), $mode dependencies"
 work=$(mktemp -d "${TMPDIR:-/tmp}/sinkscope-install-XXXXXX")
 trap 'rm -rf "$work"' EXIT
 "$python" -m venv "$work/venv"
