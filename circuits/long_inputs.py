@@ -67,14 +67,17 @@ def observe_long_inputs(
     them, else the written reasoning traces; truncated to ``max_tokens``), with
     :class:`~circuits.measure.SinkMeter` and the MLP-site, attention-output, super-neuron and
     key/value meters attached. The sink measurement records the provenance, ``max_tokens`` and
-    the kind of input in its metadata."""
+    the kind of input in its metadata, and for the model's own sessions the form they were
+    written in (``parts_form``, :data:`circuits.parts.FORMS`); the part of the session each token
+    belongs to travels with the batch (``LongInputs.batch.parts``)."""
     kind = resolve_inputs(model, inputs)
     batch = long_input_batch(model, n_traces, max_tokens, kind)
     sinks = SinkMeter(model)
     mlp, attn = analyses.MLPSiteMeter(model), analyses.AttnOutMeter(model)
     sn, kv = analyses.SuperNeuronMeter(model), analyses.KVMeter(model)
     analyses.observe(model, batch, [sinks, mlp, attn, sn, kv], batch_size=batch_size, progress=progress)
-    meas = sinks.result(metadata={**provenance(model, batch), "max_tokens": max_tokens, "inputs": kind})
+    parts = {} if batch.parts_form is None else {"parts_form": batch.parts_form}
+    meas = sinks.result(metadata={**provenance(model, batch), "max_tokens": max_tokens, "inputs": kind, **parts})
     return LongInputs(batch, meas, mlp.result(), attn.result(), sn.result(), kv.result())
 
 

@@ -64,7 +64,7 @@ class SubBatch(TokenBatch):
     @classmethod
     def of(cls, batch: TokenBatch, rows: Sequence[int]) -> "SubBatch":
         sub = batch.select(list(rows))
-        return cls(sub.tokens, sub.lengths, sub.prepend_bos, sub.str_tokens, [int(r) for r in rows])
+        return cls(sub.tokens, sub.lengths, sub.prepend_bos, sub.str_tokens, sub.parts, sub.parts_form, rows=[int(r) for r in rows])
 
 
 @runtime_checkable

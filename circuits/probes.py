@@ -26,6 +26,7 @@ from torch import Tensor
 
 from circuits.checks import check_int, check_text, load_json
 from circuits.errors import SinkscopeError
+from circuits.parts import session_parts, transcript_form
 
 
 class TokenizationError(SinkscopeError, ValueError):
@@ -34,12 +35,20 @@ class TokenizationError(SinkscopeError, ValueError):
 
 @dataclass
 class TokenBatch:
-    """Right-padded token ids with the metadata every result needs."""
+    """Right-padded token ids with the metadata every result needs.
+
+    ``parts``: for the model's own sessions (:func:`trace_batch`), the part of the session each
+    token belongs to, one label of :data:`circuits.parts.PARTS` per real position
+    (``template``, ``problem`` or ``generated``), and ``parts_form`` how the session was
+    written (:data:`circuits.parts.FORMS`); None for plain text, which has no parts.
+    """
 
     tokens: Int[Tensor, "batch pos"]
     lengths: Int[Tensor, " batch"]
     prepend_bos: bool
     str_tokens: list[list[str]] = field(repr=False)
+    parts: list[list[str]] | None = field(default=None, repr=False)
+    parts_form: str | None = None
 
     @property
     def valid(self) -> Bool[Tensor, "batch pos"]:
@@ -58,7 +67,8 @@ class TokenBatch:
         idx = list(range(len(self)))[index] if isinstance(index, slice) else list(index)
         lengths = self.lengths[idx]
         width = int(lengths.max())
-        return TokenBatch(self.tokens[idx, :width], lengths, self.prepend_bos, [self.str_tokens[i] for i in idx])
+        parts = None if self.parts is None else [self.parts[i] for i in idx]
+        return TokenBatch(self.tokens[idx, :width], lengths, self.prepend_bos, [self.str_tokens[i] for i in idx], parts, self.parts_form)
 
 
 #: The shortest sequence worth measuring: a sink needs at least one later query.
@@ -336,7 +346,9 @@ def trace_batch(model, n: int | None = None, max_tokens: int | None = None) -> T
     long sessions, and 1,024 the first ones as before). ``n`` None: every session, in file
     order. The tokens are the stored ids (not re-tokenized text), so the first token is
     whatever the model's chat template or tokenizer put there; the batch's ``prepend_bos``
-    says whether that is the tokenizer's BOS."""
+    says whether that is the tokenizer's BOS. The batch carries the part of the session each
+    token belongs to (``parts``: template, problem or the model's own generated tokens;
+    :func:`circuits.parts.session_parts`) and the session's form (``parts_form``)."""
     name = getattr(model, "_sinkscope_info", {}).get("name", "")
     header, sessions = model_traces(name)
     if header.get("settings", {}).get("model") != name:
@@ -353,7 +365,11 @@ def trace_batch(model, n: int | None = None, max_tokens: int | None = None) -> T
     if any(max(r) >= vocab for r in rows):
         raise TracesMissing(f"{traces_file(name)} holds token ids beyond this model's vocabulary ({vocab})")
     bos = model.tokenizer.bos_token_id
-    return batch_from_ids(model, rows, prepend_bos=bos is not None and all(r[0] == bos for r in rows))
+    batch = batch_from_ids(model, rows, prepend_bos=bos is not None and all(r[0] == bos for r in rows))
+    form = transcript_form(model.tokenizer)
+    batch.parts = [session_parts(model.tokenizer, s, form)[:need] for s in sessions]
+    batch.parts_form = form
+    return batch
 
 
 #: Prompt file formats (README, "Prompt files"): ``paragraphs`` (blank-line separated),

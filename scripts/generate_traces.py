@@ -50,6 +50,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from circuits.models import cache_root, load_model  # noqa: E402
+from circuits.parts import NEXT_PROBLEM, PLAIN_ANSWER_END, PLAIN_TURN  # noqa: E402 (the layout circuits.parts reads back)
 
 OUT = Path(__file__).resolve().parents[1] / "circuits" / "data" / "traces"
 SYSTEM = "You are a careful math tutor. Think step by step, check your work, and end with the final answer."
@@ -109,15 +110,15 @@ def conversation_ids(tokenizer, problems: list[str], answers: list[str]) -> list
     if tokenizer.chat_template:
         messages = [{"role": "system", "content": SYSTEM}]
         for i, problem in enumerate(problems):
-            messages.append({"role": "user", "content": problem if i == 0 else f"Next problem: {problem}"})
+            messages.append({"role": "user", "content": problem if i == 0 else NEXT_PROBLEM.format(problem=problem)})
             if i < len(answers):
                 messages.append({"role": "assistant", "content": answers[i]})
         return list(tokenizer.apply_chat_template(messages, add_generation_prompt=pending, tokenize=True, return_dict=False))
     text = ""
     for i, problem in enumerate(problems):
-        text += f"Problem {i + 1}: {problem}\n\nSolution: Let's think step by step.\n"
+        text += PLAIN_TURN.format(number=i + 1, problem=problem)
         if i < len(answers):
-            text += answers[i].strip() + "\n\n"
+            text += answers[i].strip() + PLAIN_ANSWER_END
     return tokenizer(text, add_special_tokens=True).input_ids
 
 
