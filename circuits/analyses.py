@@ -441,7 +441,7 @@ class BatchVariance:
 class BatchVarianceMeter:
     """Accumulates, per layer and position, the sum and sum of squares of every dimension of
     ``hook_z`` and ``hook_attn_out`` over the batch's sequences (float64), so
-    :meth:`result` gives the across-batch variance without keeping any activation.
+    :meth:`~BatchVarianceMeter.result` gives the across-batch variance without keeping any activation.
 
     A statistic across sequences has no per-sequence rows, so this meter implements the
     :class:`~circuits.meter.Meter` protocol directly rather than on :class:`ArrayMeter`.

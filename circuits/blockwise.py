@@ -251,7 +251,7 @@ Reducer = Callable[[PatternBlock], None]
 class ColumnSums:
     """A :data:`Reducer` of the two sums :func:`circuits.measure.attention_received` takes of a
     pattern: attention each key receives from the real queries, and the self-attention
-    ``A[k, k]``; :meth:`result` returns them ``[batch, head, key]``."""
+    ``A[k, k]``; :meth:`~ColumnSums.result` returns them ``[batch, head, key]``."""
 
     def __init__(self, lengths: Int[Tensor, " batch"]):
         self.lengths = lengths

@@ -39,7 +39,7 @@ RUNTIME_BYTES = 300 * 2**20  # torch, transformers and Python themselves (measur
 
 def loss_chunk(vocab: int) -> int:
     """Positions per chunk of the chunked next-token loss: about 2**25 logits (128 MB in float32)
-    per chunk, at most :data:`LOSS_CHUNK` (512 for SmolLM2's 49k vocabulary, 128 for Gemma 3's 262k)."""
+    per chunk, at most ``LOSS_CHUNK`` (512 for SmolLM2's 49k vocabulary, 128 for Gemma 3's 262k)."""
     return max(16, min(LOSS_CHUNK, 2**25 // max(1, int(vocab))))
 
 

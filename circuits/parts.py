@@ -54,11 +54,12 @@ OWN: str = "generated"
 #: How ``scripts/generate_traces.py`` writes a session without a chat template: each turn is
 #: ``PLAIN_TURN`` (``number`` from 1), each answer is followed by ``PLAIN_ANSWER_END``.
 PLAIN_TURN = "Problem {number}: {problem}\n\nSolution: Let's think step by step.\n"
-PLAIN_ANSWER_END = "\n\n"
+PLAIN_ANSWER_END = "\n\n"  #: what follows each answer in a session without a chat template
 #: How the same script poses every problem after the first under a chat template.
 NEXT_PROBLEM = "Next problem: {problem}"
 
 Form = Literal["chat", "plain"]
+#: the two ways a stored session is written, each with what its template part is
 FORMS: dict[str, str] = {
     "chat": "the model's chat template: its special tokens, role headers and the system prompt are the template part, "
             "with the fixed lead-in 'Next problem: '",

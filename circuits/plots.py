@@ -22,8 +22,8 @@ from matplotlib.patches import Rectangle
 
 from circuits.measure import SinkMeasurement, nanmean  # noqa: E402
 
-SEQUENTIAL = "cividis"
-DIVERGING = "PuOr_r"
+SEQUENTIAL = "cividis"  #: colour map of values (sink scores)
+DIVERGING = "PuOr_r"  #: colour map of signed changes (intervened - clean)
 STYLE = {
     "figure.dpi": 110,
     "savefig.dpi": 130,

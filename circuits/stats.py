@@ -25,7 +25,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-MIN_SEQUENCES = 3  # fewer sequences than this: no bootstrap CI (NaN)
+MIN_SEQUENCES = 3  #: fewer sequences than this: no bootstrap CI (NaN)
 
 
 def valid_positions(lengths: Int[Tensor, " batch"], width: int, *, offset: int = 0) -> Bool[Tensor, "batch pos"]:

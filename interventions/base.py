@@ -57,7 +57,7 @@ from circuits.probes import TokenBatch, TokenizationError, tokenize
 
 Hook = tuple[str, Callable]
 
-REFERENCE_CHUNK = 8  # sequences per reference forward pass (memory stays at one small batch)
+REFERENCE_CHUNK = 8  #: sequences per reference forward pass (memory stays at one small batch)
 
 
 class InterventionError(SinkscopeError, ValueError):
@@ -436,7 +436,7 @@ class Intervention:
         """Check the fields against ``model`` and a batch whose shortest sequence has
         ``n_positions`` tokens (None: only the model's context bounds positions).
 
-        The default range-checks every declared site (:attr:`sites`): layers, heads,
+        The default range-checks every declared site (:attr:`Intervention.sites`): layers, heads,
         positions and keys, so a kind gets them for free; override to add kind-specific
         checks (and call ``super().validate``).
 

@@ -144,7 +144,7 @@ def plant_sink(
             layer and the difference-of-differences CI excludes 0 from below.
 
     Returns:
-        One row per layer: ``layer``, ``clean``, ``intervened``, ``delta`` and its CI, ``control``
+        One row per layer, with ``layer``, ``clean``, ``intervened``, ``delta`` and its CI, ``control``
         (the control run's score at ``position``, where it did *not* edit), ``did`` =
         (intervened - clean) - (control - clean) with ``did_ci_low``/``did_ci_high`` (paired
         bootstrap over sequences), ``control_own`` (the control run's score at its own edited

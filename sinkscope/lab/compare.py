@@ -9,6 +9,7 @@ final alpha maps and the convergence of head-wise RMSNorm against softmax over s
 ``results.json`` (schema ``sinkscope.lab.compare/1``)
     configs, per-run curves, final metrics, steps-to-target, the bridge measurement of every
     final checkpoint and the throughput ratio;
+
 ``report.md`` and ``loss_curves.png``, ``sink_rate.png``, ``alpha_maps.png``, ``convergence.png``.
 
 The expectations under test (Gu et al., Li et al.): the softmax baseline develops a

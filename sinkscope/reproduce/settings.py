@@ -63,6 +63,7 @@ class Settings:
     papers: tuple[str, ...] = PAPERS
 
 
+#: the report's sizes by name
 SIZES: dict[str, Settings] = {
     "full": Settings(),
     "ci": Settings(
