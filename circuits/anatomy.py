@@ -14,6 +14,8 @@ pandas table, so the same numbers feed the CLI, the reports and the notebooks.
   :func:`live_per_layer` — how many of them are flagged at each layer (the pairing science.md
   asks for on models, such as Gemma 3, where the hidden-state rule alone flags ordinary tokens).
 * :func:`sink_rate_ci` — Sink_k^eps (Gu et al.) with a bootstrap CI over sequences.
+* :func:`once_per_context` — a table's tokens counted once per distinct context (a sink in a
+  prefix that several sequences share is one observation), and :func:`distinct_contexts`, their number.
 * :func:`layer_ranges` — a set of layers as text (``"3-5, 9"``), as every report prints them.
 
 Class thresholds. The authors' code labels a flagged token *secondary* when
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections import Counter
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -260,12 +263,26 @@ def attended_secondary(
     return table, attended, th
 
 
+def once_per_context(meas: SinkMeasurement, table: pd.DataFrame) -> pd.DataFrame:
+    """``table``'s rows (with ``sequence`` and ``position``), one per distinct context: the
+    first row, in table order, of each set of rows whose tokens have the same context (the
+    token ids up to and including them), with ``copies``, how many rows share it. Causal
+    attention makes a token's activations a function of its context, so a sink inside a prefix
+    several sequences share (a chat template's system prompt) is one observation, however many
+    sequences repeat it. The row index is ``table``'s (a row can be traced back)."""
+    if table.empty:
+        return table.assign(copies=pd.Series(dtype=int))
+    keys = [tuple(meas.token_ids[int(s)][: int(p) + 1]) for s, p in zip(table["sequence"], table["position"])]
+    counts = Counter(keys)
+    seen: set = set()
+    first = np.array([not (k in seen or seen.add(k)) for k in keys])
+    return table[first].assign(copies=[counts[k] for k, f in zip(keys, first) if f])
+
+
 def distinct_contexts(meas: SinkMeasurement, table: pd.DataFrame) -> int:
     """How many of ``table``'s tokens (rows with ``sequence`` and ``position``) differ in their
-    context, the token ids up to and including them. Causal attention makes a token's
-    activations a function of its context, so a sink inside a prefix several sequences share (a
-    chat template's system prompt) is one observation, however many sequences repeat it."""
-    return len({tuple(meas.token_ids[int(s)][: int(p) + 1]) for s, p in zip(table["sequence"], table["position"])})
+    context, the token ids up to and including them (:func:`once_per_context`)."""
+    return len(once_per_context(meas, table))
 
 
 def live_per_layer(meas: SinkMeasurement, table: pd.DataFrame, cos: float) -> Int[np.ndarray, " layer"]:

@@ -318,7 +318,7 @@ def test_a_claims_rule_text_and_verdict_come_from_the_same_thresholds():
 
     from sinkscope.reproduce import wong
 
-    numbers = {"median_abs_cos_sink": 0.7, "n_attended": 5, "mlp_sites_median_abs_cos": {"down": 0.7}}
+    numbers = {"median_abs_cos_sink": 0.7, "n_attended_counted": 5, "mlp_sites_median_abs_cos": {"down": 0.7}}
     found = wong.W3.evaluate(numbers)
     assert found.verdict == "partly holds" and found.numbers["median_abs_cos"] == 0.7
     assert "≥ 0.9" in found.rule and "≥ 0.5" in found.rule

@@ -140,3 +140,117 @@ def test_positions_0_to_2_are_excluded_only_under_a_chat_template(smollm2, llama
     from dataclasses import replace
 
     assert wong.skip_first(smollm2, obs("generated"), replace(s, skip_first=2)) == 2
+
+
+# ------------------------------------------------------------------------------ which sinks a verdict counts
+
+
+def _six_sessions():
+    """Six synthetic sessions of 40 tokens (30 layers) sharing a 10-token template (positions
+    0-9, the same token ids in each), then a problem (10-14) and the model's own tokens
+    (15-39), different in each. Every session has a secondary sink at template position 5
+    (created at layer 2, lifetime 7); session 0 alone has one in its own tokens, at position 30
+    (created at layer 10, lifetime 7)."""
+    from synthetic import synthetic
+
+    meas = synthetic([40] * 6, n_layers=30, secondary=(5,))
+    meas.token_ids = [list(range(100, 110)) + [1000 * s + k for k in range(10, 40)] for s in range(6)]
+    meas.tokens = [["<t>"] * 5 + [","] + ["<t>"] * 4 + toks[10:] for toks in meas.tokens]
+    meas.cos_to_first[0, 10:17, 30] = 0.95
+    meas.sink_score[0, 10:17, 30] = 0.2
+    parts = [["template"] * 10 + ["problem"] * 5 + ["generated"] * 25 for _ in range(6)]
+    return meas, parts
+
+
+def test_a_template_sink_in_six_sessions_counts_once_and_decides_no_verdict():
+    """Per session the template sink is 6 attended sinks and the model's own is 1: the old rule
+    would read 7 sinks in 6 sequences (W1 holds: 7/6 >= 1) created at two layers (W6 partly:
+    layers 2 and 10 each hold >= 10 %). Counted, the verdicts read 1 sink, in the model's own
+    tokens: W1 partly (1/6 per sequence), W6 does not hold (one creation layer, 10), and W2's
+    live layers are where that one sink is flagged (10-16). The template sink is reported
+    beside it: once per context, 6 per session, token ',' created at layer 2."""
+    from circuits.parts import to_spans
+    from sinkscope.reproduce import wong
+
+    meas, parts = _six_sessions()
+    n, frames = wong.sink_counts(meas, parts, min_score_ratio=5.0, form="chat")
+    assert (n["n_attended"], n["n_attended_distinct"], n["n_attended_counted"]) == (7, 2, 1)
+    assert n["counting"] == {"rule": wong.COUNTING, "scope": "generated", "form": "chat"}
+    template, problem, own = (n["by_part"][p] for p in ("template", "problem", "generated"))
+    assert (template["n_attended"], template["n_attended_per_session"], template["positions"]) == (1, 6, [5])
+    assert template["tokens"] == [{"token": ",", "count": 1}] and template["creation_layers"] == {2: 1}
+    assert (own["n_attended"], own["positions"], own["creation_layers"]) == (1, [30], {10: 1})
+    assert problem["n_attended"] == 0 and problem["n_attended_per_session"] == 0
+    counted = frames["counted"]
+    assert counted[["sequence", "position", "part", "copies"]].values.tolist() == [[0, 30, "generated", 1]]
+    assert frames["attended"]["counted"].tolist() == [False, True, False, False, False, False, False]
+    assert n["live_layers"] == list(range(10, 17)) and n["levels"] == [10]
+    assert n["parts"][0] == to_spans(parts[0]) == [[0, 10, "template"], [10, 15, "problem"], [15, 40, "generated"]]
+    verdicts = {c.id: c.evaluate(n) for c in (wong.W1, wong.W6)}
+    assert verdicts["W1"].verdict == "partly holds" and verdicts["W1"].numbers["attended_per_sequence"] == pytest.approx(1 / 6)
+    assert "1 attended secondary sinks in the model's own tokens" in verdicts["W1"].evidence
+    assert "beside them: template 1, problem 0" in verdicts["W1"].evidence and "per session, every part: 7" in verdicts["W1"].evidence
+    assert verdicts["W6"].verdict == "does not hold" and verdicts["W6"].numbers["creation_layers"] == [10]
+    # the old rule, for contrast: every attended sink per session
+    old = {**n, "n_attended_counted": n["n_attended"], "levels": [2, 10]}
+    assert wong.W1.evaluate(old).verdict == "holds" and wong.W6.evaluate(old).verdict == "partly holds"
+
+
+def test_without_parts_every_position_counts_each_context_once():
+    """Hand-written text has no parts: every attended sink counts, the template one once."""
+    from sinkscope.reproduce import wong
+
+    meas, _ = _six_sessions()
+    n, frames = wong.sink_counts(meas, None, min_score_ratio=5.0)
+    assert n["counting"]["scope"] == "every position" and n["by_part"] == {} and n["parts"] is None
+    assert (n["n_attended"], n["n_attended_counted"]) == (7, 2)
+    assert sorted(frames["counted"]["copies"]) == [1, 6] and n["levels"] == [2, 10]
+
+
+def test_the_report_states_the_counting_and_splits_the_sinks_by_part():
+    from sinkscope.reproduce import wong
+    from sinkscope.reproduce.report import counting_paragraph, parts_table
+
+    meas, parts = _six_sessions()
+    n, _ = wong.sink_counts(meas, parts, min_score_ratio=5.0, form="plain")
+    text = counting_paragraph(n)
+    assert "the model's own generated tokens" in text and "no chat template" in text
+    assert "Counted: **1** attended secondary sinks" in text and "7 attended" in text
+    table = parts_table(n["by_part"]).splitlines()
+    assert table[2].startswith("| template | 1 | 6 |") and "`,` 1" in table[2] and "2 (1)" in table[2]
+    assert table[4].startswith("| generated (counted) | 1 | 1 |") and "10 (1)" in table[4]
+    every, _ = wong.sink_counts(meas, None, min_score_ratio=5.0)
+    assert "every position (these inputs have no template, problem or generated part)" in counting_paragraph(every)
+    for claim in wong.CLAIMS:  # the rule is in every claim's method text
+        assert wong.COUNTING in claim.method.differences
+
+
+@pytest.mark.real
+def test_a_report_on_the_models_own_sessions_counts_by_part(smollm2, tmp_path):
+    """Wong et al.'s section on SmolLM2's own sessions (2 x 192 tokens): numbers.json holds the
+    rule, each input's parts and the sinks of each part, and the report says which sinks count."""
+    import dataclasses
+    import json
+
+    from circuits.parts import from_spans
+    from sinkscope.reproduce import SIZES, reproduce
+
+    s = dataclasses.replace(SIZES["ci"], papers=("wong",), dose_factors=(0.0, 1.0), norm_targets=(10.0,))
+    doc = reproduce(smollm2, tmp_path, settings=s)
+    w = json.loads((tmp_path / "numbers.json").read_text())["wong"]
+    assert doc["schema"] == "sinkscope.reproduce/3" and w["counting"]["scope"] == "generated" and w["counting"]["form"] == "chat"
+    labels = [from_spans(p) for p in w["parts"]]
+    assert [len(p) for p in labels] == doc["tokens"] and labels[0][0] == "template" and "generated" in labels[0]
+    assert set(w["by_part"]) == {"template", "problem", "generated"}
+    assert w["n_attended_counted"] == w["by_part"]["generated"]["n_attended"]
+    assert sum(p["n_attended_per_session"] for p in w["by_part"].values()) == w["n_attended"]
+    assert all(labels[r["sequence"]][r["position"]] == r["part"] for r in w["attended"])
+    report = (tmp_path / "report.md").read_text()
+    assert "**Which sinks the verdicts count.**" in report and "| generated (counted) |" in report
+    assert report.count(wong_counting_text()) == len(doc["claims"])  # once in each claim's method
+
+
+def wong_counting_text() -> str:
+    from sinkscope.reproduce import wong
+
+    return wong.COUNTING

@@ -5,9 +5,11 @@ Why this module exists. Computing a paper's numbers (:mod:`~sinkscope.reproduce.
 (:mod:`~sinkscope.reproduce.claims`) are separate from presenting them; this module only
 presents. :func:`reproduce` runs the shared long-input pass, each paper's ``measure``, evaluates
 each paper's claims on its numbers, and writes into the output folder ``report.md`` (Markdown,
-figures inline), one PNG per figure and ``numbers.json`` (schema ``sinkscope.reproduce/2``: the
+figures inline), one PNG per figure and ``numbers.json`` (schema ``sinkscope.reproduce/3``: the
 settings, every claim's thresholds under ``rules``, every finding with its evidence numbers
-under ``claims``, the run's time and memory, and each paper's numbers). :func:`redraw` re-renders
+under ``claims``, the run's time and memory, and each paper's numbers; /3 since Wong et al.'s
+verdicts count each sink once, in the model's own tokens: :data:`sinkscope.reproduce.wong.COUNTING`,
+with the parts of each input under ``wong.parts`` and ``wong.by_part``). :func:`redraw` re-renders
 the figures that are pure functions of ``numbers.json``.
 
 Time and memory: wall time per section and the process's peak resident memory
@@ -37,12 +39,16 @@ from circuits.long_inputs import LongInputs, observe_long_inputs, sliding_layers
 from circuits.measure import provenance, recorded_name
 from circuits.models import PACKAGED, load_model
 from circuits.output import to_jsonable, write_json
+from circuits.parts import FORMS
 from circuits.probes import model_traces
 from sinkscope.reproduce import gu, li, wong
 from sinkscope.reproduce.claims import FAILS, HOLDS, PARTLY, Finding, Measured, evaluate
 from sinkscope.reproduce.settings import PAPERS, SIZES, Settings, Size
 
-SCHEMA = "sinkscope.reproduce/2"
+SCHEMA = "sinkscope.reproduce/3"
+#: the schemas a ``--compare`` document may have: /2 (before the counting rule: every count per
+#: session, every part) is read too, and the comparison says which rule each run counted by
+READABLE_SCHEMAS = ("sinkscope.reproduce/2", SCHEMA)
 #: every claim of the report, in the order of its verdict table
 CLAIMS = (*wong.CLAIMS, *li.CLAIMS, *gu.CLAIMS)
 
@@ -164,21 +170,49 @@ def their_findings_paragraph(tf: dict, n_layers: int) -> str:
     head = ("**Against Wong et al.'s specific findings.** On their Qwen-family models the secondary sinks sit most often on the "
             "single-space token (id 220), are all created at one layer (22 of 48; 16 of 36) and live 22-24 layers (18 on Qwen3-4B). ")
     if not tf.get("n"):
-        return head + "This run found no attended secondary sink to compare."
+        return head + "This run found no counted attended secondary sink to compare."
     tokens = ", ".join(f"`{plots.token_label(t['token'], 12)}` {100 * t['share']:.0f} %" for t in tf["top_tokens"][:3])
     lo, hi = tf["lifetime_iqr"]
     return head + (
-        f"Here: the most frequent tokens are {tokens}; the single-space token carries {100 * tf['single_space_share']:.0f} %. "
+        f"Here, among the counted sinks: the most frequent tokens are {tokens}; the single-space token carries {100 * tf['single_space_share']:.0f} %. "
         f"Layer {tf['mode_creation_layer']} of {n_layers} creates {100 * tf['mode_creation_share']:.0f} % of them "
         f"({tf['n_creation_layers']} creation layer(s) in all), and the median lifetime is {tf['lifetime_median']:g} layers "
         f"(interquartile range {lo:g}-{hi:g}; {100 * tf['lifetime_median'] / n_layers:.0f} % of the depth, against 46-50 % on theirs)."
     )
 
 
+def counting_paragraph(n: dict) -> str:
+    """Which sinks Wong et al.'s verdicts count in this run (``numbers.json``'s ``wong.counting``)."""
+    scope = n["counting"]["scope"]
+    if scope == "generated":
+        where = ("the model's own generated tokens (`circuits.parts`; the inputs were written "
+                 f"with {FORMS.get(n['counting'].get('form'), 'an unknown form')})")
+    else:
+        where = "every position (these inputs have no template, problem or generated part)"
+    return (f"**Which sinks the verdicts count.** Every count, share and correlation below that a verdict reads takes the "
+            f"attended secondary sinks in {where}, and counts a sink in a prefix that several inputs share once "
+            "(`circuits.anatomy.once_per_context`: its activations are the same in each, so it is one observation). "
+            f"Counted: **{n['n_attended_counted']}** attended secondary sinks ({n['n_candidates_counted']} hidden-state "
+            f"candidates). Per session and in every part (secondary numbers): {n['n_attended']} attended, {n['n_candidates']} "
+            "candidates." + (" Sinks in the template and the problem text are reported beside them, not mixed in:" if scope == "generated" else ""))
+
+
+def parts_table(by_part: dict) -> str:
+    """Where the attended secondary sinks sit: one row per part of the inputs."""
+    rows = []
+    for part, p in by_part.items():
+        layers = ", ".join(f"{k} ({v})" for k, v in sorted(p["creation_layers"].items(), key=lambda kv: int(kv[0])))
+        rows.append({"part": part + (" (counted)" if part == "generated" else ""), "attended, each context once": p["n_attended"],
+                     "attended per session": p["n_attended_per_session"], "candidates, each context once": p["n_candidates"],
+                     "tokens (count)": ", ".join(f"`{plots.token_label(t['token'], 12)}` {t['count']}" for t in p["tokens"][:5]) or "–",
+                     "creation layers (count)": layers or "–"})
+    return md_table(pd.DataFrame(rows))
+
+
 def wong_section(res: Measured, model, obs: LongInputs, s: Settings, figure: Figure) -> str:
     """Wong et al.'s section: the candidates, the heat map, and one figure per claim."""
-    meas, f = obs.sinks, res.frames
-    table, att, n_layers = f["candidates"], f["attended"], meas.n_layers
+    meas, f, n = obs.sinks, res.frames, res.numbers
+    table, every, att, n_layers = f["candidates"], f["attended"], f["counted"], meas.n_layers
     th = anatomy.SecondaryThresholds.for_depth(n_layers)
     n_att, name = len(att), meas.model
     lines = [
@@ -186,19 +220,20 @@ def wong_section(res: Measured, model, obs: LongInputs, s: Settings, figure: Fig
         "",
         f"{meas.n_sequences} {_inputs_phrase(meas)}, {int(meas.lengths.min())}-{int(meas.lengths.max())} tokens each, first token "
         f"the tokenizer's BOS: **{meas.prepend_bos}**. Hidden-state rule |cos(h_t, h_0)| > {th.cos}; classes scaled to {n_layers} layers "
-        f"(secondary when {th.min_lifetime} < lifetime < {n_layers - th.primary_margin}). The rule flags "
-        f"**{len(table)}** tokens ({int((table['kind'] == 'secondary').sum())} secondary-class, "
-        f"{int((table['kind'] == 'primary-like').sum())} primary-like); **{n_att}** secondary-class tokens also receive "
-        f"≥ {s.min_score_ratio:g} × the median token's attention at their peak layer (*attended secondary sinks*, used below), "
-        f"**{res.numbers['n_attended_distinct']}** of them in distinct contexts (a sink inside a prefix that several inputs "
-        "share, such as a system prompt, has the same activations in each and is one observation; the counts and correlations "
-        "below count it once per input). "
-        f"Positions 0-{res.numbers['skip_first'] - 1} are excluded from detection"
-        + (" (a chat template opens the input; Wong et al.'s code excludes 0-2 then)." if res.numbers["skip_first"] == 3 else "."),
+        f"(secondary when {th.min_lifetime} < lifetime < {n_layers - th.primary_margin}). Per session and in every part of the "
+        f"inputs, the rule flags **{len(table)}** tokens ({int((table['kind'] == 'secondary').sum())} secondary-class, "
+        f"{int((table['kind'] == 'primary-like').sum())} primary-like), and **{len(every)}** secondary-class tokens also receive "
+        f"≥ {s.min_score_ratio:g} × the median token's attention at their peak layer (*attended secondary sinks*), "
+        f"{n['n_attended_distinct']} of them in distinct contexts. "
+        f"Positions 0-{n['skip_first'] - 1} are excluded from detection"
+        + (" (a chat template opens the input; Wong et al.'s code excludes 0-2 then)." if n["skip_first"] == 3 else "."),
         "",
-        their_findings_paragraph(res.numbers["their_findings"], n_layers),
+        counting_paragraph(n),
         "",
     ]
+    if n.get("by_part"):
+        lines += [parts_table(n["by_part"]), ""]
+    lines += [their_findings_paragraph(n["their_findings"], n_layers), ""]
     local, window = sliding_layers(model)
     if local and window and int(meas.lengths.max()) > window:
         lines += [
@@ -212,15 +247,16 @@ def wong_section(res: Measured, model, obs: LongInputs, s: Settings, figure: Fig
                                        peak_score=("peak_score", "median"), score_ratio=("score_ratio", "median"))
         top = top.sort_values("count", ascending=False).head(10).reset_index()
         top["token"] = [f"`{plots.token_label(t, 16)}`" for t in top["token"]]
-        lines += ["Most frequent attended secondary sinks (medians):", "", md_table(top), ""]
-    seq = int(att["sequence"].value_counts().idxmax()) if n_att else 0  # the trace with the most attended secondary sinks
+        lines += ["Most frequent counted attended secondary sinks (medians):", "", md_table(top), ""]
+    shown = att if n_att else every  # the trace with the most counted (else attended) secondary sinks
+    seq = int(shown["sequence"].value_counts().idxmax()) if len(shown) else 0
     lines.append(figure(paper_plots.long_heatmap(meas, seq), "wong_heatmap",
                         f"Sink score (layer × position) of trace {seq}, {int(meas.lengths[seq])} tokens: whole (log scale) and first positions"))
     lines.append(figure(paper_plots.primary_vs_secondary(f["layers"], title=f"{name}: primary sink and live secondary sinks per layer"),
-                        "wong_primary_per_layer", "Primary-sink score per layer (line) and attended secondary sinks alive per layer (bars)"))
+                        "wong_primary_per_layer", "Primary-sink score per layer (line) and counted attended secondary sinks alive per layer (bars)"))
     lines += [md_table(f["layers"]), ""]
-    lines.append(figure(plots.secondary_sinks_plot(att, n_layers, title=f"{name}: attended secondary sinks, creation layer × lifetime (n={n_att})"),
-                        "wong_sink_levels", "Sink levels: attended secondary sinks counted over (creation layer, lifetime)"))
+    lines.append(figure(plots.secondary_sinks_plot(att, n_layers, title=f"{name}: counted attended secondary sinks, creation layer × lifetime (n={n_att})"),
+                        "wong_sink_levels", "Sink levels: the counted attended secondary sinks over (creation layer, lifetime)"))
     lines.append(figure(paper_plots.sink_levels_plot(f["sink_level_counts"], title=f"{name}: flagged tokens, creation layer × lifetime"),
                         "wong_sink_levels_log", "Sink levels as the authors plot them: log(1 + count) over (creation layer, lifetime), "
                         "every token the hidden-state rule flags (window off, noise included)"))
@@ -233,7 +269,7 @@ def wong_section(res: Measured, model, obs: LongInputs, s: Settings, figure: Fig
               f"{s.dose_traces} trace(s); detection (window off) re-run on the intervened pass (target – = clean):", "",
               md_table(sweep), ""]
     sites = obs.mlp.sites
-    title = f"{name}: MLP sub-outputs at the creation layer (n={n_att})"
+    title = f"{name}: MLP sub-outputs at the creation layer (n={n_att} counted sinks)"
     lines.append(figure(paper_plots.mlp_site_cosines(f["joined"], sites, f["site_baseline"], title=title),
                         "wong_mlp_sites", "|cos| of each MLP sub-output with the first token's at the creation layer"))
     lines += [md_table(f["sites"]), "", f"Median |cos(written MLP output, h_0)| at the creation layer: **{res.numbers['median_abs_cos_sink']:.3f}**.", ""]
@@ -242,7 +278,7 @@ def wong_section(res: Measured, model, obs: LongInputs, s: Settings, figure: Fig
                         "wong_norm_scatter", "L2 norm of the MLP output at the creation layer against peak sink score and lifetime"))
     if f["dose"] is not None:
         lines += [
-            f"Dose response: the {res.numbers['dose_n_sinks']} attended secondary sinks of the first {s.dose_traces} traces, each one's "
+            f"Dose response: the {res.numbers['dose_n_sinks']} counted attended secondary sinks of the first {s.dose_traces} traces, each one's "
             "writing MLP output rescaled at exactly its token (`interventions.recipes.rescale_dose_response`, `edit-token-mlp` "
             "with `mode=rescale,scope=whole`); score = mean sink score over the sink's clean lifetime layers.",
             "",
@@ -475,8 +511,8 @@ def read_compare(compare: dict | str | Path | None) -> dict | None:
             raise ReproduceError(f"compare: cannot read {compare}: {exc}") from exc
         doc = load_json(text, f"compare: {compare}", error=ReproduceError)
     where = "the compare document" if isinstance(compare, dict) else str(compare)
-    if not isinstance(doc, dict) or doc.get("schema") != SCHEMA:
-        raise ReproduceError(f"compare: {where} is not the numbers.json of a sinkscope reproduce run ({SCHEMA})")
+    if not isinstance(doc, dict) or doc.get("schema") not in READABLE_SCHEMAS:
+        raise ReproduceError(f"compare: {where} is not the numbers.json of a sinkscope reproduce run ({' or '.join(READABLE_SCHEMAS)})")
     if not isinstance(doc.get("model"), str):
         raise ReproduceError(f"compare: {where} names no model (its 'model' field is missing or not a name); "
                              "pass the numbers.json a reproduce run wrote")
@@ -519,15 +555,20 @@ def length_comparison(short: dict, long: dict) -> str:
     def numbers(doc: dict) -> dict:
         w = doc["wong"]
         found = w.get("their_findings", {})
+        sinks = w.get("n_attended_counted", w["n_attended"])  # what the verdicts count (before the rule: every sink per session)
         if doc.get("tokens"):
-            rate = f"{1000 * w['n_attended'] / sum(doc['tokens']):.2f}"
+            rate = f"{1000 * sinks / sum(doc['tokens']):.2f}"
         else:  # an earlier run stored no lengths: at most max_tokens each, so the rate is a lower bound
-            rate = f"≥ {1000 * w['n_attended'] / (w['n_sequences'] * doc['settings']['max_tokens']):.2f}"
+            rate = f"≥ {1000 * sinks / (w['n_sequences'] * doc['settings']['max_tokens']):.2f}"
+        counting = w.get("counting", {}).get("scope")
         return {
+            "verdicts count": ("every attended sink, per session, every part (an earlier rule)" if counting is None
+                               else f"attended sinks in {'the model’s own tokens' if counting == 'generated' else counting}, each context once"),
             "sequences × tokens": _token_count(doc),
-            "attended secondary sinks": w["n_attended"],
+            "counted attended secondary sinks (the verdicts')": w.get("n_attended_counted", "not counted (an earlier rule)"),
+            "attended secondary sinks per session, every part": w["n_attended"],
             "of them in distinct contexts": w.get("n_attended_distinct", "not stored"),
-            "per 1,000 tokens": rate,
+            "the verdicts' sinks per 1,000 tokens": rate,
             "creation layers holding them (levels)": ", ".join(map(str, w["levels"])) or "none",
             "mode creation layer (share)": (f"{found['mode_creation_layer']} ({found['mode_creation_share']:.0%})" if found.get("n") else "–"),
             "median lifetime (layers)": (f"{found['lifetime_median']:.0f}" if found.get("n") else "–"),
@@ -588,7 +629,6 @@ def redraw(folder: str | Path) -> list[Path]:
 
 
 __all__ = [
-    "CLAIMS", "VERDICT_MARKERS", "ReproduceError", "SCHEMA", "claims_table", "committed_reports", "cpu_seconds", "length_comparison", "md_table",
-    "peak_memory_mb",
-    "redraw", "render", "reproduce", "verdict_table",
+    "CLAIMS", "READABLE_SCHEMAS", "VERDICT_MARKERS", "ReproduceError", "SCHEMA", "claims_table", "committed_reports", "counting_paragraph",
+    "cpu_seconds", "length_comparison", "md_table", "parts_table", "peak_memory_mb", "redraw", "render", "reproduce", "verdict_table",
 ]

@@ -14,6 +14,17 @@ the Markdown and figures in :mod:`sinkscope.reproduce.report`.
 median token's attention at their peak layer: the pairing science.md asks for on models
 (Gemma 3) where the rule alone flags ordinary frequent tokens. Every claim below reads them.
 
+Which sinks a verdict counts (:data:`COUNTING`, written before any report was re-run under it):
+the *counted* sinks are those in the model's own generated tokens (:mod:`circuits.parts`), each
+context once (:func:`circuits.anatomy.once_per_context`). The model's sessions share their chat
+template and system prompt, so a sink there recurs in every session with the same activations:
+one observation, and a property of the prompt, not of the model's reasoning, which is what Wong
+et al. study. Sinks in the template and the problem text are reported beside the counted ones
+(``numbers["by_part"]``: counts, tokens, creation layers), and the per-session counts of every
+part stay as secondary numbers (``n_candidates``, ``n_attended``). On inputs without parts
+(hand-written text: no template, no problem, nothing generated) every position counts, each
+context once. :func:`sink_counts` computes all of this from a measurement, without a model.
+
 Dose response (W5): each attended secondary sink of the first ``Settings.dose_traces`` traces
 has its writing MLP output (the MLP at or just before its creation layer whose output at the
 token aligns best with ``h_0``) rescaled by each factor, at exactly that token
@@ -33,6 +44,7 @@ import pandas as pd
 from circuits import analyses, anatomy
 from circuits.long_inputs import LongInputs
 from circuits.measure import measure as measure_sinks
+from circuits.parts import OWN, PARTS, part_column, to_spans
 from interventions import recipes
 from interventions.mlp import RescaleAlongSink
 from sinkscope.reproduce.claims import AllOf, AnyOf, Claim, Measured, Method, Test
@@ -44,16 +56,27 @@ PAPER = "Wong"
 
 
 def _w1(n, th):
-    return {"attended": n["n_attended"], "candidates": n["n_candidates"], "sequences": n["n_sequences"],
-            "attended_per_sequence": n["n_attended"] / n["n_sequences"]}
+    counted, parts = n["n_attended_counted"], n.get("by_part") or {}
+    return {"attended": counted, "candidates": n["n_candidates_counted"], "sequences": n["n_sequences"],
+            "attended_per_sequence": counted / n["n_sequences"], "scope": n["counting"]["scope"],
+            "per_session_every_part": n["n_attended"],
+            **{f"{part}_attended": parts[part]["n_attended"] for part in PARTS if part in parts and part != OWN}}
+
+
+def _w1_text(e) -> str:
+    where = "in the model's own tokens" if e["scope"] == OWN else "(every position: the inputs have no parts)"
+    beside = [f"{part} {e[f'{part}_attended']}" for part in PARTS if f"{part}_attended" in e]
+    return (f"{e['attended']} attended secondary sinks {where}, each context once, in {e['sequences']} sequences "
+            f"({e['candidates']} hidden-state candidates)" + (f"; beside them: {', '.join(beside)}" if beside else "")
+            + f"; per session, every part: {e['per_session_every_part']}")
 
 
 W1 = Claim(
     "W1", PAPER, "Secondary sinks exist in long inputs", {},
     _w1,
-    holds=Test("attended_per_sequence", ">=", 1, "attended secondary sinks per sequence"),
-    partly=Test("attended", ">=", 1, "number of attended secondary sinks"),
-    describe=lambda e: f"{e['attended']} attended secondary sinks in {e['sequences']} sequences ({e['candidates']} hidden-state candidates)",
+    holds=Test("attended_per_sequence", ">=", 1, "counted attended secondary sinks per sequence"),
+    partly=Test("attended", ">=", 1, "number of counted attended secondary sinks"),
+    describe=_w1_text,
 )
 
 
@@ -76,21 +99,22 @@ def _w2(n, th):
             "centre_depth": centre / len(score)}
 
 
+_W2_RATIO = "primary-sink score in the live layers (≥ {live_share} × the peak count of live counted sinks) / elsewhere"
 W2 = Claim(
     "W2", PAPER, "The primary sink weakens in the middle layers where secondary sinks appear",
     {"live_share": 0.5, "holds_ratio": 0.5, "partly_ratio": 0.8, "middle_from": 1 / 6, "middle_to": 5 / 6},
     _w2,
-    holds=AllOf((Test("ratio", "<=", "holds_ratio", "primary-sink score in the live layers (≥ {live_share} × the peak count of live sinks) / elsewhere"),
+    holds=AllOf((Test("ratio", "<=", "holds_ratio", _W2_RATIO),
                  Test("centre_depth", ">=", "middle_from", "live layers' centre / depth"),
                  Test("centre_depth", "<=", "middle_to", "live layers' centre / depth"))),
-    partly=Test("ratio", "<=", "partly_ratio", "primary-sink score in the live layers (≥ {live_share} × the peak count of live sinks) / elsewhere"),
+    partly=Test("ratio", "<=", "partly_ratio", _W2_RATIO),
     describe=lambda e: f"primary-sink score {e['primary_live']:.3f} in the live layers {e['live_layers']} vs {e['primary_other']:.3f} "
     f"elsewhere (ratio {e['ratio']:.2f}); centre of live layers {e['centre']:.1f} of {e['n_layers']}",
 )
 
 
 def _w3(n, th):
-    return {"median_abs_cos": n["median_abs_cos_sink"], "n": n["n_attended"], **{f"site_{k}": v for k, v in n["mlp_sites_median_abs_cos"].items()}}
+    return {"median_abs_cos": n["median_abs_cos_sink"], "n": n["n_attended_counted"], **{f"site_{k}": v for k, v in n["mlp_sites_median_abs_cos"].items()}}
 
 
 W3 = Claim(
@@ -98,7 +122,7 @@ W3 = Claim(
     _w3,
     holds=Test("median_abs_cos", ">=", "holds", "median |cos(MLP output, h_0)| at the creation layer"),
     partly=Test("median_abs_cos", ">=", "partly", "median |cos(MLP output, h_0)| at the creation layer"),
-    describe=lambda e: f"median |cos(MLP output, h_0)| at the creation layer = {e['median_abs_cos']:.3f} (n={e['n']}); per site: "
+    describe=lambda e: f"median |cos(MLP output, h_0)| at the creation layer = {e['median_abs_cos']:.3f} (n={e['n']} counted sinks); per site: "
     + ", ".join(f"{k[5:]} {v:.2f}" for k, v in e.items() if k.startswith("site_")),
 )
 
@@ -134,10 +158,10 @@ def _w5(n, th):
 
 def _w5_text(e) -> str:
     if not e["n_sinks"]:
-        return "no attended secondary sink in the dose-response traces"
+        return "no counted attended secondary sink in the dose-response traces"
     return (f"score at factor 0 = {e['score_at_zero']:.2f} × clean, Spearman(factor, score) = {e['rho']:.2f} (lifetime: "
             f"{e['lifetime_first']:.2f} × clean at factor {e['factor_first']:g}, {e['lifetime_last']:.2f} × at {e['factor_last']:g}); "
-            f"{e['n_sinks']} sinks, each rescaled at the MLP output that writes it")
+            f"{e['n_sinks']} counted sinks, each rescaled at the MLP output that writes it")
 
 
 W5 = Claim(
@@ -157,11 +181,18 @@ W6 = Claim(
     "W6", PAPER, "Secondary sinks form levels (clusters in creation layer × lifetime)",
     {"share": 0.1, "holds_levels": 3, "partly_levels": 2},
     _w6,
-    holds=Test("levels", ">=", "holds_levels", "number of creation layers holding ≥ {share} of the attended secondary sinks"),
-    partly=Test("levels", "==", "partly_levels", "number of creation layers holding ≥ {share} of the attended secondary sinks"),
-    describe=lambda e: f"{e['levels']} creation layers hold ≥ {100 * e['share']:g} % of attended secondary sinks: {e['creation_layers']}",
+    holds=Test("levels", ">=", "holds_levels", "number of creation layers holding ≥ {share} of the counted attended secondary sinks"),
+    partly=Test("levels", "==", "partly_levels", "number of creation layers holding ≥ {share} of the counted attended secondary sinks"),
+    describe=lambda e: f"{e['levels']} creation layers hold ≥ {100 * e['share']:g} % of the counted attended secondary sinks: {e['creation_layers']}",
 )
 
+#: the counting rule, as every claim's method text states it (see the module docstring)
+COUNTING = ("counted sinks: the verdict reads only the attended secondary sinks in the model's own generated tokens "
+            "(circuits.parts: not the chat template, the system prompt or the problem text, whose sinks are reported beside "
+            "them with their own counts, tokens and creation layers), and counts a sink in a prefix that several inputs share "
+            "once (circuits.anatomy.once_per_context); per-session counts are secondary numbers; on inputs without parts "
+            "(hand-written text) every position counts, each context once. Their code counts every flagged position of each "
+            "trace after positions 0-2, the prompt's included (one problem per trace)")
 _INPUTS = ("their inputs are the model's own chain-of-thought on AIME24/MATH problems, 9k-10k tokens; the report's are the model's "
            "own multi-turn chain-of-thought sessions on problems written for this project (settings.inputs), cut to "
            "settings.max_tokens tokens: 1,024 in the full reports, 8,192 in the long ones (--size long; the lengths are in the "
@@ -172,34 +203,36 @@ W1, W2, W3, W4, W5, W6 = (replace(c, method=m) for c, m in zip((W1, W2, W3, W4, 
            "(not necessarily contiguous); secondary when 4 < lifetime < L - 15; positions 0-2 excluded under a chat template",
            "the same |cos| rule and non-contiguous lifetime (circuits.anatomy.secondary_sinks) over every layer; class constants "
            "scaled by L/48; a flagged secondary token counts only when it also receives >= min_score_ratio x the median token's "
-           "attention at its peak layer",
+           "attention at its peak layer, and only when it is one of the counted sinks (below)",
            ("window off by default (secondary_sinks(use_window=True) is theirs)", "class constants scaled to depth",
             "the attention filter is the toolkit's (needed on Gemma 3, where the rule alone flags ordinary tokens)",
             "positions excluded as theirs: 0-2 under a chat template (skip_first=3), else position 0 only (numbers: skip_first)",
-            _INPUTS)),
+            COUNTING, _INPUTS)),
     Method("qualitative: in the middle layers where secondary sinks appear, the primary sink receives less attention",
-           "mean primary-sink score in the live layers (where >= live_share x the peak number of attended secondary sinks are "
-           "flagged) over the mean elsewhere, and the live layers' centre as a share of depth",
-           ("the paper gives no number; the ratio, the live-layer definition and both thresholds are the toolkit's", _INPUTS)),
+           "mean primary-sink score in the live layers (where >= live_share x the peak number of counted attended secondary "
+           "sinks are flagged) over the mean elsewhere, and the live layers' centre as a share of depth",
+           ("the paper gives no number; the ratio, the live-layer definition and both thresholds are the toolkit's", COUNTING, _INPUTS)),
     Method("at the creation layer, cosine with the primary-sink direction of the MLP input, gate, up, activation, activation x up "
-           "and down-projection outputs", "median |cos(MLP output, h_0^l)| at the creation layer over attended secondary "
-           "sinks, per MLP site",
-           ("on Gemma 3 the MLP output is read after its post-feed-forward norm (what reaches the residual)", _INPUTS)),
+           "and down-projection outputs", "median |cos(MLP output, h_0^l)| at the creation layer over the counted attended "
+           "secondary sinks, per MLP site",
+           ("on Gemma 3 the MLP output is read after its post-feed-forward norm (what reaches the residual)", COUNTING, _INPUTS)),
     Method("the L2 norm of the aligning MLP output sets the sink's score and lifetime (their sink-score notebook is not public)",
-           "Spearman rho (and p) between the writing MLP output's norm and each attended sink's peak score, and its lifetime",
-           ("the sink score is the toolkit's (mean attention from later queries), theirs is unpublished", _INPUTS)),
+           "Spearman rho (and p) between the writing MLP output's norm and each counted attended sink's peak score, and its "
+           "lifetime",
+           ("the sink score is the toolkit's (mean attention from later queries), theirs is unpublished", COUNTING, _INPUTS)),
     Method("at one middle layer (22 of 48), wherever the MLP output has cos > 0.98 with the first token's MLP output (positions "
            "0-2 excluded), its L2 norm is set to a target (default 100); detection re-run on the intervened prefill",
-           "each attended secondary sink's own writing MLP output (at that token only) multiplied by each dose factor; its mean "
-           "score over its clean lifetime layers and its re-counted lifetime compared with clean",
+           "each counted attended secondary sink's own writing MLP output (at that token only) multiplied by each dose factor; "
+           "its mean score over its clean lifetime layers and its re-counted lifetime compared with clean",
            ("a multiplicative factor at the sink's own MLP, not a target norm gated by cos > 0.98 at one layer",
             "their form (rescale-sink:layers=L,scope=whole,min_cos=0.98,target_norm=T,reference=mlp_out) is swept over "
-            "settings.norm_targets at layer round(22/48 L) in the norm-sweep table; it does not enter the verdict", _INPUTS)),
+            "settings.norm_targets at layer round(22/48 L) in the norm-sweep table; it does not enter the verdict", COUNTING,
+            _INPUTS)),
     Method("a level is a cell, or a cluster of cells, of the count histogram over (creation layer, lifetime), plotted as "
            "log(1 + count); no clustering algorithm; 3 levels in QwQ-32B, 6 in Qwen3-14B",
-           "the number of creation layers holding >= share of the attended secondary sinks",
+           "the number of creation layers holding >= share of the counted attended secondary sinks",
            ("lifetime is not used by the verdict; the histogram itself (circuits.anatomy.sink_levels, log colour scale as "
-            "theirs) is drawn in the report", _INPUTS)),
+            "theirs) is drawn in the report", COUNTING, _INPUTS)),
 )))
 
 #: in the order the report lists them
@@ -210,17 +243,98 @@ CLAIMS: tuple[Claim, ...] = (W1, W2, W6, W3, W4, W5)
 
 
 def dose_response(model, obs: LongInputs, s: Settings, skip: int | None = None) -> dict | None:
-    """W5's intervention on the first ``s.dose_traces`` traces (see the module docstring): the
-    :func:`~interventions.recipes.rescale_dose_response` result, or None without a sink there.
-    ``skip``: positions excluded from detection (default :func:`skip_first`)."""
+    """W5's intervention on the counted sinks (:func:`counted`) of the first ``s.dose_traces``
+    traces (see the module docstring): the :func:`~interventions.recipes.rescale_dose_response`
+    result, or None without a counted sink there. ``skip``: positions excluded from detection
+    (default :func:`skip_first`)."""
     rows = list(range(min(s.dose_traces, len(obs.batch))))
     sinks = recipes.secondary_sink_mlps(model, obs.batch, obs.sinks, min_score_ratio=s.min_score_ratio, sites=obs.mlp,
                                         skip_first=skip_first(model, obs, s) if skip is None else skip)
-    sinks = sinks[sinks["sequence"].isin(rows)].reset_index(drop=True)
+    sinks = counted(obs.sinks, sinks[sinks["sequence"].isin(rows)], obs.batch.parts).reset_index(drop=True)
     if sinks.empty:
         return None
     sinks.attrs["meas"] = obs.sinks.select(rows)  # the clean run of exactly these traces: no extra pass
     return recipes.rescale_dose_response(model, obs.batch.select(rows), sinks, factors=s.dose_factors, batch_size=s.batch_size)
+
+
+def counted(meas, table: pd.DataFrame, parts: list[list[str]] | None) -> pd.DataFrame:
+    """The rows of ``table`` (``sequence``, ``position``) that a verdict counts (:data:`COUNTING`):
+    those in the model's own generated tokens (every row when ``parts`` is None), one per
+    context (:func:`circuits.anatomy.once_per_context`, which adds ``copies``). Adds ``part``."""
+    table = table.assign(part=part_column(table, parts))
+    if parts is not None:
+        table = table[table["part"] == OWN]
+    return anatomy.once_per_context(meas, table)
+
+
+def _part_summary(meas, table: pd.DataFrame, att: pd.DataFrame) -> dict:
+    """One part's sinks (``table``: its candidates, ``att``: its attended ones, per session):
+    counts once per context and per session, the tokens and creation layers of the distinct ones."""
+    once = anatomy.once_per_context(meas, att)
+    tokens = once["token"].value_counts()
+    return {
+        "n_candidates": anatomy.distinct_contexts(meas, table), "n_candidates_per_session": len(table),
+        "n_attended": len(once), "n_attended_per_session": len(att),
+        "tokens": [{"token": t, "count": int(c)} for t, c in tokens.head(8).items()],
+        "creation_layers": {int(k): int(v) for k, v in once["start_layer"].value_counts().sort_index().items()},
+        "lifetime_median": float(once["lifetime"].median()) if len(once) else float("nan"),
+        "positions": sorted({int(p) for p in once["position"]}),
+    }
+
+
+def sink_counts(meas, parts: list[list[str]] | None, *, min_score_ratio: float, skip: int = 1,
+                thresholds: anatomy.SecondaryThresholds | None = None, form: str | None = None) -> tuple[dict, dict]:
+    """The sink counts W1, W2 and W6 read, under the counting rule (:data:`COUNTING`), from a
+    measurement and the part of each token (``parts``, None for inputs without parts), with no
+    model: ``(numbers, frames)``.
+
+    ``numbers``: ``counting`` (the rule, its scope: ``"generated"`` or ``"every position"``, the
+    sessions' ``form``), the counted candidates and attended sinks (``n_candidates_counted``,
+    ``n_attended_counted``), the per-session counts of every part (``n_candidates``,
+    ``n_attended``; secondary numbers), ``n_attended_distinct`` (every part, once per context),
+    ``by_part`` (per part: counts once per context and per session, tokens, creation layers),
+    ``parts`` (each sequence's parts as runs, :func:`circuits.parts.to_spans`), ``layers`` (the
+    primary-sink score and the counted attended sinks alive per layer, and every part's per
+    session), ``live_layers``, ``primary_ratio_live_vs_other``, ``levels`` and
+    ``creation_layer_share`` (of the counted sinks). ``frames``: ``candidates`` and ``attended``
+    (per session, every part, with ``part`` and ``counted``), ``counted`` (the attended sinks the
+    verdicts read), ``layers``.
+    """
+    table, att, th = anatomy.attended_secondary(meas, min_score_ratio, thresholds, skip_first=skip)
+    table = table.assign(part=part_column(table, parts))
+    att = att.assign(part=part_column(att, parts))
+    mine = counted(meas, att, parts)
+    att = att.assign(counted=att.index.isin(mine.index))
+    mine = mine.reset_index(drop=True)
+    mine.attrs.update(att.attrs)
+    cand = counted(meas, table, parts)
+    primary = anatomy.primary_sink_layers(meas)
+    live = anatomy.live_per_layer(meas, mine, th.cos)
+    layers = primary[["layer", "primary_sink_score"]].assign(
+        live_secondary=live, live_secondary_per_session_every_part=anatomy.live_per_layer(meas, att, th.cos))
+    live_at = live_layers(live, W2.thresholds["live_share"])
+    score = primary["primary_sink_score"].to_numpy()
+    other = np.setdiff1d(np.arange(meas.n_layers), live_at)
+    ratio = float(np.mean(score[live_at]) / np.mean(score[other])) if len(live_at) and len(other) else float("nan")
+    if len(mine):
+        shares = mine["start_layer"].value_counts(normalize=True).sort_index()
+        levels = [int(l) for l, v in shares.items() if v >= W6.thresholds["share"]]
+    else:
+        shares, levels = pd.Series(dtype=float), []
+    by_part = {} if parts is None else {
+        part: _part_summary(meas, table[table["part"] == part], att[att["part"] == part]) for part in PARTS}
+    numbers = {
+        "counting": {"rule": COUNTING, "scope": "every position" if parts is None else OWN, "form": form},
+        "n_sequences": meas.n_sequences,
+        "n_candidates_counted": len(cand), "n_attended_counted": len(mine),
+        "n_candidates": len(table), "n_attended": len(att), "n_attended_distinct": anatomy.distinct_contexts(meas, att),
+        "by_part": by_part, "parts": None if parts is None else [to_spans(p) for p in parts],
+        "attended": att.to_dict(orient="records"),
+        "layers": layers.to_dict(orient="records"), "live_layers": live_at.tolist(), "primary_ratio_live_vs_other": ratio,
+        "levels": levels, "creation_layer_share": {int(k): float(v) for k, v in shares.items()},
+    }
+    frames = {"candidates": table, "attended": att, "counted": mine, "layers": layers.assign(holds_sink=primary["holds_sink"])}
+    return numbers, frames
 
 
 def skip_first(model, obs: LongInputs, s: Settings) -> int:
@@ -296,28 +410,20 @@ def their_findings(att: pd.DataFrame) -> dict:
 def measure(model, obs: LongInputs, s: Settings) -> Measured:
     """Every number W1-W6 read, from the long-input pass ``obs`` and the dose-response runs.
 
-    ``numbers``: the candidate and attended secondary sinks, the primary-sink score and live
-    attended sinks per layer, the live layers and the primary-sink ratio, the sink levels, the
-    MLP sub-output cosines at the creation layer, the norm correlations and the dose response.
-    ``frames``: the same tables as DataFrames, plus ``joined`` (each attended sink with its
-    creation-layer MLP statistics) for the figures.
+    ``numbers``: :func:`sink_counts`' (the counted, per-part and per-session sinks, the
+    primary-sink score and live counted sinks per layer, the live layers and the primary-sink
+    ratio, the sink levels), then the MLP sub-output cosines at the creation layer, the norm
+    correlations and the dose response, all over the counted sinks. ``frames``: the same tables
+    as DataFrames, plus ``joined`` (each counted sink with its creation-layer MLP statistics)
+    for the figures.
     """
     meas = obs.sinks
     skip = skip_first(model, obs, s)
-    table, att, th = anatomy.attended_secondary(meas, s.min_score_ratio, skip_first=skip)
-    primary = anatomy.primary_sink_layers(meas)
-    live = anatomy.live_per_layer(meas, att, th.cos)
-    layers = primary[["layer", "primary_sink_score"]].assign(live_secondary=live)
-    live_at = live_layers(live, W2.thresholds["live_share"])
-    score = primary["primary_sink_score"].to_numpy()
-    other = np.setdiff1d(np.arange(meas.n_layers), live_at)
-    ratio = float(np.mean(score[live_at]) / np.mean(score[other])) if len(live_at) and len(other) else float("nan")
+    th = anatomy.SecondaryThresholds.for_depth(meas.n_layers)
+    counts, count_frames = sink_counts(meas, obs.batch.parts, min_score_ratio=s.min_score_ratio, skip=skip, thresholds=th,
+                                       form=obs.batch.parts_form)
+    att = count_frames["counted"]
     n_att = len(att)
-    if n_att:
-        shares = att["start_layer"].value_counts(normalize=True).sort_index()
-        levels = [int(l) for l, v in shares.items() if v >= W6.thresholds["share"]]
-    else:
-        shares, levels = pd.Series(dtype=float), []
     sites: analyses.MLPSites = obs.mlp
     joined = analyses.creation_layer_mlp(att, sites)
     base = analyses.site_baseline(sites, att)
@@ -335,10 +441,7 @@ def measure(model, obs: LongInputs, s: Settings) -> Measured:
     settings_table = detection_settings(meas, th, skip)
     level_counts = anatomy.sink_levels(anatomy.secondary_sinks(meas, th, include_noise=True, skip_first=skip), meas.n_layers)
     numbers = {
-        "n_sequences": meas.n_sequences, "n_candidates": len(table), "n_attended": n_att,
-        "n_attended_distinct": anatomy.distinct_contexts(meas, att), "attended": att.to_dict(orient="records"),
-        "layers": layers.to_dict(orient="records"), "live_layers": live_at.tolist(), "primary_ratio_live_vs_other": ratio,
-        "levels": levels, "creation_layer_share": {int(k): float(v) for k, v in shares.items()},
+        **counts,
         "mlp_sites_median_abs_cos": med_abs, "mlp_sites_baseline": base, "median_abs_cos_sink": sink_cos,
         "corr_norm_score": c_score, "corr_norm_lifetime": c_life,
         "dose_response": None if dose is None else dose_frame.to_dict(orient="records"),
@@ -348,13 +451,12 @@ def measure(model, obs: LongInputs, s: Settings) -> Measured:
     }
     site_frame = pd.DataFrame({"site": list(sites.sites), "median_abs_cos_secondary": [med_abs[k] for k in sites.sites],
                                "median_cos_ordinary_tokens": [base[k] for k in sites.sites]})
-    frames = {"candidates": table, "attended": att, "layers": layers.assign(holds_sink=primary["holds_sink"]), "joined": joined,
-              "sites": site_frame, "site_baseline": base, "dose": dose_frame, "detection_settings": settings_table, "norm_sweep": sweep,
-              "sink_level_counts": level_counts}
+    frames = {**count_frames, "joined": joined, "sites": site_frame, "site_baseline": base, "dose": dose_frame,
+              "detection_settings": settings_table, "norm_sweep": sweep, "sink_level_counts": level_counts}
     return Measured(numbers, frames, timings)
 
 
 __all__ = [
-    "CLAIMS", "W1", "W2", "W3", "W4", "W5", "W6", "detection_settings", "dose_response", "live_layers", "measure", "norm_layer", "norm_sweep",
-    "skip_first", "their_findings",
+    "CLAIMS", "COUNTING", "W1", "W2", "W3", "W4", "W5", "W6", "counted", "detection_settings", "dose_response", "live_layers", "measure",
+    "norm_layer", "norm_sweep", "sink_counts", "skip_first", "their_findings",
 ]
