@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import textwrap
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -19,6 +20,14 @@ def run_cli(*args: str, timeout: int = 300, env: dict | None = None, **popen) ->
         [sys.executable, "-m", "sinkscope.cli", *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT,
         env={**os.environ, "TOKENIZERS_PARALLELISM": "false", **(env or {})}, **popen,
     )
+
+
+def heavy_modules_after(code: str, modules=("torch", "transformers", "transformer_lens", "pandas")) -> list[str]:
+    """Which of ``modules`` a fresh interpreter has imported after running ``code``."""
+    probe = f"import sys\n{code}\nprint(sorted(m for m in {tuple(modules)!r} if m in sys.modules))"
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return eval(proc.stdout.strip())  # a printed list of str
 
 
 def expect_bad_input(capsys, tmp_path: Path, argv: list[str]) -> str:
@@ -58,6 +67,35 @@ def waiters_on(folder: Path) -> list[int]:
             if int(inode) == st.st_ino and (int(major, 16), int(minor, 16)) == (os.major(st.st_dev), os.minor(st.st_dev)):
                 pids.append(int(parts[5]))
     return pids
+
+
+def hanging_measure(out: Path, *, slow_cleanup: bool = False) -> subprocess.Popen:
+    """``sinkscope measure`` (the console entry point) stopped inside its staging folder; with
+    ``slow_cleanup`` its clean-up announces itself and takes a second."""
+    script = f"""
+        import sys, time, shutil
+        import circuits.output as output
+        import sinkscope.jobs as jobs
+        def hang(*a, **k):
+            print("writing", flush=True)
+            time.sleep(120)
+        jobs.write_figures = hang
+        if {slow_cleanup}:
+            real = shutil.rmtree
+            def slow(path, *a, **k):
+                print("cleaning", flush=True)
+                time.sleep(1.0)
+                return real(path, *a, **k)
+            output.shutil.rmtree = slow
+        from sinkscope.cli import main
+        sys.argv = ["sinkscope", "measure", "--model", "tiny-llama", "--text", "a b c d", "--out", sys.argv[1]]
+        sys.exit(main())
+    """
+    proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(script), str(out)], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    assert proc.stdout.readline().strip() == "writing", proc.stderr.read()
+    assert [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.staging-")]
+    return proc
 
 
 class Interrupt(Exception):

@@ -7,7 +7,7 @@ and the cache rebuilt; the assembled GGUFs are checked by their full sha256, and
 is assembled again; a cache location that cannot hold the cache is one clear error before any
 work.
 
-The stand-in packaged model ``fake-cache`` is a seeded tiny Llama written by the real cache
+The stand-in packaged model ``fake-tiny`` (:func:`test_cli_models.install_fake`) is a seeded tiny Llama written by the real cache
 writer under a temporary ``XDG_CACHE_HOME``; the real caches in ``~/.cache/sinkscope`` are never
 touched (the one test on real GGUF parts writes its own copy under ``tmp_path``).
 """
@@ -25,32 +25,12 @@ import torch
 
 from circuits import models
 from helpers import expect_bad_input
-
-FAKE = models.PackagedModel(name="fake-cache", hub_id="sinkscope/fake-cache", package="fake", pip_name="fake",
-                            description="a stand-in packaged model", native_bos=False, locate_gguf=lambda cache: cache)
-
-
-def install(monkeypatch, cache_home) -> list[int]:
-    builds: list[int] = []
-
-    def build(spec, target):
-        # heavy: transformers is imported by the build it stands in for
-        from transformers import AutoModelForCausalLM
-
-        builds.append(1)
-        torch.manual_seed(0)
-        hf = AutoModelForCausalLM.from_config(models.tiny_hf_config("llama"))
-        models._write_cache(hf, models.byte_tokenizer(), target, {"hub_id": spec.hub_id})
-
-    monkeypatch.setenv("XDG_CACHE_HOME", str(cache_home))
-    monkeypatch.setitem(models.PACKAGED, FAKE.name, FAKE)
-    monkeypatch.setattr(models, "_dequantize_to_cache", build)
-    return builds
+from test_cli_models import FAKE, install_fake  # the stand-in packaged model and its counting builder
 
 
 @pytest.fixture
 def fake(monkeypatch, tmp_path):
-    builds = install(monkeypatch, tmp_path / "cache")
+    builds = install_fake(monkeypatch, tmp_path / "cache")
     return builds, tmp_path / "cache" / "sinkscope" / "models" / FAKE.name
 
 
@@ -236,7 +216,7 @@ def test_a_cache_under_proc_is_one_line_before_any_work(fake, monkeypatch, tmp_p
     builds, _ = fake
     monkeypatch.setenv("XDG_CACHE_HOME", "/proc/sinkscope-cache")
     msg = expect_bad_input(capsys, tmp_path, ["measure", "--model", FAKE.name, "--text", "a b c"])
-    assert "the model cache at /proc/sinkscope-cache/sinkscope/models/fake-cache cannot be written" in msg
+    assert "the model cache at /proc/sinkscope-cache/sinkscope/models/fake-tiny cannot be written" in msg
     assert "XDG_CACHE_HOME" in msg and builds == []
 
 

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from circuits.probes import PromptsFileError, read_prompts
-from helpers import ROOT, expect_bad_input
+from helpers import ROOT, expect_bad_input, heavy_modules_after
 from sinkscope.cli import main
 
 # --------------------------------------------------------------------------- prompt files
@@ -172,11 +172,7 @@ def test_pretrain_refuses_a_bad_config_before_any_work(tmp_path, capsys):
 
 
 def test_building_the_parser_imports_neither_torch_nor_transformers():
-    code = ("import sys; from sinkscope.cli import build_parser; build_parser(); "
-            "print(sorted(m for m in ('torch', 'transformers', 'transformer_lens', 'pandas') if m in sys.modules))")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == "[]"
+    assert heavy_modules_after("from sinkscope.cli import build_parser; build_parser()") == []
 
 
 @pytest.mark.parametrize("args", [["--help"], ["pretrain", "--help"], ["measure", "--eps", "x"], ["nosuchcommand"]])

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from circuits.output import MANIFEST, atomic_output_dir, file_digest, sweep_stale
-from helpers import ROOT, expect_bad_out
+from helpers import ROOT, expect_bad_out, hanging_measure
 from sinkscope.cli import main
 
 TINY = ["--model", "tiny-llama"]
@@ -144,27 +144,8 @@ def test_two_processes_writing_one_out_end_with_one_whole_result(tmp_path):
 # --------------------------------------------------------------------------- interrupted, terminated, killed
 
 
-def _hanging_run(out: Path) -> subprocess.Popen:
-    """``sinkscope measure`` stopped inside its staging folder (writing figures hangs)."""
-    script = textwrap.dedent("""
-        import sys, time
-        import sinkscope.jobs as jobs
-        def hang(*a, **k):
-            print("writing", flush=True)
-            time.sleep(120)
-        jobs.write_figures = hang
-        from sinkscope.cli import main
-        sys.exit(main(["measure", "--model", "tiny-llama", "--text", "a b c d", "--out", sys.argv[1]]))
-    """)
-    proc = subprocess.Popen([sys.executable, "-c", script, str(out)], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    assert proc.stdout.readline().strip() == "writing"
-    assert [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.staging-")]
-    return proc
-
-
 def test_sigterm_removes_the_staging_folder(tmp_path):
-    proc = _hanging_run(tmp_path / "out")
+    proc = hanging_measure(tmp_path / "out")
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "interrupted; nothing was written" in err
@@ -173,7 +154,7 @@ def test_sigterm_removes_the_staging_folder(tmp_path):
 
 def test_the_staging_folder_of_a_sigkilled_run_is_swept_by_the_next_run(tmp_path, capsys):
     out = tmp_path / "out"
-    proc = _hanging_run(out)
+    proc = hanging_measure(out)
     proc.kill()
     proc.communicate(timeout=60)
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out.staging-")], "SIGKILL runs no handler"

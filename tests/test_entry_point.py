@@ -2,21 +2,14 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 
 import sinkscope as ss
-from helpers import ROOT
+from helpers import heavy_modules_after
 
 
 def test_importing_sinkscope_imports_neither_torch_nor_the_layers():
-    code = ("import sys, sinkscope; print(sorted(m for m in ('torch', 'transformers', 'circuits.measure', "
-            "'interventions.effect') if m in sys.modules))")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == "[]"
+    assert heavy_modules_after("import sinkscope", ("torch", "transformers", "circuits.measure", "interventions.effect")) == []
 
 
 def test_each_name_is_the_layers_own_function():

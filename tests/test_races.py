@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 
 from circuits.output import MANIFEST, FolderBusyError, exclusive, lock_holder
-from helpers import ROOT, expect_bad_out
+from helpers import ROOT, expect_bad_out, hanging_measure
 from sinkscope.cli import build_parser, main
 
 TINY = ["--model", "tiny-llama"]
@@ -264,36 +264,8 @@ def test_stale_staging_of_a_dead_run_is_swept_next_to_any_out(tmp_path):
     assert (tmp_path / "c" / "sinks.json").read_text() == "c's result"
 
 
-def _hanging(out: Path, *, slow_cleanup: bool = False) -> subprocess.Popen:
-    """``sinkscope measure`` (the console entry point) stopped inside its staging folder; with
-    ``slow_cleanup`` its clean-up announces itself and takes a second."""
-    script = f"""
-        import sys, time, shutil
-        import circuits.output as output
-        import sinkscope.jobs as jobs
-        def hang(*a, **k):
-            print("writing", flush=True)
-            time.sleep(120)
-        jobs.write_figures = hang
-        if {slow_cleanup}:
-            real = shutil.rmtree
-            def slow(path, *a, **k):
-                print("cleaning", flush=True)
-                time.sleep(1.0)
-                return real(path, *a, **k)
-            output.shutil.rmtree = slow
-        from sinkscope.cli import main
-        sys.argv = ["sinkscope", "measure", "--model", "tiny-llama", "--text", "a b c d", "--out", sys.argv[1]]
-        sys.exit(main())
-    """
-    proc = _popen(script, str(out))
-    assert proc.stdout.readline().strip() == "writing", proc.stderr.read()
-    assert [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.staging-")]
-    return proc
-
-
 def test_sighup_cleans_up_like_sigterm(tmp_path):
-    proc = _hanging(tmp_path / "out")
+    proc = hanging_measure(tmp_path / "out")
     proc.send_signal(signal.SIGHUP)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and err.strip() == "sinkscope: interrupted; nothing was written"
@@ -301,7 +273,7 @@ def test_sighup_cleans_up_like_sigterm(tmp_path):
 
 
 def test_a_second_ctrl_c_during_the_clean_up_still_exits_130_with_nothing_left(tmp_path):
-    proc = _hanging(tmp_path / "out", slow_cleanup=True)
+    proc = hanging_measure(tmp_path / "out", slow_cleanup=True)
     proc.send_signal(signal.SIGINT)
     assert proc.stdout.readline().strip() == "cleaning"  # the second one lands inside the clean-up
     for _ in range(3):
