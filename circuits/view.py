@@ -10,7 +10,10 @@ tokens coloured by sink score at the chosen layer; a layer slider and a sequence
 layer × position heat map, linked to the text; on hover or click, a token's sink score across
 layers, its alpha per head, and for a secondary sink its creation layer, lifetime and class; the
 first token (the primary sink) marked. An effect's view switches between clean, intervened and
-their delta, and marks the intervention's target positions.
+their delta, and marks the intervention's target positions. Given the part of the input each
+token belongs to (``parts``: the model's own sessions carry them, :attr:`circuits.probes.TokenBatch.parts`),
+the text marks the template and problem tokens (a line above them) apart from the model's own
+generated ones, and the detail panel names the token's part.
 
 Size. The data are compact JSON, every float at 4 significant digits. Sink scores are kept for
 every (layer, position) of the sequences shown (30 layers × 8,192 tokens: 2.1 MB of JSON, the
@@ -42,6 +45,7 @@ from circuits import anatomy
 from circuits.checks import check_eps, check_int
 from circuits.errors import SinkscopeError
 from circuits.measure import SinkMeasurement
+from circuits.parts import PartsError, check_parts, to_spans
 
 #: Sink-score numbers per run embedded at most (about 8 bytes each): 8 sequences of 2,048 tokens on 30 layers.
 MAX_VALUES = 600_000
@@ -217,6 +221,7 @@ def view_data(
     title: str | None = None,
     max_values: int = MAX_VALUES,
     alpha_values: int = ALPHA_VALUES,
+    parts: Sequence[Sequence[str]] | None = None,
 ) -> dict:
     """The data the page embeds: a JSON-ready dict, every float at :data:`DIGITS` significant digits.
 
@@ -228,6 +233,10 @@ def view_data(
         thresholds: the secondary-sink classes (default: scaled to the model's depth, as ``sinks.json``).
         sequences: which sequences to show (default: all that fit in ``max_values``).
         max_values, alpha_values: the size budgets of the module docstring.
+        parts: the part of the input each token belongs to, one label of
+            :data:`circuits.parts.PARTS` per token of every sequence of ``source`` (e.g. the
+            ``parts`` of the :class:`~circuits.probes.TokenBatch` it measured); stored per
+            sequence shown as runs ``[start, stop, part]`` (:func:`circuits.parts.to_spans`).
     """
     check_int(max_values, "max_values", error=ViewError)
     check_int(alpha_values, "alpha_values", minimum=0, error=ViewError)
@@ -244,6 +253,11 @@ def view_data(
     n_layers, n_heads = first.n_layers, first.n_heads
     th = thresholds or anatomy.SecondaryThresholds.for_depth(n_layers)
     lengths = [int(n) for n in first.lengths]
+    if parts is not None:
+        try:
+            parts = check_parts(parts, lengths)
+        except PartsError as exc:
+            raise ViewError(str(exc)) from None
     shown = _pick_sequences(lengths, n_layers, sequences, max_values)
     secondary = {name: _secondary_rows(m.select(shown), th) for name, m in runs.items()}
 
@@ -280,6 +294,7 @@ def view_data(
             # [positions, layer * head], layer-major
             "alpha": {name: _floats(m.alpha[s][:, :, pos].transpose(2, 0, 1).reshape(len(pos), per_token)) for name, m in runs.items()},
             "secondary": {name: secondary[name].get(i, []) for name in runs},
+            "parts": None if parts is None else to_spans(parts[s][:n]),
         })
 
     model = first.model
@@ -375,7 +390,8 @@ class View:
 def view(source: SinkMeasurement | EffectLike, **kwargs) -> View:
     """The interactive view of a measurement or an effect (keywords: :func:`view_data`'s).
 
-    In Jupyter, a cell ending in ``view(meas)`` shows it; ``view(meas).save("view.html")`` writes the file.
+    In Jupyter, a cell ending in ``view(meas)`` shows it; ``view(meas).save("view.html")`` writes the file;
+    ``view(obs.sinks, parts=obs.batch.parts)`` marks where each token of the model's own sessions sits.
     """
     data = view_data(source, **kwargs)
     return View(render_html(data), data)

@@ -107,6 +107,18 @@
   function quoted(t) { return JSON.stringify(t).replace(/\\\\x([89a-f][0-9a-f])/g, "\\x$1"); }
   /* the character(s) a token holds part of (null for a whole token) */
   function partOf(seq, k) { return (seq.chars && seq.chars[k]) || null; }
+  /* the part of the input a token belongs to (template, problem or generated), from the runs
+   * [start, stop, part] circuits.view stores; null when the input has no parts */
+  var PART_NAMES = { template: "template: chat template, system prompt or a fixed lead-in", problem: "the problem text",
+    generated: "generated: the model's own token" };
+  function whereOf(seq, k) {
+    var runs = seq.parts, lo = 0, hi = runs ? runs.length - 1 : -1;
+    while (lo <= hi) {
+      var mid = (lo + hi) >> 1, r = runs[mid];
+      if (k < r[0]) hi = mid - 1; else if (k >= r[1]) lo = mid + 1; else return r[2];
+    }
+    return null;
+  }
 
   // ---------------------------------------------------------------- text
   function renderText() {
@@ -118,8 +130,9 @@
       var s = document.createElement("span");
       s.textContent = shownToken(seq.tokens[k]);
       s.dataset.k = k;
-      var cls = [], part = partOf(seq, k);
+      var cls = [], part = partOf(seq, k), where = whereOf(seq, k);
       if (part) { cls.push("bytes"); s.title = "UTF-8 bytes of \u201C" + part + "\u201D"; }
+      if (where) cls.push("part-" + where);
       if (k === 0) cls.push("primary");
       if (sec[k]) cls.push("secondary");
       if (isTarget(k)) cls.push("target");
@@ -158,13 +171,15 @@
         absolute: "absolute" }[S.scale] + "; square-root scale)"));
     var keys = [["primary", "first token (primary sink)"], ["secondary", "secondary sink"]];
     if (D.target) keys.push(["target", "intervention target"]);
+    if (seqData().parts) keys.push(["part-template", "template"], ["part-problem", "problem"], ["part-generated", "generated (no line)"]);
     keys.forEach(function (kv) {
       var e = document.createElement("span");
       e.className = "key";
       var sample = document.createElement("span");
       sample.className = kv[0];
       sample.style.cssText = kv[0] === "primary" ? "box-shadow: inset 0 0 0 2px #1b1b1b; padding: 0 3px" :
-        kv[0] === "secondary" ? "border-bottom: 3px dashed #1f4fd1" : "text-decoration: underline 3px solid #7b3294";
+        kv[0] === "secondary" ? "border-bottom: 3px dashed #1f4fd1" : kv[0] === "target" ? "text-decoration: underline 3px solid #7b3294" :
+        kv[0] === "part-template" ? "border-top: 2px dotted #8a8a8a" : kv[0] === "part-problem" ? "border-top: 2px solid #1b9e77" : "";
       sample.textContent = "abc";
       e.append(sample, " " + kv[1]);
       $("legend").append(e);
@@ -304,6 +319,8 @@
     var badge = function (cls, txt) { var b = document.createElement("span"); b.className = "badge " + cls; b.textContent = txt; badges.append(b); };
     if (k === 0) badge("primary", "first token: the primary sink");
     if (partOf(seq, k)) badge("bytes", "UTF-8 bytes of \u201C" + partOf(seq, k) + "\u201D");
+    var where = whereOf(seq, k);
+    if (where) badge("part part-" + where, "part: " + PART_NAMES[where]);
     Object.keys(sec).forEach(function (r) { badge("secondary", (EFFECT ? r + ": " : "") + sec[r].kind); });
     if (isTarget(k)) badge("target", "intervention target");
     // sink score at the layer, per run
@@ -449,6 +466,6 @@
     timings.load_ms = performance.now();
   }
 
-  window.sinkscope = { data: D, state: S, timings: timings, setLayer: setLayer, pin: pin };
+  window.sinkscope = { data: D, state: S, timings: timings, setLayer: setLayer, pin: pin, whereOf: whereOf };
   init();
 })();
