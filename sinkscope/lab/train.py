@@ -185,11 +185,16 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def make_optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
+def make_optimizer(model, cfg: TrainConfig, *, fused: bool = False) -> torch.optim.Optimizer:
+    """AdamW with weight decay on the matrices only. ``fused``: one fused kernel per step (a
+    CUDA model, ``bench/gpu_check.py --lab``); the default per-parameter loop is the CPU's,
+    whose results the lab's runs were recorded with."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         (decay if p.ndim >= 2 and "norm" not in name else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if fused:
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), foreach=False)
 
 
@@ -207,29 +212,31 @@ class EvalData:
 def sink_statistics(model, tokens: torch.Tensor, eps: float, *, chunk: int = 25) -> dict[str, Any]:
     """Sink_1^eps (position 0) and mean alpha from the HF model's own attention weights.
 
-    ``tokens``: ``[N, T]`` full windows (no padding). Gu et al.'s alpha: the mean attention a
-    key receives from the queries at or after it; the indicator is thresholded per sequence,
-    layer and head, then averaged (percent). For ``key-bias`` the bias slot's mass is added.
+    ``tokens``: ``[N, T]`` full windows (no padding), moved to the model's device. Gu et al.'s
+    alpha: the mean attention a key receives from the queries at or after it; the indicator is
+    thresholded per sequence, layer and head, then averaged (percent). For ``key-bias`` the bias
+    slot's mass is added.
     """
     was_training = model.training
     model.eval()
+    device = next(model.parameters()).device
     alpha0, bias = [], []
     for i in range(0, tokens.shape[0], chunk):
-        x = tokens[i : i + chunk]
-        lengths = torch.full((x.shape[0],), x.shape[1])
+        x = tokens[i : i + chunk].to(device)
+        lengths = torch.full((x.shape[0],), x.shape[1], device=device)
         out = model(input_ids=x, output_attentions=True, use_cache=False)
         alpha0.append(torch.stack([attention_received(a.float(), lengths)[0][:, :, 0] for a in out.attentions], 1))
         if getattr(model.config, "sinkscope_variant", None) == "key-bias":
             bias.append(torch.stack([V.bias_slot_mass(a, lengths) for a in out.attentions], 1))
     model.train(was_training)
-    a0 = torch.cat(alpha0).numpy()  # [N, L, H]
+    a0 = torch.cat(alpha0).cpu().numpy()  # [N, L, H]
     stats: dict[str, Any] = {
         "sink_rate": float(100.0 * (a0 > eps).mean()),
         "alpha0": float(a0.mean()),
         "alpha0_per_layer": a0.mean(axis=(0, 2)).round(5).tolist(),
     }
     if bias:
-        b = torch.cat(bias).numpy()
+        b = torch.cat(bias).float().cpu().numpy()
         stats.update(bias_mass=float(b.mean()), bias_sink_rate=float(100.0 * (b > eps).mean()),
                      bias_mass_per_layer=b.mean(axis=(0, 2)).round(5).tolist())
     return stats
@@ -239,9 +246,10 @@ def sink_statistics(model, tokens: torch.Tensor, eps: float, *, chunk: int = 25)
 def val_loss(model, tokens: torch.Tensor, *, chunk: int = 16) -> float:
     was_training = model.training
     model.eval()
+    device = next(model.parameters()).device
     total, count = 0.0, 0
     for i in range(0, tokens.shape[0], chunk):
-        x = tokens[i : i + chunk]
+        x = tokens[i : i + chunk].to(device)
         logits = model(input_ids=x, use_cache=False).logits
         loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
                                                  x[:, 1:].reshape(-1), reduction="sum")
