@@ -36,7 +36,10 @@ run in a minute or two):
   none) or, on Gemma 3, with its BOS. Positions are 0-based: the papers' Sink_1 is position 0.
 
 Thresholds are the toolkit's, chosen before looking at any model; each claim's are stored in
-``numbers.json`` under ``rules``, and its rule text next to its verdict.
+``numbers.json`` under ``rules``, and its rule text next to its verdict. Wong et al.'s verdicts
+count each secondary sink once, in the model's own generated tokens
+(:data:`~sinkscope.reproduce.wong.COUNTING`); sinks in the chat template, system prompt and
+problem text are reported beside them (:mod:`circuits.parts`).
 """
 
 from __future__ import annotations
