@@ -17,6 +17,7 @@ from circuits.probes import tokenize
 from interventions.base import InterventionError, registered_hooks
 from interventions.registry import parse_spec, spec
 from interventions.residual import AmplifyVariance
+from tolerances import path_bound
 
 TEXTS = [
     "The cat sat on the mat and looked at the bird outside.",
@@ -183,6 +184,7 @@ def test_random_tokens_are_seeded_without_bos_or_special_ids(llama):
     assert not set(a.tokens.flatten().tolist()) & set(llama.tokenizer.all_special_ids)
 
 
+@pytest.mark.numerical
 def test_batch_variance_is_the_variance_across_sequences(llama):
     """By hand from a cache: per layer and position, the per-dimension sample variance over the
     batch's sequences, averaged over dimensions; sub-batches accumulate to the same numbers."""
@@ -199,7 +201,9 @@ def test_batch_variance_is_the_variance_across_sequences(llama):
     assert list(var.n) == [7] * 9
     one = BatchVarianceMeter(llama)
     observe(llama, b, [one], batch_size=7)
-    np.testing.assert_allclose(one.result().z, var.z, rtol=1e-5)
+    # one sub-batch of 7 against 3 + 3 + 1: the same sums on other shapes, at depth <= 4 of a
+    # 4-layer model whose longest sum is 128 (tests/tolerances.py), relative to each variance
+    np.testing.assert_allclose(one.result().z, var.z, rtol=float(path_bound(llama.cfg.n_layers, 128)))
     table = batch_variance_table(var)
     assert list(table["layer"]) == [0, 1, 2, 3]
     assert table.loc[0, "z_first"] == pytest.approx(var.z[0, 0]) and table.loc[0, "z_rest"] == pytest.approx(np.median(var.z[0, 1:]))
