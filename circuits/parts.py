@@ -19,7 +19,7 @@ nothing is re-generated:
   template the answer ends where the transcript's fixed text after an answer
   (:data:`PLAIN_ANSWER_END`, then the next turn's :data:`PLAIN_TURN`) begins. The turn's
   ``new_tokens`` is *not* used for the end: an answer re-tokenized from its text can differ
-  from the sampled tokens by a token or two (seen in 2 of 64 turns of the packaged sessions).
+  from the sampled tokens by a token or three (seen in 4 of the 88 turns of the packaged sessions).
 * ``problem`` — the problem text exactly as the turn records it (``turns[i]["problem"]``: a
   re-posed problem keeps its "Let's look again ..." lead-in, which is part of that text). A
   token that holds both a lead-in character and the problem's first one (``" A"`` after
