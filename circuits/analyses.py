@@ -67,9 +67,9 @@ from torch import Tensor
 
 from circuits.blockwise import PatternBlock
 from circuits.driver import HookSource, Run, drive
-from circuits.fused_attention import reduce_pattern, reducible_layers
 from circuits.measure import lower_median_abs
 from circuits.meter import ArrayMeter, Axes, Meter, MeterError, array, axes_of, per_sequence
+from circuits.pattern_meter import PatternMeter
 from circuits.probes import TokenBatch
 from circuits.stats import correlations, nanmean, nanmean_t, valid_positions
 
@@ -458,6 +458,9 @@ class BatchVarianceMeter:
     def begin(self, batch: TokenBatch) -> None:
         self._lengths = batch.lengths
 
+    def see_hooks(self, hooks) -> None:
+        """Reads ``hook_z`` and ``hook_attn_out``, wherever the pattern is computed: nothing to choose."""
+
     def hooks(self):
         return [(f"blocks.{l}.{hook}", self._hook(key, l)) for l in range(self.n_layers) for key, hook in self.SITES.items()]
 
@@ -667,38 +670,50 @@ def key_hook_name(model, layer: int = 0) -> str:
     raise MeterError("this model has no key hook (attn.hook_rot_k, attn.hook_k_normed or attn.hook_k)")
 
 
-class KVMeter(ArrayMeter):
-    """Key and value norms by position, and how much of each head's output the sink's value makes."""
+class FirstKeyColumn:
+    """A :data:`~circuits.blockwise.Reducer` that keeps the attention every query gives key 0;
+    :meth:`result` is ``[batch, head, query]``."""
+
+    def __init__(self):
+        self._first: Tensor | None = None
+
+    def __call__(self, block: PatternBlock) -> None:
+        if self._first is None:
+            b, hk, _, g, _ = block.probs.shape
+            self._first = block.probs.new_zeros(b, hk, g, block.kv_length)
+        column = block.key_column(0)
+        if column is not None:
+            self._first[..., block.q0 : block.q1] = column
+
+    def result(self) -> Float[Tensor, "batch head query"]:
+        if self._first is None:
+            raise MeterError("FirstKeyColumn saw no block of the pattern")
+        b, hk, g, t = self._first.shape
+        return self._first.view(b, hk * g, t)
+
+
+class KVMeter(PatternMeter):
+    """Key and value norms by position, and how much of each head's output the sink's value makes.
+
+    The attention every query gives position 0 is one reducer of the pattern (the first key's
+    column, :meth:`reducer`), fed by the fused blocks or the eager pattern alike
+    (:class:`~circuits.pattern_meter.PatternMeter`) and collected at ``hook_z``, where the value
+    share needs it."""
 
     def __init__(self, model):
-        self.n_layers = int(model.cfg.n_layers)
         self.n_heads = int(model.cfg.n_heads)
         self.n_kv = int(getattr(model.cfg, "n_key_value_heads", None) or self.n_heads)
         self.key_hook = key_hook_name(model)
-        super().__init__(axes_of(KVStats), {"layer": self.n_layers, "head": self.n_heads, "kv_head": self.n_kv})
-        self.model = model
-        self._other_hooks: Sequence = ()
+        super().__init__(model, axes_of(KVStats), {"layer": int(model.cfg.n_layers), "head": self.n_heads, "kv_head": self.n_kv})
         self._v0: dict[int, Tensor] = {}
         self._num: dict[int, Tensor] = {}
-        self._first: dict[int, Tensor] = {}
 
-    def see_hooks(self, hooks) -> None:
-        """The run's other hooks: a layer whose pattern they touch is read from ``hook_pattern``."""
-        self._other_hooks = list(hooks)
-
-    def hooks(self):
-        fused = reducible_layers(self.model, self._other_hooks)
-        self._first = {}
-        out = []
-        for l in range(self.n_layers):
-            out.append((f"blocks.{l}.{self.key_hook}", self._norm_hook(l, "k_norm")))
-            out.append((f"blocks.{l}.attn.hook_v", self._norm_hook(l, "v_norm")))
-            if l in fused:  # the first key's column, reduced from the fused attention
-                out.append((f"blocks.{l}.attn.hook_rot_k", self._request_hook(l)))
-            else:
-                out.append((f"blocks.{l}.attn.hook_pattern", self._pattern_hook(l)))
-            out.append((f"blocks.{l}.attn.hook_z", self._z_hook(l)))
-        return out
+    def layer_hooks(self, l: int):
+        return [
+            (f"blocks.{l}.{self.key_hook}", self._norm_hook(l, "k_norm")),
+            (f"blocks.{l}.attn.hook_v", self._norm_hook(l, "v_norm")),
+            (f"blocks.{l}.attn.hook_z", self._z_hook(l)),  # after collect: the first key's column is in
+        ]
 
     def _norm_hook(self, layer, key):
         def hook(x: Float[Tensor, "batch pos kv d_head"], hook):
@@ -713,34 +728,13 @@ class KVMeter(ArrayMeter):
 
         return hook
 
-    def _request_hook(self, layer):
-        attn = self.model.blocks[layer].attn
+    def reducer(self, layer: int) -> "FirstKeyColumn":
+        return FirstKeyColumn()
 
-        def hook(k: Float[Tensor, "batch pos kv d_head"], hook):
-            first = None
-
-            def keep_first_column(block: PatternBlock) -> None:
-                nonlocal first
-                if first is None:
-                    b, hk, _, g, _ = block.probs.shape
-                    first = self._first[layer] = block.probs.new_zeros(b, hk, g, block.kv_length)
-                column = block.key_column(0)
-                if column is not None:
-                    first[..., block.q0 : block.q1] = column
-
-            reduce_pattern(attn, keep_first_column)
-
-        return hook
-
-    def _pattern_hook(self, layer):
-        def hook(pattern: Float[Tensor, "batch head query key"], hook):
-            self._first_key(layer, pattern.detach().float()[..., 0])
-
-        return hook
-
-    def _first_key(self, layer, a0: Float[Tensor, "batch head query"]) -> None:
+    def collect(self, layer: int, column: "FirstKeyColumn") -> None:
         """Attention every query gives position 0: its mean over the real queries ``t >= 1``, and
         the numerator of the value share (``a0 * |v_0|``), kept for :meth:`_z_hook`."""
+        a0 = column.result()  # [b, h, t]
         b, h, t = a0.shape
         valid = self.valid(t, a0.device).clone()
         valid[:, 0] = False  # queries t >= 1
@@ -753,10 +747,6 @@ class KVMeter(ArrayMeter):
 
     def _z_hook(self, layer):
         def hook(z: Float[Tensor, "batch pos head d_head"], hook):
-            first = self._first.pop(layer, None)
-            if first is not None:  # the layer's fused attention has run: the column is complete
-                b, hk, g, t = first.shape
-                self._first_key(layer, first.view(b, hk * g, t))
             zn = z.detach().float().norm(dim=-1).transpose(1, 2)  # [b, h, t]
             share = self._num.pop(layer) / zn.clamp_min(1e-12)
             self.put("value_share", layer, nanmean_t(share))

@@ -60,15 +60,14 @@ class Run:
     def hook_list(self, sub: SubBatch) -> list[Hook]:
         """The run's own hooks, then its meters' (called after the meters' ``begin``).
 
-        A meter with a ``see_hooks(hooks)`` method is shown the run's own hooks first, so it can
-        choose where to measure (:class:`circuits.measure.SinkMeter` reads the pattern of a layer
-        whose pattern an intervention edits, and the rotated queries and keys elsewhere).
+        Every meter is shown the run's own hooks first (``see_hooks``, part of the
+        :class:`~circuits.meter.Meter` protocol), so it can choose where to measure (a
+        :class:`~circuits.pattern_meter.PatternMeter` reads the edited pattern of a layer whose
+        pattern an intervention touches, and the fused blocks elsewhere).
         """
         own = list(self.hooks(sub) if callable(self.hooks) else self.hooks)
         for m in self.meters:
-            see = getattr(m, "see_hooks", None)
-            if see is not None:
-                see(own)
+            m.see_hooks(own)
         return [*own, *(h for m in self.meters for h in m.hooks())]
 
 

@@ -8,8 +8,8 @@ positions. By default not even one layer's pattern is built: the driver runs att
 queries' softmax rows as the layer's attention computes them (:func:`circuits.fused_attention.reduce_pattern`
 with :class:`circuits.blockwise.ColumnSums`), so memory is linear in the length (a 32k-token
 trace fits) and the scores are computed once, not again next to the kernel. A layer whose pattern a hook of the
-run reads or edits, and a model without the fused path, is measured from ``hook_pattern`` as
-before; both give the same numbers within 1e-5.
+run reads or edits, and a model without the fused path, hands its ``hook_pattern`` to the same
+reducer as one block; both paths agree to float32 rounding.
 
 Definitions (see ``docs/science.md``; positions are 0-based everywhere in sinkscope, so the
 papers' "Sink_1" is position 0 here):
@@ -31,15 +31,16 @@ pad key; pad queries are excluded from every sum and pad positions hold NaN.
 The measurement never knows which intervention ran: extra hooks are passed in and registered
 before the measurement's own, so the statistics see the intervened activations.
 
-Structure: :class:`SinkMeter` is a :class:`~circuits.meter.Meter` run by the one driver
-(:func:`circuits.driver.drive`); :func:`measure` is that driver with one run. The fields of
+Structure: :class:`SinkMeter` is a :class:`~circuits.pattern_meter.PatternMeter` run by the one
+driver (:func:`circuits.driver.drive`); :func:`measure` is that driver with one run. The fields of
 :class:`SinkMeasurement` declare their axes (:func:`circuits.meter.array`), and allocation,
 concatenation, :meth:`SinkMeasurement.select` and the sweep's copy of the layers below its start
 block all read that declaration. A new per-sequence statistic takes two edits: its field here,
-with its axes, and the line that computes it in a hook (a new key of the dict that
-:func:`residual_statistics` returns needs nothing else; one from the attention pattern is one
-more ``put`` in ``SinkMeter._pattern_hook`` for the eager path and the same reduction in a
-:data:`~circuits.blockwise.Reducer` for the fused one, as :class:`~circuits.blockwise.ColumnSums` does). To see its clean/intervened delta in
+with its axes, and the line that computes it. From the block output, that is a new key of the
+dict :func:`residual_statistics` returns. From the attention pattern, it is one
+:data:`~circuits.blockwise.Reducer` (as :class:`~circuits.blockwise.ColumnSums` is for alpha and
+the sink score), which sees the fused blocks and the eager pattern alike, and its ``put`` in
+:meth:`SinkMeter.collect`. To see its clean/intervened delta in
 :attr:`interventions.effect.Effect.frame` too, add a row to ``interventions.effect.METRIC_TABLE``.
 """
 
@@ -58,9 +59,9 @@ from torch import Tensor
 from circuits.blockwise import ColumnSums
 from circuits.checks import check_eps
 from circuits.driver import HookSource, Run, drive
-from circuits.fused_attention import reduce_pattern, reducible_layers
 from circuits.memory import loss_chunk
-from circuits.meter import ArrayMeter, Axes, Hook, MeterError, array, axes_of, per_sequence, select_sequences
+from circuits.meter import Axes, array, axes_of, per_sequence, select_sequences
+from circuits.pattern_meter import PatternMeter, whole_pattern
 from circuits.probes import TokenBatch, as_batch
 from circuits.stats import nanmean, valid_positions
 
@@ -166,7 +167,7 @@ class SinkMeasurement:
         return frame[valid].reset_index(drop=True)
 
 
-class SinkMeter(ArrayMeter):
+class SinkMeter(PatternMeter):
     """The :class:`~circuits.meter.Meter` of :class:`SinkMeasurement`: pattern and block-output hooks.
 
     Usage (what :func:`measure` does through :func:`circuits.driver.drive`)::
@@ -181,55 +182,26 @@ class SinkMeter(ArrayMeter):
     Any forward that fires the standard hook points can feed it (for example the prefix-reuse
     forward of :mod:`interventions.forward`). Its arrays are the measured fields of
     :attr:`result_type` (:class:`SinkMeasurement`), allocated and concatenated from their
-    declared axes.
+    declared axes. alpha and the sink score are one reducer of the pattern
+    (:class:`~circuits.blockwise.ColumnSums`), fed by the fused blocks or the eager pattern
+    alike (:class:`~circuits.pattern_meter.PatternMeter`), and collected with the block output.
     """
 
     #: the dataclass measured; a subclass with more array fields gets them allocated and filled
     #: (each key of :func:`residual_statistics` is stored in the field of that name)
     result_type: type[SinkMeasurement] = SinkMeasurement
+    collect_at = "hook_resid_post"
 
     def __init__(self, model, *, model_name: str | None = None, loss_from_residual: bool = False, block: int | None = None):
-        self.n_layers = int(model.cfg.n_layers)
         self.n_heads = int(model.cfg.n_heads)
         self.d_model = int(model.cfg.d_model)
         self.model_name = model_name or recorded_name(model)
-        super().__init__(self.result_type.axes(), {"layer": self.n_layers, "head": self.n_heads, "d_model": self.d_model, "k": TOP_DIMS})
-        self.model = model
+        sizes = {"layer": int(model.cfg.n_layers), "head": self.n_heads, "d_model": self.d_model, "k": TOP_DIMS}
+        super().__init__(model, self.result_type.axes(), sizes, block=block)
         #: compute the next-token loss from the last block's output in chunks when the forward
         #: returns no logits (:func:`chunked_next_token_loss`), instead of leaving it NaN
         self.loss_from_residual = loss_from_residual
-        self.block = block  # queries per block of the blockwise statistics (None: circuits.blockwise.stats_block)
-        self._other_hooks: Sequence[Hook] = ()
-        self._pending: dict[int, ColumnSums] = {}
         self._final_resid: Tensor | None = None
-
-    def see_hooks(self, hooks: Sequence[Hook]) -> None:
-        """The run's other hooks (an intervention's), before :meth:`hooks` is asked for.
-
-        A layer whose ``hook_attn_scores`` or ``hook_pattern`` they touch is measured from its
-        (edited) pattern; every other layer by a reduction of its fused attention when the
-        fused path is on (:func:`circuits.fused_attention.reducible_layers`).
-        """
-        self._other_hooks = list(hooks)
-
-    def hooks(self) -> list[Hook]:
-        """Forward hooks for every layer's attention statistics and block output.
-
-        The attention statistics are reduced block by block from the fused attention (asked
-        for at ``hook_rot_k``, collected at ``hook_resid_post``; no ``T x T`` tensor) when the
-        model runs fused and no other hook of the run touches that layer's pattern; otherwise
-        they come from ``hook_pattern`` (which makes that layer's attention eager).
-        """
-        fused = reducible_layers(self.model, self._other_hooks)
-        self._pending = {}  # left over from a forward that raised
-        out: list[Hook] = []
-        for layer in range(self.n_layers):
-            if layer in fused:
-                out.append((f"blocks.{layer}.attn.hook_rot_k", self._request_hook(layer)))
-            else:
-                out.append((f"blocks.{layer}.attn.hook_pattern", self._pattern_hook(layer)))
-            out.append((f"blocks.{layer}.hook_resid_post", self._resid_hook(layer)))
-        return out
 
     def end(self, logits: Float[Tensor, "batch pos vocab"] | None = None) -> None:
         assert self._current is not None, "end() without begin()"
@@ -238,41 +210,29 @@ class SinkMeter(ArrayMeter):
         elif self.loss_from_residual and self._final_resid is not None:
             self._stats["next_token_loss"] = chunked_next_token_loss(self.model, self._final_resid, self._current).numpy()
         self._final_resid = None
-        if self._pending:
-            layers, self._pending = sorted(self._pending), {}
-            raise MeterError(f"SinkMeter: the attention statistics of layers {layers} were asked for but never collected")
         super().end(logits)
 
-    # -- hooks ---------------------------------------------------------------------------
+    # -- the pattern: one reducer on every path ------------------------------------------------
     def _lengths(self, device) -> Tensor:
         return self._current.lengths.to(device)
 
-    def _pattern_hook(self, layer: int):
-        def hook(pattern: Float[Tensor, "batch head query key"], hook):
-            alpha, score = attention_received(pattern.detach().float(), self._lengths(pattern.device))
-            self.put("alpha", layer, alpha)
-            self.put("sink_score", layer, score)
+    def reducer(self, layer: int) -> ColumnSums:
+        return ColumnSums(self._current.lengths)
 
-        return hook
+    def collect(self, layer: int, sums: ColumnSums) -> None:
+        received, self_attn = sums.result()
+        alpha, score = alpha_and_score(received, self_attn, self._lengths(received.device))
+        self.put("alpha", layer, alpha)
+        self.put("sink_score", layer, score)
 
-    def _request_hook(self, layer: int):
-        attn = self.model.blocks[layer].attn
-
-        def hook(k: Float[Tensor, "batch pos kv_head d_head"], hook):
-            self._pending[layer] = sums = ColumnSums(self._lengths(k.device))
-            reduce_pattern(attn, sums, block=self.block)
-
-        return hook
+    # -- the block output ------------------------------------------------------------------------
+    def layer_hooks(self, layer: int):
+        return [(f"blocks.{layer}.hook_resid_post", self._resid_hook(layer))]
 
     def _resid_hook(self, layer: int):
         last = layer == self.n_layers - 1
 
         def hook(resid: Float[Tensor, "batch pos d_model"], hook):
-            sums = self._pending.pop(layer, None)
-            if sums is not None:  # the layer's attention has run: its reduction is complete
-                alpha, score = alpha_and_score(*sums.result(), self._lengths(resid.device))
-                self.put("alpha", layer, alpha)
-                self.put("sink_score", layer, score)
             for name, value in residual_statistics(resid.detach().float(), self._lengths(resid.device)).items():
                 self.put(name, layer, value)
             if last and self.loss_from_residual:
@@ -301,19 +261,16 @@ class SinkMeter(ArrayMeter):
 def attention_received(
     pattern: Float[Tensor, "batch head query key"], lengths: Tensor
 ) -> tuple[Float[Tensor, "batch head key"], Float[Tensor, "batch key"]]:
-    """alpha (queries t >= k) and the head-averaged sink score (queries t > k) of every key.
+    """alpha (queries t >= k) and the head-averaged sink score (queries t > k) of every key of a
+    whole pattern: the reducer the meter uses (:class:`~circuits.blockwise.ColumnSums`), fed the
+    pattern as one block.
 
     Pad queries (t >= length) are excluded; keys at pad positions, and the sink score of the
-    last real token (no later query), are NaN. :func:`circuits.blockwise.column_sums` takes the
-    same two sums without the pattern; both end in :func:`alpha_and_score`.
+    last real token (no later query), are NaN.
     """
-    t = pattern.shape[-1]
-    valid_q = valid_positions(lengths, t)  # [b, t]
-    # where, not a product: a NaN/inf in a pad query row must not leak into real keys
-    pattern = torch.where(valid_q[:, None, :, None], pattern, 0.0)
-    received = pattern.sum(dim=2)  # [b, h, k]
-    self_attn = pattern.diagonal(dim1=-2, dim2=-1)  # [b, h, k]
-    return alpha_and_score(received, self_attn, lengths)
+    sums = ColumnSums(lengths)
+    sums(whole_pattern(pattern))
+    return alpha_and_score(*sums.result(), lengths)
 
 
 def alpha_and_score(

@@ -10,6 +10,7 @@ them in any forward: a plain forward, the paired clean / intervened forwards of
 The protocol, per sub-batch::
 
     meter.begin(sub)            # a new sub-batch: allocate its arrays
+    meter.see_hooks(own)        # the run's own hooks (an intervention's), before it is asked for its own
     hooks = meter.hooks()       # (hook name, fn) pairs; run after any intervention's hooks
     ...forward...
     meter.end(logits)           # logits, or None when the forward stopped before the unembed
@@ -73,6 +74,11 @@ class Meter(Protocol):
 
     def begin(self, batch: TokenBatch) -> None:
         """A new sub-batch (a :class:`SubBatch` when the driver runs it)."""
+
+    def see_hooks(self, hooks: Sequence[Hook]) -> None:
+        """The run's own hooks (an intervention's), before :meth:`hooks` is asked for: a meter of
+        the pattern measures a layer whose pattern they read or edit from that edited pattern
+        (:class:`circuits.pattern_meter.PatternMeter`); other meters ignore them."""
 
     def hooks(self) -> list[Hook]:
         """Forward hooks for the current sub-batch; they see the intervened activations."""
@@ -172,6 +178,9 @@ class ArrayMeter:
         sizes = {**self.sizes, "seq": len(batch), "pos": int(batch.tokens.shape[1])}
         self._current = batch
         self._stats = {name: axes.allocate(sizes) for name, axes in self.schema.items()}
+
+    def see_hooks(self, hooks: Sequence[Hook]) -> None:
+        """The run's own hooks; a meter that does not read the pattern needs nothing of them."""
 
     def hooks(self) -> list[Hook]:
         raise NotImplementedError
