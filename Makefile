@@ -84,3 +84,13 @@ reports-long: install
 
 clean:
 	rm -rf $(VENV) sinkscope-out reports-out dist
+
+# The documentation site (docs/) into docs/_build/html, offline: every page read again (-E), a
+# warning or a cross-reference without a target fails the build (-W -n), all of them reported
+.PHONY: docs
+$(VENV)/.installed-docs: $(VENV)/.installed
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[docs]'
+	touch $@
+
+docs: $(VENV)/.installed-docs
+	$(BIN)/sphinx-build -b html -E -W --keep-going -n -q docs docs/_build/html

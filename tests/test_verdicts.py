@@ -1,15 +1,18 @@
-"""README's cross-model verdict table is the committed reports' verdicts, word for word."""
+"""The cross-model verdict table of the results page (docs/results.md) is the committed reports'
+verdicts, word for word."""
 
 from __future__ import annotations
 
 from helpers import ROOT, load_script
 from sinkscope.reproduce.report import CLAIMS, VERDICT_MARKERS, committed_reports, verdict_table
 
+RESULTS = ROOT / "docs" / "results.md"
 
-def test_readme_table_equals_the_committed_reports():
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    expected = load_script("update_verdicts").rewrite(readme, verdict_table(committed_reports(ROOT)))
-    assert readme == expected, "README's verdict table is stale: run `make verdicts`"
+
+def test_results_table_equals_the_committed_reports():
+    page = RESULTS.read_text(encoding="utf-8")
+    expected = load_script("update_verdicts").rewrite(page, verdict_table(committed_reports(ROOT)))
+    assert page == expected, "the verdict table of docs/results.md is stale: run `make verdicts`"
 
 
 def test_one_row_per_claim_and_one_column_per_committed_report():
@@ -17,9 +20,9 @@ def test_one_row_per_claim_and_one_column_per_committed_report():
     lines = verdict_table(docs).splitlines()
     assert len(lines) == 2 + len(CLAIMS) + 1
     assert all(line.count(" | ") == len(docs) for line in lines[2:])
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    page = RESULTS.read_text(encoding="utf-8")
     begin, end = VERDICT_MARKERS  # the table is rewritten between them: each once, in order
-    assert readme.count(begin) == 1 and readme.count(end) == 1 and readme.index(begin) < readme.index(end)
+    assert page.count(begin) == 1 and page.count(end) == 1 and page.index(begin) < page.index(end)
 
 
 def test_a_claim_missing_from_a_report_shows_a_dash():
