@@ -72,6 +72,7 @@ from torch import Tensor
 
 from circuits.blockwise import AttentionSpec, LazyMask, Reducer, attend, attention_output, sdpa_output
 from circuits.errors import SinkscopeError
+from circuits.model_info import model_info
 
 log = logging.getLogger("sinkscope")
 
@@ -342,7 +343,7 @@ def _note_once(model, text: str) -> None:
 
 
 def _model_name(model) -> str:
-    return getattr(model, "_sinkscope_info", {}).get("name") or str(getattr(model.cfg, "model_name", "model"))
+    return model_info(model).name
 
 
 def _layer_list(layers: set[int]) -> str:

@@ -20,6 +20,7 @@ from typing import Literal, get_args
 from circuits import analyses
 from circuits.errors import SinkscopeError
 from circuits.measure import SinkMeasurement, SinkMeter, provenance
+from circuits.model_info import model_info
 from circuits.probes import TokenBatch, has_traces, reasoning_texts, tokenize, trace_batch
 
 #: Which long inputs: the model's own generated math sessions (:func:`circuits.probes.trace_batch`),
@@ -47,7 +48,7 @@ def resolve_inputs(model, inputs: LongInputKind) -> str:
         raise SinkscopeError(f"inputs must be one of {', '.join(LONG_INPUT_KINDS)}, got {inputs!r}")
     if inputs != "auto":
         return inputs
-    return "generated" if has_traces(getattr(model, "_sinkscope_info", {}).get("name", "")) else "written"
+    return "generated" if has_traces(model_info(model).name) else "written"
 
 
 def long_input_batch(model, n_traces: int, max_tokens: int, inputs: LongInputKind = "auto") -> TokenBatch:

@@ -61,6 +61,7 @@ from circuits.checks import check_eps
 from circuits.driver import HookSource, Run, drive
 from circuits.memory import loss_chunk
 from circuits.meter import Axes, array, axes_of, per_sequence, select_sequences
+from circuits.model_info import model_info
 from circuits.pattern_meter import PatternMeter, whole_pattern
 from circuits.probes import TokenBatch, as_batch
 from circuits.stats import nanmean, valid_positions
@@ -376,8 +377,8 @@ def chunked_next_token_loss(
 
 
 def recorded_name(model) -> str:
-    """The model name stored with every result: sinkscope's registry name, else the config's."""
-    return getattr(model, "_sinkscope_info", {}).get("name") or str(getattr(model.cfg, "model_name", "?"))
+    """The model name stored with every result (:func:`circuits.model_info.model_info`)."""
+    return model_info(model).name
 
 
 # --------------------------------------------------------------------------- entry point
@@ -431,10 +432,9 @@ def provenance(model, batch: TokenBatch | None = None) -> dict:
         except PackageNotFoundError:
             return "not installed"
 
-    info = dict(getattr(model, "_sinkscope_info", {}))
     out = {
         "model": recorded_name(model),
-        "model_source": info.get("source"),
+        "model_source": model_info(model).source,
         "n_layers": int(model.cfg.n_layers),
         "n_heads": int(model.cfg.n_heads),
         "dtype": str(model.cfg.dtype),

@@ -44,6 +44,7 @@ import torch
 from platformdirs import user_cache_dir
 
 from circuits.errors import SinkscopeError
+from circuits.model_info import ModelInfo, attach_info, tokenizer_adds_bos
 from circuits.output import file_digest, locked, pid_alive, sweep_stale
 from circuits.variants import attach_to_bridge, load_hf_folder
 
@@ -783,7 +784,8 @@ def load_model(
     """Load a model by registry name, local HF folder or HF id, as a raw-mode TransformerBridge.
 
     Packaged GGUF models never touch the network; the first load dequantizes and caches them.
-    The returned bridge carries ``_sinkscope_info`` (name, source, native BOS policy), which
+    The returned bridge carries its :class:`~circuits.model_info.ModelInfo` (name, source, native
+    BOS policy; read with :func:`~circuits.model_info.model_info`), which
     every result records with the model's dtype.
 
     Placement (:func:`resolve_placement`, checked before any weight is read): ``dtype``
@@ -812,7 +814,7 @@ def load_model(
             _ensure_cache(spec, folder, rebuild=str(exc))
             hf_model, tokenizer = _load_hf_folder(folder, placement, tokenizer_loader=_cached_tokenizer)
             bridge = _bridge(hf_model, tokenizer, spec.hub_id, placement)
-        bridge._sinkscope_info = {"name": name, "source": spec.pip_name, "hub_id": spec.hub_id, "native_bos": spec.native_bos}
+        attach_info(bridge, ModelInfo(name=name, source=spec.pip_name, native_bos=spec.native_bos, hub_id=spec.hub_id))
         return bridge
     path = Path(name).expanduser()
     if path.exists():
@@ -822,7 +824,7 @@ def load_model(
         bridge = _bridge(hf_model, tokenizer, str(path), placement)
         if (path / "sinkscope_lab.json").is_file():
             attach_to_bridge(bridge, hf_model)
-        bridge._sinkscope_info = {"name": str(path), "source": "local folder", "native_bos": _tokenizer_adds_bos(tokenizer)}
+        attach_info(bridge, ModelInfo(name=str(path), source="local folder", native_bos=tokenizer_adds_bos(tokenizer)))
         return bridge
     if _HUB_ID.fullmatch(name):  # "gpt2", "Qwen/Qwen3-4B": the local HF cache, then the hub
         return _load_hub_model(name, placement)
@@ -863,7 +865,7 @@ def _load_hub_model(hub_id: str, placement: Placement):
                                     f"{str(exc).splitlines()[0]}") from exc
     hf_model = placement.place(hf_model)
     bridge = _bridge(hf_model, tokenizer, hub_id, placement)
-    bridge._sinkscope_info = {"name": hub_id, "source": "huggingface hub", "native_bos": _tokenizer_adds_bos(tokenizer)}
+    attach_info(bridge, ModelInfo(name=hub_id, source="huggingface hub", native_bos=tokenizer_adds_bos(tokenizer), hub_id=hub_id))
     return bridge
 
 
@@ -883,11 +885,6 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
     except (OSError, ValueError):  # URLError, timeouts, TLS failures, a malformed HF_ENDPOINT
         return False
     return True
-
-
-def _tokenizer_adds_bos(tokenizer) -> bool:
-    bos = tokenizer.bos_token_id
-    return bos is not None and tokenizer("a").input_ids[:1] == [bos]
 
 
 # --------------------------------------------------------------------------- tiny models
@@ -957,5 +954,5 @@ def tiny_model(arch: TinyArch = "llama", *, seed: int = 0, n_layers: int = 4, dt
     placement = resolve_placement(dtype, device)
     hf_model = placement.place(AutoModelForCausalLM.from_config(config).to(placement.dtype))
     bridge = _bridge(hf_model, byte_tokenizer(), f"tiny-{arch}", placement)
-    bridge._sinkscope_info = {"name": f"tiny-{arch}", "source": f"random (seed {seed})", "native_bos": False}
+    attach_info(bridge, ModelInfo(name=f"tiny-{arch}", source=f"random (seed {seed})", native_bos=False))
     return bridge

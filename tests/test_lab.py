@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from circuits import variants as V
+from circuits.model_info import model_info
 from sinkscope.lab.train import LabError, TrainConfig, TrainingInterrupted, read_log, train
 
 TINY = dict(corpus="builtin", d_model=32, n_layers=2, n_heads=4, d_mlp=64, n_ctx=32, batch_size=4,
@@ -159,7 +160,7 @@ def test_logged_sink_rate_equals_measure_on_loaded_checkpoint(variant, tmp_path,
     result = train(cfg, tmp_path, corpus=corpus)
     final = result.final
     model = load_model(str(tmp_path / "final"))
-    assert model._sinkscope_info["native_bos"] is True
+    assert model_info(model).native_bos is True
     tokens = EvalData(corpus, cfg, model.tokenizer.bos_token_id).sink_x
     batch = TokenBatch(tokens, torch.full((tokens.shape[0],), tokens.shape[1]), True, [["?"] * tokens.shape[1]] * len(tokens))
     masses = []

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from circuits import models
+from circuits.model_info import model_info
 from circuits.models import CorruptModelError, MissingPackageError, UnknownModelError, load_model
 from tolerances import assert_logits_agree, assert_within, depth_error, margin_mask
 
@@ -70,7 +71,7 @@ def test_local_hf_folder_loads(tmp_path):
     tokens = torch.tensor([[256, 97, 98, 99]])
     with torch.no_grad():
         assert_logits_agree(bridge(tokens), hf(tokens).logits, bridge.cfg)
-    assert bridge._sinkscope_info["source"] == "local folder"
+    assert model_info(bridge).source == "local folder"
 
 
 def test_hub_id_without_network_fails_fast_with_the_offline_names(no_network, monkeypatch):
@@ -147,7 +148,7 @@ def test_packaged_model_loads_offline_and_equals_plain_transformers(name, no_net
         hf_logits = reloaded.original_model(tokens).logits
     assert_logits_agree(bridge_logits, hf_logits, reloaded.cfg, "bridge vs transformers")
     assert reloaded.cfg.n_layers == {"smollm2-135m": 30, "gemma3-270m": 18, "qwen2.5-coder-0.5b": 24}[name]
-    assert reloaded._sinkscope_info["native_bos"] is (name == "gemma3-270m")
+    assert model_info(reloaded).native_bos is (name == "gemma3-270m")
     assert bridge.cfg.d_model == reloaded.cfg.d_model
 
 
@@ -340,3 +341,17 @@ def test_bfloat16_agrees_with_float32_on_the_packaged_models(name, request):
     assert_within(np.nanmean(a.alpha[..., 0], axis=(0, 2)), np.nanmean(b.alpha[..., 0], axis=(0, 2)), bound, "mean alpha_0 per layer")
     near = ~margin_mask(a.alpha[..., 0], 0.3, bound[None, :, None])  # [N, L, H]: cells that may flip
     assert abs(a.sink_rate(0.3)[0] - b.sink_rate(0.3)[0]) <= 100.0 * near.mean()
+
+
+def test_one_model_identity_with_one_fallback():
+    """load_model records a ModelInfo; a bridge sinkscope did not load gets its config's name
+    (else "model") and its tokenizer's BOS policy (BOS on without a tokenizer)."""
+    from types import SimpleNamespace
+
+    from circuits.model_info import ModelInfo, model_info
+
+    assert model_info(load_model("tiny-llama")) == ModelInfo(name="tiny-llama", source="random (seed 0)", native_bos=False)
+    tokenizer = type("Tok", (), {"bos_token_id": 1, "__call__": lambda self, text: SimpleNamespace(input_ids=[1, 97])})()
+    assert model_info(SimpleNamespace(cfg=SimpleNamespace(model_name="gpt2"), tokenizer=tokenizer)).name == "gpt2"
+    assert model_info(SimpleNamespace(cfg=SimpleNamespace(model_name=None), tokenizer=tokenizer)).native_bos is True
+    assert model_info(SimpleNamespace(cfg=SimpleNamespace(), tokenizer=None)) == ModelInfo("model", "a model sinkscope did not load", True)

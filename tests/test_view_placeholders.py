@@ -19,6 +19,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from circuits.model_info import ModelInfo
 from circuits.probes import tokenize
 from circuits.view import _asset, merged_text, partial_chars, view
 from synthetic import synthetic
@@ -116,7 +117,7 @@ def test_the_packaged_tokenizers_show_emoji_and_right_to_left_text_readably(name
         pytest.skip(f"the {name} cache is not built here")
     tok = models._cached_tokenizer(folder)
     stub = SimpleNamespace(tokenizer=tok, cfg=SimpleNamespace(n_ctx=1024, d_vocab=len(tok) + 1024),
-                           _sinkscope_info={"native_bos": False})
+                           _sinkscope_info=ModelInfo(name="stub", source="a stub", native_bos=False))
     text = "I 😀 love 🦜 שלום مرحبا 𝔘 ẞ"
     tokens = tokenize(stub, text).str_tokens[0]
     assert all("\ufffd" not in t for t in tokens), tokens

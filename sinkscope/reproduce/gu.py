@@ -21,6 +21,7 @@ import pandas as pd
 from circuits import analyses, anatomy
 from circuits.long_inputs import LongInputs
 from circuits.measure import SinkMeter
+from circuits.model_info import model_info
 from circuits.models import PACKAGED, list_models, load_model
 from circuits.probes import default_prepend_bos, probe_texts, tokenize
 from interventions.effect import output_change
@@ -138,7 +139,7 @@ def sink_rates(model, s: Settings, progress: bool = False, prepend_bos: bool | N
     meter = SinkMeter(model)
     analyses.observe(model, batch, [meter], batch_size=8, progress=progress)
     meas = meter.result()
-    name = getattr(model, "_sinkscope_info", {}).get("name", "?")
+    name = model_info(model).name
     if setting == "other":  # its own series in the table and figure
         name = f"{name} [BOS {'on' if meas.prepend_bos else 'off'}]"
     rows = []
