@@ -47,6 +47,7 @@ suppress_warnings = ["myst.header"]
 # ------------------------------------------------------------------------------ notebooks
 nb_execution_mode = "off"  # show the outputs `make notebooks` stored; never execute at build time
 nb_output_stderr = "show"
+nb_render_markdown_format = "myst"  # a notebook's Markdown outputs (the verdict tables) are GitHub-style tables
 
 # ------------------------------------------------------------------------------ API reference
 autosummary_generate = True
@@ -116,21 +117,74 @@ def _google_sections(app, what, name, obj, options, lines):
         napoleon._process_docstring(app, what, name, obj, options, lines)
 
 
-def _resolve_unqualified(app, env, node, contnode):
-    """A docstring names an object of another module by its bare name (``:class:`InterventionError```,
-    ``:func:`bootstrap_ci```): resolve it when exactly one documented object has that name, as Sphinx
-    does for a target written with a leading dot. A name that matches none, or several, stays an error."""
-    if node.get("refdomain") != "py" or node.get("refspecific"):
+def _python_object(dotted: str):
+    """The object a dotted name names in the code (``circuits.analyses.KVMeter._z_hook``), or None."""
+    import importlib
+
+    parts = dotted.split(".")
+    for cut in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:cut]))
+        except ImportError:
+            continue
+        for name in parts[cut:]:
+            if not hasattr(obj, name):
+                return None
+            obj = getattr(obj, name)
+        return obj
+    return None
+
+
+def _resolve_in_code(app, env, node, contnode):
+    """Resolve a reference the API pages have no entry of its own for, to a real target.
+
+    1. A bare name (``:class:`InterventionError```, ``:func:`bootstrap_ci```) that exactly one
+       documented object has: that object, as Sphinx does for a target written with a leading dot.
+    2. A name several documented objects have (``collect_at`` in a docstring a subclass
+       inherits): the one on the class's own MRO, nearest first.
+    3. A name that exists in the code but has no entry (a helper class a module does not export
+       in ``__all__``, a private method a docstring mentions): the nearest documented object
+       that holds it (its class, or its module's page).
+
+    A name that is nowhere in the code stays an error, so a renamed function still fails the build."""
+    if node.get("refdomain") != "py":
         return None
-    domain = env.get_domain("py")
-    target = node["reftarget"].lstrip("~")
-    matches = domain.find_obj(env, node.get("py:module"), node.get("py:class"), target, node["reftype"], 1)
-    if len(matches) != 1:
-        return None
-    name, obj = matches[0]
     from sphinx.util.nodes import make_refnode
 
-    return make_refnode(app.builder, node["refdoc"], obj.docname, obj.node_id, contnode, name)
+    domain = env.get_domain("py")
+    target = node["reftarget"].lstrip("~")
+    modname, classname = node.get("py:module"), node.get("py:class")
+
+    def link(name):
+        obj = domain.objects.get(name) or domain.modules[name]
+        return make_refnode(app.builder, node["refdoc"], obj.docname, obj.node_id, contnode, name)
+
+    matches = domain.find_obj(env, modname, classname, target, node["reftype"], 1)
+    if len(matches) == 1:
+        return link(matches[0][0])
+    if len(matches) > 1 and modname and classname:
+        cls = _python_object(f"{modname}.{classname}")
+        for base in getattr(cls, "__mro__", ()):
+            name = f"{base.__module__}.{base.__qualname__}.{target}"
+            if any(name == m[0] for m in matches):
+                return link(name)
+        return None
+    if matches:
+        return None
+    scopes = [target] if "." in target else []
+    if modname and classname:
+        scopes.append(f"{modname}.{classname}.{target}")
+    if modname:
+        scopes.append(f"{modname}.{target}")
+    for dotted in scopes:
+        if _python_object(dotted) is None:
+            continue
+        holder = dotted
+        while "." in holder:
+            holder = holder.rsplit(".", 1)[0]
+            if holder in domain.objects or holder in domain.modules:
+                return link(holder)
+    return None
 
 
 def setup(app):
@@ -141,4 +195,4 @@ def setup(app):
             app.disconnect(listener.id)
     app.connect("autodoc-process-docstring", _escape_absolute_values, priority=400)
     app.connect("autodoc-process-docstring", _google_sections, priority=450)
-    app.connect("missing-reference", _resolve_unqualified)
+    app.connect("missing-reference", _resolve_in_code)
