@@ -23,6 +23,7 @@ def test_one_row_per_claim_and_one_column_per_committed_report():
     page = RESULTS.read_text(encoding="utf-8")
     begin, end = VERDICT_MARKERS  # the table is rewritten between them: each once, in order
     assert page.count(begin) == 1 and page.count(end) == 1 and page.index(begin) < page.index(end)
+    assert begin not in (ROOT / "README.md").read_text(encoding="utf-8"), "one generated table, on the results page"
 
 
 def test_a_claim_missing_from_a_report_shows_a_dash():
