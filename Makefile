@@ -60,7 +60,7 @@ lint: install-dev
 bench: install-dev
 	$(BIN)/python bench/mlp_ablation_sweep.py
 
-# README's cross-model verdict table, from the committed reports' numbers.json
+# The cross-model verdict table of docs/results.md, from the committed reports' numbers.json
 verdicts: install
 	$(BIN)/python scripts/update_verdicts.py
 
@@ -68,7 +68,7 @@ verdicts: install
 notebooks: install-dev
 	TOKENIZERS_PARALLELISM=false $(BIN)/python scripts/render_notebooks.py
 
-# Every committed reproduction report, re-run and published into docs/ (long: the README gives the times)
+# Every committed reproduction report, re-run and published into docs/ (long: docs/results.md gives the times)
 REPORT_MODELS ?= smollm2-135m gemma3-270m qwen2.5-coder-0.5b
 reports: install
 	for m in $(REPORT_MODELS); do \

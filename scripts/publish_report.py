@@ -3,8 +3,8 @@
 Why a script: the committed reports live in ``docs/`` (``docs/reproduce-<model>.md``, its PNGs
 and ``numbers.json`` under ``docs/figures/<model>/``), with the report's relative image links
 rewritten to that folder. Doing it by hand once put a figure of one run next to the text of
-another. The old figures are removed first, so nothing of an earlier run survives; README's
-verdict table is then regenerated (``scripts/update_verdicts.py``).
+another. The old figures are removed first, so nothing of an earlier run survives; the verdict
+table of the results page (``docs/results.md``) is then regenerated (``scripts/update_verdicts.py``).
 
     sinkscope reproduce --model qwen2.5-coder-0.5b --out /tmp/rep-qwen
     python scripts/publish_report.py /tmp/rep-qwen

@@ -1,4 +1,4 @@
-"""Rebuild the README's screenshots of the interactive view (docs/figures/view/*.png).
+"""Rebuild the screenshots of the interactive view that README and the site show (docs/figures/view/*.png).
 
 Measures smollm2-135m on 8 built-in passages (64 tokens) and one intervention on the first,
 opens both views in headless Chromium from ``file://``, pins a secondary sink and saves a
