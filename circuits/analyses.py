@@ -282,6 +282,16 @@ class AttnOutMeter(ArrayMeter):
         return AttnOutStats(**self.arrays(), lengths=self.lengths)
 
 
+def first_vs_rest(a: np.ndarray, *, over_sequences: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Position 0 (the last axis) against the median over positions >= 1, the comparison every
+    first-token table here makes; with ``over_sequences``, each is then averaged over the
+    sequences (axis 0). The median keeps a few secondary sinks from dominating the rest."""
+    with np.errstate(all="ignore"):
+        rest = np.nanmedian(a[..., 1:], axis=-1) if a.shape[-1] > 1 else np.full(a.shape[:-1], np.nan)
+    first = a[..., 0]
+    return (nanmean(first, axis=0), nanmean(rest, axis=0)) if over_sequences else (first, rest)
+
+
 def variance_by_position(stats: AttnOutStats) -> pd.DataFrame:
     """Per layer: the first token's attention-output variance and norm against the other tokens'.
 
@@ -291,16 +301,11 @@ def variance_by_position(stats: AttnOutStats) -> pd.DataFrame:
     ``z_var_ratio`` = first / rest. ``z_norm_*`` and ``out_*`` (the attention output before
     any post-attention norm, per token over ``d_model``) follow the same rule.
     """
-    def first_rest(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # a: [N, L, T]
-        with np.errstate(all="ignore"):
-            rest = np.nanmedian(a[:, :, 1:], axis=2)
-        return nanmean(a[:, :, 0], axis=0), nanmean(rest, axis=0)
-
     zv = nanmean(stats.z_var, axis=2)
     zn = nanmean(stats.z_norm, axis=2)
     rows = {"layer": np.arange(zv.shape[1])}
     for name, arr in (("z_var", zv), ("z_norm", zn), ("out_var", stats.out_var), ("out_norm", stats.out_norm)):
-        first, rest = first_rest(arr)
+        first, rest = first_vs_rest(arr)
         rows[f"{name}_first"], rows[f"{name}_rest"] = first, rest
         with np.errstate(all="ignore"):
             rows[f"{name}_ratio"] = first / rest
@@ -532,9 +537,8 @@ def batch_variance_table(var: BatchVariance) -> pd.DataFrame:
         row = {"layer": l}
         for key in ("z", "out"):
             a = getattr(var, key)[l]
-            with np.errstate(all="ignore"):
-                rest = float(np.nanmedian(a[1:])) if len(a) > 1 else float("nan")
-            row.update({f"{key}_first": float(a[0]), f"{key}_rest": rest, f"{key}_ratio": float(a[0]) / rest if rest else float("nan"),
+            first, rest = map(float, first_vs_rest(a, over_sequences=False))
+            row.update({f"{key}_first": first, f"{key}_rest": rest, f"{key}_ratio": first / rest if rest else float("nan"),
                         f"{key}_rho_position": correlations(pos, a)["spearman"]})
         row["kendall_z_out"] = kendall_tau(var.z[l], var.out[l])
         rows.append(row)
@@ -761,13 +765,8 @@ def key_value_norms(stats: KVStats) -> pd.DataFrame:
     """Per layer: key and value norms of position 0 against the median over positions >= 1
     (averaged over KV heads, then sequences), their ratios, the mean attention later queries
     give position 0 and the share of the heads' output norm that its value contributes."""
-    def first_rest(a):  # [N, L, KV, T]
-        a = nanmean(a, axis=2)
-        with np.errstate(all="ignore"):
-            return nanmean(a[:, :, 0], axis=0), nanmean(np.nanmedian(a[:, :, 1:], axis=2), axis=0)
-
-    kf, kr = first_rest(stats.k_norm)
-    vf, vr = first_rest(stats.v_norm)
+    kf, kr = first_vs_rest(nanmean(stats.k_norm, axis=2))  # [N, L, KV, T] -> KV-head mean
+    vf, vr = first_vs_rest(nanmean(stats.v_norm, axis=2))
     with np.errstate(all="ignore"):
         return pd.DataFrame(
             {

@@ -126,14 +126,17 @@ def softmax_attention(module, query, key, value, attention_mask, scaling, dropou
     return _finish(weights, value, module, dropout)
 
 
-def _masked(scores: Tensor) -> Tensor:
+def masked_entries(scores: Tensor) -> Tensor:
+    """Entries the model itself masks (causal, sliding window): -inf or the dtype's minimum."""
     return scores <= torch.finfo(scores.dtype).min / 2
 
 
-def sigmoid_pattern(scores: Tensor, bias: float) -> Tensor:
-    """``sigmoid(scores + bias)`` with masked entries (≤ dtype min / 2) exactly 0; no normalisation."""
+def sigmoid_pattern(scores: Tensor, bias: float | Tensor) -> Tensor:
+    """``sigmoid(scores + bias)`` with masked entries (≤ dtype min / 2) exactly 0; no normalisation.
+    The lab's ``sigmoid-nonorm`` attention and the ``sigmoid-attn`` intervention both use it
+    (``bias``: a scalar, or a tensor that broadcasts against ``scores``, e.g. one per sequence)."""
     weights = torch.sigmoid(scores.float() + bias)
-    return torch.where(_masked(scores), 0.0, weights)
+    return torch.where(masked_entries(scores), 0.0, weights)
 
 
 def sigmoid_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):

@@ -23,7 +23,6 @@ reshaped to ``[batch, pos, head, d_head]``), and edits there reach ``hook_attn_o
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -31,6 +30,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from circuits.variants import default_sigmoid_bias, masked_entries, sigmoid_pattern
 from interventions.base import Hook, Intervention, InterventionError, RunContext, Sites, check_hook_name, coerce_bool, coerce_float, coerce_ints, fail
 from interventions.registry import register
 
@@ -39,9 +39,6 @@ def _head_index(heads: tuple[int, ...] | None, n_heads: int, device) -> Tensor:
     return torch.arange(n_heads, device=device) if heads is None else torch.tensor(heads, device=device)
 
 
-def _masked(scores: Tensor) -> Tensor:
-    """Entries the model itself masks (causal, sliding window): -inf or the dtype's minimum."""
-    return scores <= torch.finfo(scores.dtype).min / 2
 
 
 # --------------------------------------------------------------------------- mask edits
@@ -100,7 +97,7 @@ class IsolateAggregation(Intervention):
             block = iv.blocked(scores.shape[1], scores.shape[-1], scores.device)
             out = scores.masked_fill(block, torch.finfo(scores.dtype).min)
             rows = out[:, _head_index(iv.heads, scores.shape[1], scores.device)][:, :, list(iv.queries)]
-            if _masked(rows).all(-1).any():
+            if masked_entries(rows).all(-1).any():
                 raise InterventionError(
                     f"IsolateAggregation at {hook.name}: a chosen query row has no visible key left "
                     "(keys outside a sliding window?); choose keys the query can see"
@@ -222,8 +219,7 @@ class SigmoidAttention(Intervention):
                 scores = stash.pop(layer, None)
                 if scores is None:
                     raise InterventionError(f"SigmoidAttention: {hook.name} fired without hook_attn_scores before it")
-                sig = torch.sigmoid(scores.float() + bias)
-                sig = torch.where(_masked(scores), 0.0, sig).to(pattern.dtype)
+                sig = sigmoid_pattern(scores, bias).to(pattern.dtype)
                 heads = _head_index(iv.heads, pattern.shape[1], pattern.device)
                 new = pattern.clone()
                 new[:, heads] = sig[:, heads]
@@ -232,11 +228,6 @@ class SigmoidAttention(Intervention):
             out.append((f"blocks.{layer}.attn.hook_attn_scores", keep_scores))
             out.append((f"blocks.{layer}.attn.hook_pattern", replace_pattern))
         return out
-
-
-def default_sigmoid_bias(length: int) -> float:
-    """The default bias ``-log(T)`` of :class:`SigmoidAttention` for a sequence of T tokens."""
-    return -math.log(length)
 
 
 __all__ = ["HeadwiseRMSNorm", "IsolateAggregation", "SigmoidAttention", "default_sigmoid_bias"]

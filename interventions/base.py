@@ -53,9 +53,8 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from circuits.errors import SinkscopeError
+from circuits.meter import Hook
 from circuits.probes import TokenBatch, TokenizationError, tokenize
-
-Hook = tuple[str, Callable]
 
 REFERENCE_CHUNK = 8  #: sequences per reference forward pass (memory stays at one small batch)
 

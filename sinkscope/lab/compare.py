@@ -48,6 +48,7 @@ from circuits.plots import style
 from circuits.probes import TokenBatch
 from sinkscope.lab.corpus import load_corpus
 from sinkscope.lab.train import EvalData, LabError, TrainConfig, read_log, throughput, train
+from sinkscope.numbers import number
 
 SCHEMA = "sinkscope.lab.compare/1"
 VARIANT_STYLE = {
@@ -382,9 +383,12 @@ def plot_convergence(results: dict):
 def _fmt(s: dict, digits: int = 3, unit: str = "") -> str:
     if s.get("mean") is None:
         return "not reached"
+    def f(key: str) -> str:
+        return number(s[key], digits, missing=None)
+
     if s["n"] == 1:
-        return f"{s['mean']:.{digits}f}{unit}"
-    txt = f"{s['mean']:.{digits}f}{unit} ± {s['sd']:.{digits}f} (min {s['min']:.{digits}f}, max {s['max']:.{digits}f})"
+        return f"{f('mean')}{unit}"
+    txt = f"{f('mean')}{unit} ± {f('sd')} (min {f('min')}, max {f('max')})"
     if s["reached"] < s["n"]:
         txt += f", reached by {s['reached']}/{s['n']}"
     return txt

@@ -29,6 +29,8 @@ from typing import Any, Callable, Literal, Mapping, Sequence, Union
 
 import pandas as pd
 
+from sinkscope.numbers import number
+
 Verdict = Literal["holds", "partly holds", "does not hold"]
 HOLDS: Verdict = "holds"
 PARTLY: Verdict = "partly holds"
@@ -47,7 +49,7 @@ def verdict(holds: bool, partly: bool) -> Verdict:
 
 def number_text(x: float) -> str:
     """A threshold as the rule text prints it (3 significant digits, no trailing zeros)."""
-    return f"{x:.3g}"
+    return number(x, 3, "significant", missing=None)
 
 
 @dataclass(frozen=True)

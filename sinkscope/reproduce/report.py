@@ -41,6 +41,7 @@ from circuits.models import PACKAGED, load_model
 from circuits.output import to_jsonable, write_json
 from circuits.parts import FORMS
 from circuits.probes import model_traces
+from sinkscope.numbers import number
 from sinkscope.reproduce import gu, li, wong
 from sinkscope.reproduce.claims import FAILS, HOLDS, PARTLY, Finding, Measured, evaluate
 from sinkscope.reproduce.settings import PAPERS, SIZES, Settings, Size
@@ -66,11 +67,7 @@ def md_table(frame: pd.DataFrame, digits: int = 3) -> str:
     """A DataFrame as a Markdown table (no extra dependency)."""
     def fmt(v):
         if isinstance(v, (float, np.floating)):
-            if not np.isfinite(v):
-                return "–"
-            if abs(v) >= 1e4 or 0 < abs(v) < 1e-3:
-                return f"{v:.{digits}g}"
-            return f"{v:.{digits}f}".rstrip("0").rstrip(".")
+            return number(v, digits, "adaptive")
         if isinstance(v, (list, tuple)):
             return ", ".join(fmt(x) for x in v)
         return str(v).replace("|", "\\|").replace("\n", "\\n")
@@ -534,7 +531,7 @@ def _token_count(doc: dict) -> str:
 
 def _fmt(x, digits: int = 2) -> str:
     """A number of a ``numbers.json``: NaN is stored as null; both print as "–"."""
-    return "–" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{x:.{digits}f}"
+    return number(x, digits)
 
 
 def length_comparison(short: dict, long: dict) -> str:
