@@ -60,7 +60,7 @@ from circuits.blockwise import ColumnSums
 from circuits.checks import check_eps
 from circuits.driver import HookSource, Run, drive
 from circuits.memory import loss_chunk
-from circuits.meter import Axes, array, axes_of, per_sequence, select_sequences
+from circuits.meter import Axes, array, axes_of, per_sequence, select_sequences, tidy
 from circuits.model_info import model_info
 from circuits.pattern_meter import PatternMeter, whole_pattern
 from circuits.probes import TokenBatch, as_batch
@@ -148,24 +148,17 @@ class SinkMeasurement:
         picked.metadata = dict(self.metadata)
         return picked
 
-    def to_frame(self):
-        """Tidy table: one row per (sequence, layer, position) with sink score, norm and cosine."""
-        import pandas as pd  # heavy: pandas is only needed for the table, not for measuring
-
-        n, layers, t = self.sink_score.shape
-        seq, layer, pos = np.meshgrid(np.arange(n), np.arange(layers), np.arange(t), indexing="ij")
-        frame = pd.DataFrame(
-            {
-                "sequence": seq.ravel(),
-                "layer": layer.ravel(),
-                "position": pos.ravel(),
-                "sink_score": self.sink_score.ravel(),
-                "resid_norm": self.resid_norm.ravel(),
-                "cos_to_first": self.cos_to_first.ravel(),
-            }
-        )
-        valid = pos.ravel() < self.lengths[seq.ravel()]
-        return frame[valid].reset_index(drop=True)
+    def to_frame(self, index: Sequence[str] = ("seq", "layer", "pos"), spread: Sequence[str] = ("head", "k")):
+        """Tidy table of every field, from the axis declarations (:func:`circuits.meter.tidy`):
+        by default one row per (sequence, layer, position) with its token, a column per
+        statistic, alpha per head (``alpha_h0`` ...) and the top dimensions per rank
+        (``top_dims_r0`` ...); the loss and the layer median are repeated where they lack an axis.
+        ``first_resid`` (a ``d_model`` vector per layer) has its own table:
+        ``to_frame(index=("seq", "layer", "d_model"))``."""
+        frame = tidy(self, index, spread)
+        if "pos" in index and "seq" in index:
+            frame.insert(index.index("pos") + 1, "token", [self.tokens[s][p] for s, p in zip(frame["sequence"], frame["position"])])
+        return frame
 
 
 class SinkMeter(PatternMeter):

@@ -130,6 +130,57 @@ def axes_of(cls: Any) -> dict[str, Axes]:
     return {f.name: f.metadata[_AXES] for f in dataclasses.fields(cls) if _AXES in f.metadata}
 
 
+#: column names of the index axes in a tidy table
+INDEX_COLUMNS = {"seq": "sequence", "layer": "layer", "pos": "position", "head": "head", "kv_head": "kv_head",
+                 "d_model": "dim", "d_mlp": "neuron", "k": "rank"}
+
+
+def tidy(obj: Any, index: Sequence[str] = ("seq", "layer", "pos"), spread: Sequence[str] = ("head", "kv_head", "k")):
+    """A pandas table of a result dataclass, built from its fields' axis declarations: one row
+    per combination of the ``index`` axes (positions a sequence does not reach are left out),
+    a column per array field whose axes are ``index`` axes (broadcast where it lacks some) and
+    ``spread`` axes (one column per entry: ``alpha_h3``, ``top_values_k0``). The fields with
+    any other axis (a ``d_model`` vector) are left out; ``frame.attrs["left_out"]`` names them,
+    and ``index=("seq", "layer", "d_model")`` gives their own table."""
+    import pandas as pd  # heavy: pandas is only needed for the table
+
+    axes = {name: a for name, a in axes_of(obj).items() if a.measured}
+    arrays = {name: getattr(obj, name) for name in axes}
+    sizes: dict[str, int] = {}
+    for name, a in axes.items():
+        sizes.update({ax: n for ax, n in zip(a.names, np.shape(arrays[name]))})
+    missing = [ax for ax in index if ax not in sizes]
+    if missing:
+        raise MeterError(f"{type(obj).__name__} has no axis {missing[0]!r}; its axes: {', '.join(sorted(sizes))}")
+    grid = np.meshgrid(*(np.arange(sizes[ax]) for ax in index), indexing="ij")
+    columns: dict[str, np.ndarray] = {INDEX_COLUMNS.get(ax, ax): g.ravel() for ax, g in zip(index, grid)}
+    left_out = []
+    for name, a in axes.items():
+        extra = [ax for ax in a.names if ax not in index]
+        if any(ax not in spread for ax in extra):
+            left_out.append(name)
+            continue
+        arr = np.asarray(arrays[name])
+        # move to (index axes present..., extra...), then broadcast the absent index axes
+        order = [a.names.index(ax) for ax in index if ax in a.names] + [a.names.index(ax) for ax in extra]
+        arr = arr.transpose(order)
+        shape = [sizes[ax] if ax in a.names else 1 for ax in index] + [sizes[ax] for ax in extra]
+        arr = np.broadcast_to(arr.reshape(shape), [sizes[ax] for ax in index] + [sizes[ax] for ax in extra])
+        flat = arr.reshape(len(columns[next(iter(columns))]), -1)
+        if not extra:
+            columns[name] = flat[:, 0]
+        else:
+            tags = np.meshgrid(*(np.arange(sizes[ax]) for ax in extra), indexing="ij")
+            for j, combo in enumerate(zip(*(t.ravel() for t in tags))):
+                columns[name + "".join(f"_{INDEX_COLUMNS.get(ax, ax)[0]}{i}" for ax, i in zip(extra, combo))] = flat[:, j]
+    frame = pd.DataFrame(columns)
+    lengths = getattr(obj, "lengths", None)
+    if "pos" in index and "seq" in index and lengths is not None:
+        frame = frame[frame["position"].to_numpy() < np.asarray(lengths)[frame["sequence"].to_numpy()]].reset_index(drop=True)
+    frame.attrs["left_out"] = left_out
+    return frame
+
+
 def select_sequences(obj: Any, index: Sequence[int]) -> Any:
     """A copy of dataclass ``obj`` restricted to sequences ``index`` (every field with a ``"seq"`` axis)."""
     idx = list(index)

@@ -176,3 +176,21 @@ def test_one_bootstrap_keeps_both_random_streams():
     ref = scipy_stats.bootstrap((x.astype(np.float64),), np.mean, n_resamples=2000, rng=np.random.default_rng(0)).confidence_interval
     lo, hi = paired_bootstrap(x)
     assert (lo[0], hi[0]) == pytest.approx((ref.low, ref.high), rel=1e-12)
+
+
+def test_to_frame_covers_every_field_from_the_axis_declarations(llama, batch):
+    """One row per real (sequence, layer, position); alpha per head, top dimensions per rank,
+    the loss and layer median repeated over the axes they lack; first_resid has its own table."""
+    meas = measure(llama, batch, progress=False)
+    frame = meas.to_frame()
+    n, layers, heads = meas.n_sequences, meas.n_layers, meas.n_heads
+    assert len(frame) == layers * int(meas.lengths.sum())
+    row = frame[(frame["sequence"] == 1) & (frame["layer"] == 2) & (frame["position"] == 3)].iloc[0]
+    assert row["token"] == meas.tokens[1][3]
+    assert [row[f"alpha_h{h}"] for h in range(heads)] == pytest.approx(meas.alpha[1, 2, :, 3].tolist())
+    assert row["sink_score"] == pytest.approx(meas.sink_score[1, 2, 3]) and row["median_abs"] == pytest.approx(meas.median_abs[1, 2])
+    assert row["next_token_loss"] == pytest.approx(meas.next_token_loss[1, 3]) and row["top_dims_r0"] == meas.top_dims[1, 2, 3, 0]
+    assert frame.attrs["left_out"] == ["first_resid"]
+    vectors = meas.to_frame(index=("seq", "layer", "d_model"))
+    assert len(vectors) == n * layers * llama.cfg.d_model
+    assert vectors.set_index(["sequence", "layer", "dim"]).loc[(1, 2, 5), "first_resid"] == pytest.approx(meas.first_resid[1, 2, 5])
