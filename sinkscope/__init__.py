@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import importlib
 
-#: name in ``sinkscope`` -> (module, attribute)
+#: name in ``sinkscope`` -> (module, attribute; None: the module itself)
 _EXPORTS: dict[str, tuple[str, str]] = {
     "load_model": ("circuits.models", "load_model"),
     "tokenize": ("circuits.probes", "tokenize"),
@@ -28,7 +28,7 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "sweep": ("interventions.sweep", "sweep"),
     "parse": ("interventions.registry", "parse_spec"),
     "view": ("circuits.view", "view"),
-    "reproduce": ("sinkscope.reproduce.report", "reproduce"),
+    "reproduce": ("sinkscope.reproduce", None),  # the package, callable: ss.reproduce(model, out, size="ci")
 }
 
 __all__ = sorted(_EXPORTS)
@@ -38,7 +38,8 @@ def __getattr__(name: str):
     if name not in _EXPORTS:
         raise AttributeError(f"module 'sinkscope' has no attribute {name!r}; it exports {', '.join(__all__)}")
     module, attribute = _EXPORTS[name]
-    value = getattr(importlib.import_module(module), attribute)
+    value = importlib.import_module(module)
+    value = value if attribute is None else getattr(value, attribute)
     globals()[name] = value  # later lookups skip __getattr__
     return value
 

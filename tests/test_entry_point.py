@@ -42,3 +42,16 @@ def test_a_notebook_session_in_one_namespace():
     effect = ss.measure_effect(model, ["the cat sat on the mat", "a b c d e f", "x y z w"], ss.parse("ablate-mlp:layers=1"),
                                n_resamples=0)
     assert "sink_score" in set(effect.frame["metric"])
+
+
+def test_ss_reproduce_runs_the_papers_whether_or_not_the_package_was_imported_first(monkeypatch):
+    """Importing sinkscope.reproduce sets the package as ``ss.reproduce``; the package is callable
+    and runs :func:`sinkscope.reproduce.report.reproduce`."""
+    import sys
+
+    import sinkscope.reproduce.report  # noqa: F401  (the subpackage, imported first)
+
+    seen = []
+    monkeypatch.setattr(sys.modules["sinkscope.reproduce"], "reproduce", lambda *a, **k: seen.append((a, k)) or "ran")
+    assert ss.reproduce("tiny-llama", "out", size="ci") == "ran" and seen == [(("tiny-llama", "out"), {"size": "ci"})]
+    assert ss.reproduce.redraw is sys.modules["sinkscope.reproduce.report"].redraw

@@ -44,6 +44,9 @@ problem text are reported beside them (:mod:`circuits.parts`).
 
 from __future__ import annotations
 
+import sys
+import types
+
 from sinkscope.reproduce import gu, li, wong
 from sinkscope.reproduce.claims import FAILS, HOLDS, PARTLY, Claim, Finding, Measured, evaluate, findings_frame, verdict
 from sinkscope.reproduce.gu import offline_models
@@ -54,3 +57,15 @@ __all__ = [
     "CLAIMS", "Claim", "FAILS", "Finding", "HOLDS", "Measured", "PARTLY", "ReproduceError", "SIZES", "Settings", "Size", "claims_table",
     "evaluate", "findings_frame", "gu", "li", "md_table", "offline_models", "redraw", "reproduce", "verdict", "wong",
 ]
+
+
+class _RunnablePackage(types.ModuleType):
+    """The package is also the entry point ``ss.reproduce``: importing a subpackage sets the
+    parent's attribute of that name, so ``sinkscope.reproduce`` must itself run the papers.
+    ``sinkscope.reproduce(model, out, ...)`` is :func:`~sinkscope.reproduce.report.reproduce`."""
+
+    def __call__(self, *args, **kwargs):
+        return reproduce(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _RunnablePackage
