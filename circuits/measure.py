@@ -440,7 +440,7 @@ def provenance(model, batch: TokenBatch | None = None) -> dict:
     return out
 
 
-#: How sinkscope reads special-token text in a prompt (README, "Inputs").
+#: How sinkscope reads special-token text in a prompt (docs/models.md, "From text to tokens").
 SPECIAL_TOKEN_RULE = ("special-token text in a prompt (such as <|im_start|>) is read as that special token, as the "
                       "model's own tokenizer and chat templates read it; prepend_bos says only whether sinkscope added a BOS")
 

@@ -373,7 +373,7 @@ def trace_batch(model, n: int | None = None, max_tokens: int | None = None) -> T
     return batch
 
 
-#: Prompt file formats (README, "Prompt files"): ``paragraphs`` (blank-line separated),
+#: Prompt file formats (docs/command.md, "Prompt files"): ``paragraphs`` (blank-line separated),
 #: ``lines`` (one prompt per non-empty line), ``json`` (a list of strings, or of objects with a
 #: ``text`` field), ``jsonl`` (one JSON object with a ``text`` field, or a JSON string, per line).
 PROMPT_FORMATS = ("paragraphs", "lines", "json", "jsonl")

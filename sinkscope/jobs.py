@@ -65,7 +65,7 @@ def sinks_document(
     eps: float = 0.3,
     thresholds: anatomy.SecondaryThresholds | None = None,
 ) -> dict:
-    """The ``sinks.json`` document (schema ``sinkscope.sinks/1``, documented in README)."""
+    """The ``sinks.json`` document (schema ``sinkscope.sinks/1``, documented in docs/formats.md)."""
     th = thresholds or anatomy.SecondaryThresholds.for_depth(meas.n_layers)
     secondary = anatomy.secondary_sinks(meas, th)
     point, lo, hi = anatomy.sink_rate_ci(meas, eps)

@@ -1,6 +1,6 @@
 """The packaged-model cache is used only when every byte is what was built, and only where it can live.
 
-What is promised (README, "The model cache"): every cached file's size, full sha256 and stat are
+What is promised (docs/models.md, "The model cache"): every cached file's size, full sha256 and stat are
 recorded when the cache is built; a file whose stat differs from its record is hashed in full
 and must match, so a change anywhere in a file (even one that keeps its size and mtime) is found
 and the cache rebuilt; the assembled GGUFs are checked by their full sha256, and a damaged one

@@ -1,6 +1,6 @@
 """Input a careless or hostile user gives, each refused with what was wrong, before any work.
 
-The promise (README, "Errors"): the command prints one ``sinkscope: error: ...`` line, exits 2 and
+The promise (docs/command.md, "Errors and exit codes"): the command prints one ``sinkscope: error: ...`` line, exits 2 and
 writes nothing; the library raises a :class:`~circuits.errors.SinkscopeError` naming the
 argument, the value and what is accepted. Numbers are checked by the same functions in both
 (:mod:`circuits.checks`). Results are never NaN without a word: an effect with no valid target

@@ -4,7 +4,7 @@ Every concurrency test proves that the two runs overlapped: either the test proc
 folder's lock itself while the second run starts, or the first run (a subprocess) announces
 that it is inside its work and is kept there until the second one has answered.
 
-The policy (README, "Where results go"): a training run, a lab comparison and a resumable sweep
+The policy (docs/command.md, "--out"): a training run, a lab comparison and a resumable sweep
 have their folder to themselves (:func:`circuits.output.exclusive`; a second run is refused with
 one line naming the first one's process); staging folders of dead runs are swept next to any
 --out written; a first Ctrl-C (or SIGTERM, SIGHUP) unwinds and cleans up, later ones wait for
