@@ -154,7 +154,7 @@ L4 = Claim("L4", PAPER, "Planting (ii): amplifying a token's variance makes it a
                         Test("dev_over_norm", ">=", "over_norm", "deviation / plain-scaling planted score at λ = {factor}"))),
            partly=Test("vs_clean", ">=", "partly", "deviation planted score at λ = {factor} / clean"),
            describe=_l4_text,
-           rule_note="proposed by the previous engineer after they had seen smollm2-135m numbers (issue 11 §1)")
+           rule_note="proposed in commit a57c135 (2026-11-30), after smollm2-135m's numbers had been seen (issue 11 §1)")
 
 _ABSTRACT = "only the abstract and two notes on the paper could be read; no code is public"
 L1, L2, L3, L4 = (replace(c, method=m) for c, m in zip((L1, L2, L3, L4), (
