@@ -342,10 +342,6 @@ def _note_once(model, text: str) -> None:
         log.warning(text)
 
 
-def _model_name(model) -> str:
-    return model_info(model).name
-
-
 def _layer_list(layers: set[int]) -> str:
     ordered = sorted(layers)
     return ", ".join(map(str, ordered)) if len(ordered) <= 8 else f"{ordered[0]}..{ordered[-1]} ({len(ordered)} of them)"
@@ -366,7 +362,7 @@ def fused_attention(model, *, enabled: bool = True) -> Iterator[bool]:
         return
     reason = fallback_reason(model)
     if reason is not None:
-        _note_once(model, f"{_model_name(model)}: attention runs eager (full T x T pattern): {reason}")
+        _note_once(model, f"{model_info(model).name}: attention runs eager (full T x T pattern): {reason}")
         yield False
         return
     _register()
@@ -387,7 +383,7 @@ def fused_attention(model, *, enabled: bool = True) -> Iterator[bool]:
                 attn.__dict__.pop(name, None)
         model.__dict__.pop(_DEPTH_ATTR, None)
         if eager_layers:
-            log.warning(f"{_model_name(model)}: attention ran eager (full T x T pattern) in layers "
+            log.warning(f"{model_info(model).name}: attention ran eager (full T x T pattern) in layers "
                         f"{_layer_list(eager_layers)}: a hook reads or edits hook_attn_scores / hook_pattern there")
 
 

@@ -189,7 +189,7 @@ class SinkMeter(PatternMeter):
     def __init__(self, model, *, model_name: str | None = None, loss_from_residual: bool = False, block: int | None = None):
         self.n_heads = int(model.cfg.n_heads)
         self.d_model = int(model.cfg.d_model)
-        self.model_name = model_name or recorded_name(model)
+        self.model_name = model_name or model_info(model).name
         sizes = {"layer": int(model.cfg.n_layers), "head": self.n_heads, "d_model": self.d_model, "k": TOP_DIMS}
         super().__init__(model, self.result_type.axes(), sizes, block=block)
         #: compute the next-token loss from the last block's output in chunks when the forward
@@ -369,11 +369,6 @@ def chunked_next_token_loss(
     return nll
 
 
-def recorded_name(model) -> str:
-    """The model name stored with every result (:func:`circuits.model_info.model_info`)."""
-    return model_info(model).name
-
-
 # --------------------------------------------------------------------------- entry point
 
 
@@ -426,7 +421,7 @@ def provenance(model, batch: TokenBatch | None = None) -> dict:
             return "not installed"
 
     out = {
-        "model": recorded_name(model),
+        "model": model_info(model).name,
         "model_source": model_info(model).source,
         "n_layers": int(model.cfg.n_layers),
         "n_heads": int(model.cfg.n_heads),

@@ -36,7 +36,8 @@ from circuits import anatomy, paper_plots, plots
 from circuits.checks import load_json
 from circuits.errors import SinkscopeError
 from circuits.long_inputs import LongInputs, observe_long_inputs, sliding_layers
-from circuits.measure import provenance, recorded_name
+from circuits.measure import provenance
+from circuits.model_info import model_info
 from circuits.models import PACKAGED, load_model
 from circuits.output import to_jsonable, write_json
 from circuits.parts import FORMS
@@ -450,8 +451,8 @@ def reproduce(
     if isinstance(model, str):
         model = load_model(model, dtype=dtype, device=device)
     timings["load_model"] = time.perf_counter() - t0
-    if other is not None and other["model"] != recorded_name(model):  # before the long-input pass, not after it
-        raise ReproduceError(f"compare: that run is of {other['model']!r}, this one of {recorded_name(model)!r}")
+    if other is not None and other["model"] != model_info(model).name:  # before the long-input pass, not after it
+        raise ReproduceError(f"compare: that run is of {other['model']!r}, this one of {model_info(model).name!r}")
     t0 = time.perf_counter()
     obs = observe_long_inputs(model, s.n_traces, s.max_tokens, inputs=s.inputs, batch_size=s.batch_size, progress=progress)
     timings["main_pass"] = time.perf_counter() - t0
