@@ -30,6 +30,11 @@ turns (only the new user turn is prefilled).
 settings, or with more targets after the same ones, keeps the sessions already there, so an
 interrupted run resumes and a file can be extended)
 
+    python scripts/generate_traces.py --model qwen2.5-coder-0.5b --system empty --target-tokens ...
+
+(the control sessions: the same problems, decoding and seeds with an empty system message,
+written to ``<model>.empty-system.jsonl``; chat models only)
+
 writes ``circuits/data/traces/<model>.jsonl``: a header line (settings, versions, date), then one
 line per session: id, the problems posed, every turn (tokens, finish reason, seconds), the
 whole conversation's ``token_ids`` (what the analyses read, exactly) and its text.
@@ -54,6 +59,8 @@ from circuits.parts import NEXT_PROBLEM, PLAIN_ANSWER_END, PLAIN_TURN  # noqa: E
 
 OUT = Path(__file__).resolve().parents[1] / "circuits" / "data" / "traces"
 SYSTEM = "You are a careful math tutor. Think step by step, check your work, and end with the final answer."
+#: ``--system``: the system message of the sessions (``empty``: the control sessions, which tell the prompt's sinks from the model's own)
+SYSTEM_PROMPTS = {"project": SYSTEM, "empty": ""}
 PROBLEMS = [
     "A bakery sells muffins in boxes of 6 and boxes of 15. A school orders exactly 159 muffins and wants as few boxes as "
     "possible. How many boxes of each size should it order, and how many boxes is that in total?",
@@ -102,13 +109,15 @@ PROBLEMS = [
 ]
 
 
-def conversation_ids(tokenizer, problems: list[str], answers: list[str]) -> list[int]:
+def conversation_ids(tokenizer, problems: list[str], answers: list[str], system: str = SYSTEM) -> list[int]:
     """The conversation's tokens: every problem so far with the answers given; while the last
     problem has no answer yet, up to the generation prompt of the model's next answer, else the
-    whole conversation (the stored trace)."""
+    whole conversation (the stored trace). ``system`` is the system message's text; an empty one
+    is still passed as a message, since a template inserts its own default system prompt when
+    the message is absent (Qwen2.5's and SmolLM2's both do)."""
     pending = len(answers) < len(problems)
     if tokenizer.chat_template:
-        messages = [{"role": "system", "content": SYSTEM}]
+        messages = [{"role": "system", "content": system}]
         for i, problem in enumerate(problems):
             messages.append({"role": "user", "content": problem if i == 0 else NEXT_PROBLEM.format(problem=problem)})
             if i < len(answers):
@@ -152,7 +161,7 @@ def session(hf, tokenizer, index: int, args, n_ctx: int) -> dict:
     eos = {tokenizer.eos_token_id, *(configured if isinstance(configured, list) else [configured])}
     for turn, problem in enumerate(order):
         problems.append(problem)
-        ids = conversation_ids(tokenizer, problems, answers)
+        ids = conversation_ids(tokenizer, problems, answers, args.system_text)
         room = min(args.max_new_tokens, n_ctx - len(ids))
         if room < 16:
             problems.pop()
@@ -174,7 +183,7 @@ def session(hf, tokenizer, index: int, args, n_ctx: int) -> dict:
         print(f"{args.model} session {index} turn {turn}: {len(ids)} + {len(new)} tokens ({turns[-1]['finish']}), {turns[-1]['seconds']} s", flush=True)
         if len(seq) >= target:
             break
-    ids = conversation_ids(tokenizer, problems, answers)[:n_ctx]
+    ids = conversation_ids(tokenizer, problems, answers, args.system_text)[:n_ctx]
     return {"id": index, "problems": problems, "turns": turns, "n_tokens": len(ids), "token_ids": ids,
             "text": tokenizer.decode(ids), "seconds": round(sum(t["seconds"] for t in turns), 1)}
 
@@ -191,7 +200,11 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (default 1: decoding one token at a time is latency-bound, and on a shared machine "
                              "two threads waiting on each other ran 19 x slower than alone)")
+    parser.add_argument("--system", choices=SYSTEM_PROMPTS, default="project",
+                        help="the system message: the project's tutor prompt, or an empty one (the control sessions, "
+                             "written to <model>.empty-system.jsonl); a model without a chat template has no system message")
     args = parser.parse_args()
+    args.system_text = SYSTEM_PROMPTS[args.system]
     torch.set_num_threads(args.threads)
     # The bridge wraps its HF model's modules in place (its attention re-implemented, no KV
     # cache), so generation uses a plain transformers model read from the same cache.
@@ -203,9 +216,11 @@ def main() -> int:
     folder = cache_root() / args.model
     hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    settings = {k: getattr(args, k) for k in ("model", "target_tokens", "max_new_tokens", "temperature", "top_p", "seed")}
+    if args.system != "project" and not tokenizer.chat_template:
+        parser.error(f"{args.model} has no chat template, so no system message to change (--system {args.system})")
+    settings = {k: getattr(args, k) for k in ("model", "target_tokens", "max_new_tokens", "temperature", "top_p", "seed", "system")}
     header = {
-        "schema": "sinkscope.traces/2", "settings": settings, "system_prompt": SYSTEM, "context": n_ctx,
+        "schema": "sinkscope.traces/2", "settings": settings, "system_prompt": args.system_text, "context": n_ctx,
         "date": dt.date.today().isoformat(), "versions": {p: version(p) for p in ("torch", "transformers")},
         "torch_threads": torch.get_num_threads(),
         "decoding": "multi-turn session; sampling (temperature, top-p), seed + 1000 * session + turn; KV cache kept across turns; "
@@ -213,11 +228,12 @@ def main() -> int:
         "bos": "as the model's own tokenizer / chat template produce it",
     }
     OUT.mkdir(parents=True, exist_ok=True)
-    path = OUT / f"{args.model}.jsonl"
+    path = OUT / (f"{args.model}.jsonl" if args.system == "project" else f"{args.model}.{args.system}-system.jsonl")
     rows = []
     if path.is_file():  # resume: keep the sessions a run with the same settings already wrote
         old_header, *old_rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
         old = old_header.get("settings", {})
+        old = {"system": "project", **old}  # files written before --system existed used the project's prompt
         same = {k: v for k, v in old.items() if k != "target_tokens"} == {k: v for k, v in settings.items() if k != "target_tokens"}
         if same and old.get("target_tokens") == settings["target_tokens"][: len(old.get("target_tokens", []))]:
             rows = old_rows[: len(args.target_tokens)]

@@ -192,3 +192,21 @@ def test_one_stored_session_per_packaged_model(request, fixture, name, form):
     own = labels.count("generated")
     sampled = sum(min(t["new_tokens"], 1024 - t["prompt_tokens"]) for t in session["turns"] if t["prompt_tokens"] < 1024)
     assert sampled - len(starts) - 4 <= own <= sampled
+
+
+@pytest.mark.real
+@pytest.mark.parametrize("fixture,name", [("smollm2", "smollm2-135m"), ("qwen2", "qwen2.5-coder-0.5b")])
+@pytest.mark.parametrize("system", ["project", "empty"])
+def test_every_stored_session_of_both_prompts_is_labelled(request, fixture, name, system):
+    """Every session of the chat models, with the project's system prompt and the control's
+    empty one: the labels cover every token, every turn's answer starts a generated run, and
+    the first template run is the system turn with exactly the header's prompt."""
+    tok = request.getfixturevalue(fixture).tokenizer
+    header, sessions = model_traces(name, system)
+    for session in sessions:
+        labels = session_parts(tok, session)
+        assert len(labels) == len(session["token_ids"])
+        starts = [a for a, _, p in to_spans(labels) if p == "generated"]
+        assert starts == [t["prompt_tokens"] for t in session["turns"] if t["prompt_tokens"] < len(labels)]
+        first_template = tok.decode(session["token_ids"][: to_spans(labels)[0][1]])
+        assert first_template == f"<|im_start|>system\n{header['system_prompt']}<|im_end|>\n<|im_start|>user\n"

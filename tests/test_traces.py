@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import pytest
 
+from circuits.checks import ArgumentError
 from circuits.errors import SinkscopeError
 from circuits.long_inputs import LONG_INPUT_KINDS, long_input_batch, resolve_inputs
 from circuits.models import PACKAGED as PACKAGED_MODELS
-from circuits.probes import TracesMissing, model_traces, reasoning_texts, tokenize, trace_batch
+from circuits.probes import TracesMissing, has_traces, model_traces, reasoning_texts, tokenize, trace_batch, traces_file
 
 PACKAGED = sorted(PACKAGED_MODELS)
 
@@ -31,6 +32,35 @@ def test_every_packaged_model_has_its_own_long_sessions_with_their_settings(name
         assert sum(t["new_tokens"] for t in s["turns"]) > s["n_tokens"] / 2  # most of it is the model's own text
     # the reports' long size reads one session at Wong et al.'s length
     assert max(s["n_tokens"] for s in sessions) >= 8192
+
+
+#: the chat models: their control sessions leave the system message empty (Gemma 3 270M's
+#: plain transcripts have no system message)
+CHAT = ["qwen2.5-coder-0.5b", "smollm2-135m"]
+
+
+@pytest.mark.parametrize("name", CHAT)
+def test_the_chat_models_control_sessions_differ_from_the_others_in_the_system_message_alone(name):
+    header, sessions = model_traces(name)
+    c_header, control = model_traces(name, "empty")
+    assert c_header["system_prompt"] == "" and header["system_prompt"].startswith("You are a careful math tutor")
+    assert c_header["settings"]["system"] == "empty"
+    same = ("model", "target_tokens", "max_new_tokens", "temperature", "top_p", "seed")
+    assert {k: c_header["settings"][k] for k in same} == {k: header["settings"][k] for k in same}
+    assert len(control) == len(sessions)
+    for a, b in zip(sessions, control):
+        assert b["problems"][0] == a["problems"][0]  # session s starts at problem s on both sides
+        assert b["n_tokens"] == len(b["token_ids"]) >= 0.95 * min(c_header["settings"]["target_tokens"][b["id"]], c_header["context"])
+    # the template opens with an empty system turn, not with the template's own default prompt
+    assert control[0]["text"].startswith("<|im_start|>system\n<|im_end|>\n<|im_start|>user\n")
+
+
+def test_gemma3_has_no_control_sessions_and_a_system_prompt_is_named():
+    assert not has_traces("gemma3-270m", "empty")
+    with pytest.raises(TracesMissing, match="empty-system control traces"):
+        model_traces("gemma3-270m", "empty")
+    with pytest.raises(ArgumentError, match="system must be one of project, empty"):
+        traces_file("smollm2-135m", "none")
 
 
 @pytest.mark.real

@@ -233,7 +233,7 @@ def test_a_report_on_the_models_own_sessions_counts_by_part(smollm2, tmp_path):
     import json
 
     from circuits.parts import from_spans
-    from sinkscope.reproduce import SIZES, reproduce
+    from sinkscope.reproduce import SIZES, reproduce, wong
 
     s = dataclasses.replace(SIZES["ci"], papers=("wong",), dose_factors=(0.0, 1.0), norm_targets=(10.0,))
     doc = reproduce(smollm2, tmp_path, settings=s)
@@ -245,8 +245,19 @@ def test_a_report_on_the_models_own_sessions_counts_by_part(smollm2, tmp_path):
     assert w["n_attended_counted"] == w["by_part"]["generated"]["n_attended"]
     assert sum(p["n_attended_per_session"] for p in w["by_part"].values()) == w["n_attended"]
     assert all(labels[r["sequence"]][r["position"]] == r["part"] for r in w["attended"])
+    # the system-prompt control: both sides counted by the same rule, on the same number of sessions
+    c = w["control"]
+    assert c["run"] and c["rule"] == wong.CONTROL_RULE and c["system_prompt"].startswith("You are a careful math tutor")
+    mine, other = c["with_prompt"], c["empty_prompt"]
+    assert mine["n_attended_own"] == w["n_attended_counted"] and mine["n_attended_template"] == w["by_part"]["template"]["n_attended"]
+    assert mine["n_generated_tokens"] == sum(p.count("generated") for p in labels)
+    assert other["n_sessions"] == mine["n_sessions"] == 2 and other["n_tokens"] == sum(doc["tokens"])
+    layers = pd.DataFrame(c["layers"])
+    assert layers["primary_with_prompt"].tolist() == [r["primary_sink_score"] for r in w["layers"]]
+    assert set(c["prompt_layers"]) <= set(layers.index[layers["live_prompt_sinks"] > 0])
     report = (tmp_path / "report.md").read_text()
     assert "**Which sinks the verdicts count.**" in report and "| generated (counted) |" in report
+    assert "**System-prompt control.**" in report and "| empty |" in report
     assert report.count(wong_counting_text()) == len(doc["claims"])  # once in each claim's method
 
 
@@ -254,3 +265,20 @@ def wong_counting_text() -> str:
     from sinkscope.reproduce import wong
 
     return wong.COUNTING
+
+
+@pytest.mark.real
+def test_the_control_is_not_run_where_there_is_no_system_message(gemma3):
+    """Gemma 3 270M's sessions are plain transcripts: no system message to leave out; and the
+    control can be switched off."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from sinkscope.reproduce import SIZES, wong
+
+    obs = SimpleNamespace(sinks=SimpleNamespace(metadata={"inputs": "generated"}), batch=SimpleNamespace(parts=[["template"]]))
+    th = anatomy.SecondaryThresholds.for_depth(18)
+    c = wong.system_prompt_control(gemma3, obs, SIZES["ci"], {}, {}, th, 1)
+    assert c == {"run": False, "reason": "the model has no chat template, so its sessions have no system message to leave out"}
+    off = wong.system_prompt_control(gemma3, obs, dataclasses.replace(SIZES["ci"], control=False), {}, {}, th, 1)
+    assert off == {"run": False, "reason": "switched off (Settings.control)"}

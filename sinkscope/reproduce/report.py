@@ -207,6 +207,42 @@ def parts_table(by_part: dict) -> str:
     return md_table(pd.DataFrame(rows))
 
 
+def control_section(c: dict, frame: pd.DataFrame | None) -> list[str]:
+    """The system-prompt control (``numbers.json``'s ``wong.control``): the model's own sinks and
+    the primary-sink score with the project's system prompt and with an empty one."""
+    head = "**System-prompt control.** "
+    if not c.get("run"):
+        return [head + f"Not run: {c.get('reason')}.", ""]
+    w, e = c["with_prompt"], c["empty_prompt"]
+
+    def tokens(side: dict, key: str) -> str:
+        return ", ".join(f"`{plots.token_label(t['token'], 12)}` {t['count']}" for t in side[key][:5]) or "–"
+
+    def layers(side: dict) -> str:
+        return ", ".join(f"{k} ({v})" for k, v in sorted(side["own_creation_layers"].items(), key=lambda kv: int(kv[0]))) or "–"
+
+    rows = pd.DataFrame([
+        {"system message": label, "sessions": side["n_sessions"], "tokens": side["n_tokens"], "generated tokens": side["n_generated_tokens"],
+         "own sinks (each context once)": side["n_attended_own"], "per 1,000 generated": side["own_per_1k_generated"],
+         "own sinks' creation layers (count)": layers(side), "own sinks' tokens": tokens(side, "own_tokens"),
+         "template sinks": side["n_attended_template"], "template sinks' tokens": tokens(side, "template_tokens")}
+        for label, side in (("the project's", w), ("empty", e))
+    ])
+    at = c["prompt_layers"]
+    p = c["primary_in_prompt_layers"]
+    where = (f"In the layers where the system prompt's sinks are live ({anatomy.layer_ranges(at, 'none')}), the primary-sink score is "
+             f"{number(p['with_prompt'], 3)} with the prompt and {number(p['empty_prompt'], 3)} without it."
+             if at else "The report's sessions have no attended sink in the template part, so there are no prompt layers to compare.")
+    lines = [
+        head + f"The same problems, decoding and seeds, generated again with an empty system message instead of "
+        f"\"{c['system_prompt']}\" (`circuits/data/traces/*.empty-system.jsonl`). Rule: {c['rule']}. {where}",
+        "", md_table(rows), "",
+    ]
+    if frame is not None:
+        lines += ["Per layer, both sides (primary-sink score; live counts of the prompt's sinks and of the model's own):", "", md_table(frame), ""]
+    return lines
+
+
 def wong_section(res: Measured, model, obs: LongInputs, s: Settings, figure: Figure) -> str:
     """Wong et al.'s section: the candidates, the heat map, and one figure per claim."""
     meas, f, n = obs.sinks, res.frames, res.numbers
@@ -231,6 +267,8 @@ def wong_section(res: Measured, model, obs: LongInputs, s: Settings, figure: Fig
     ]
     if n.get("by_part"):
         lines += [parts_table(n["by_part"]), ""]
+    if n.get("control"):
+        lines += control_section(n["control"], f.get("control"))
     lines += [their_findings_paragraph(n["their_findings"], n_layers), ""]
     local, window = sliding_layers(model)
     if local and window and int(meas.lengths.max()) > window:

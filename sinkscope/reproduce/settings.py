@@ -35,6 +35,8 @@ class Settings:
     Sink_1^eps over ``eps_grid`` on ``eps_n`` passages × ``eps_tokens`` tokens; the key-bias
     runs on ``keybias_n`` × ``keybias_tokens`` tokens with controls at position
     ``keybias_control``; ``other_models`` also measures every other model available offline.
+    ``control``: Wong et al.'s analysis again on the model's control sessions, generated with an
+    empty system message, where it has them (:func:`sinkscope.reproduce.wong.system_prompt_control`).
     ``papers``: which of :data:`PAPERS` the run reproduces.
     """
 
@@ -60,6 +62,7 @@ class Settings:
     keybias_tokens: int = 128
     keybias_control: int = 64
     other_models: bool = True
+    control: bool = True
     papers: tuple[str, ...] = PAPERS
 
 

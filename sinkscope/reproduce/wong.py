@@ -44,7 +44,9 @@ import pandas as pd
 from circuits import analyses, anatomy
 from circuits.long_inputs import LongInputs
 from circuits.measure import measure as measure_sinks
+from circuits.model_info import model_info
 from circuits.parts import OWN, PARTS, part_column, to_spans
+from circuits.probes import has_traces, model_traces, trace_batch
 from interventions import recipes
 from interventions.mlp import RescaleAlongSink
 from sinkscope.reproduce.claims import AllOf, AnyOf, Claim, Measured, Method, Test
@@ -337,6 +339,82 @@ def sink_counts(meas, parts: list[list[str]] | None, *, min_score_ratio: float, 
     return numbers, frames
 
 
+def _control_side(counts: dict, frames: dict, parts: list[list[str]], meas) -> dict:
+    """One side of the system-prompt control: the model's own sinks and the prompt's."""
+    own = counts["by_part"][OWN]
+    generated = sum(sum(1 for part in p[: int(n)] if part == OWN) for p, n in zip(parts, meas.lengths))
+    return {
+        "n_sessions": meas.n_sequences, "n_tokens": int(np.sum(meas.lengths)), "n_generated_tokens": int(generated),
+        "n_attended_own": own["n_attended"], "n_candidates_own": own["n_candidates"],
+        "own_per_1k_generated": 1000 * own["n_attended"] / generated if generated else float("nan"),
+        "own_creation_layers": own["creation_layers"], "own_tokens": own["tokens"],
+        "own_live_layers": counts["live_layers"],
+        "n_attended_template": counts["by_part"]["template"]["n_attended"],
+        "template_tokens": counts["by_part"]["template"]["tokens"],
+        "template_positions": counts["by_part"]["template"]["positions"],
+        "n_attended_problem": counts["by_part"]["problem"]["n_attended"],
+    }
+
+
+def system_prompt_control(model, obs: LongInputs, s: Settings, counts: dict, frames: dict, th: anatomy.SecondaryThresholds,
+                          skip: int) -> dict:
+    """The system-prompt control: the analysis of :func:`sink_counts` on the model's control
+    sessions (:func:`circuits.probes.trace_batch` with ``system="empty"``: the same problems,
+    decoding and seeds under an empty system message), set beside the report's sessions
+    (``counts``, ``frames``: :func:`sink_counts` of ``obs``). Descriptive: no verdict reads it.
+
+    The rule, fixed before the control sessions existed: the model's own sinks (generated part,
+    each context once) are counted on both sides, also per 1,000 generated tokens since the
+    answers differ in length; *the prompt's layers* are the live layers (:func:`live_layers`,
+    W2's share) of the attended sinks in the template part of the report's sessions, and the
+    primary-sink score is averaged over those layers on both sides. The answers are sampled
+    again under the other prompt, so the two sides differ in their generated text too, not in
+    the prompt alone. ``{"run": False, "reason": ...}`` where there is nothing to compare."""
+    name = model_info(model).name
+    reason = None
+    if not s.control:
+        reason = "switched off (Settings.control)"
+    elif obs.sinks.metadata.get("inputs") != "generated" or obs.batch.parts is None:
+        reason = "these inputs are not the model's own sessions"
+    elif not has_traces(name, "empty"):
+        reason = ("the model has no chat template, so its sessions have no system message to leave out"
+                  if not getattr(model.tokenizer, "chat_template", None) else f"no control sessions for {name}")
+    if reason:
+        return {"run": False, "reason": reason}
+    batch = trace_batch(model, s.n_traces, s.max_tokens, system="empty")
+    meas = measure_sinks(model, batch, batch_size=s.batch_size, progress=False)
+    ctrl, ctrl_frames = sink_counts(meas, batch.parts, min_score_ratio=s.min_score_ratio, skip=skip, thresholds=th, form=batch.parts_form)
+    every = frames["attended"]
+    prompt_sinks = anatomy.once_per_context(obs.sinks, every[every["part"] == "template"])
+    prompt_layers = live_layers(anatomy.live_per_layer(obs.sinks, prompt_sinks, th.cos), W2.thresholds["live_share"])
+    with_score = frames["layers"]["primary_sink_score"].to_numpy()
+    without_score = ctrl_frames["layers"]["primary_sink_score"].to_numpy()
+    layers = pd.DataFrame({
+        "layer": np.arange(meas.n_layers), "primary_with_prompt": with_score, "primary_empty_prompt": without_score,
+        "live_prompt_sinks": anatomy.live_per_layer(obs.sinks, prompt_sinks, th.cos),
+        "live_own_with_prompt": frames["layers"]["live_secondary"].to_numpy(), "live_own_empty_prompt": ctrl_frames["layers"]["live_secondary"].to_numpy(),
+    })
+    mean = (lambda x: float(np.mean(x[prompt_layers]))) if len(prompt_layers) else (lambda x: float("nan"))
+    return {
+        "run": True, "rule": CONTROL_RULE, "system_prompt": model_traces(name)[0].get("system_prompt"),
+        "with_prompt": _control_side(counts, frames, obs.batch.parts, obs.sinks),
+        "empty_prompt": _control_side(ctrl, ctrl_frames, batch.parts, meas),
+        "prompt_layers": prompt_layers.tolist(),
+        "primary_in_prompt_layers": {"with_prompt": mean(with_score), "empty_prompt": mean(without_score)},
+        "layers": layers.to_dict(orient="records"),
+    }
+
+
+#: How the system-prompt control compares its two sides (:func:`system_prompt_control`); written
+#: before the control sessions were generated.
+CONTROL_RULE = (
+    "the same problems, decoding and seeds with an empty system message; both sides counted as the verdicts count "
+    "(the model's own generated tokens, each context once), also per 1,000 generated tokens; the primary-sink score "
+    "averaged over the layers where the report's template-part sinks are live (W2's share of their peak); "
+    "descriptive, no verdict reads it"
+)
+
+
 def skip_first(model, obs: LongInputs, s: Settings) -> int:
     """Positions excluded from detection, as in Wong et al.'s code: 0-2 when the inputs carry a
     chat template (the model's own sessions, on a model that has one), else position 0 only;
@@ -438,6 +516,9 @@ def measure(model, obs: LongInputs, s: Settings) -> Measured:
     t0 = time.perf_counter()
     sweep = norm_sweep(model, obs, s, th, skip)
     timings["wong_norm_sweep"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    control = system_prompt_control(model, obs, s, counts, count_frames, th, skip)
+    timings["wong_control"] = time.perf_counter() - t0
     settings_table = detection_settings(meas, th, skip)
     level_counts = anatomy.sink_levels(anatomy.secondary_sinks(meas, th, include_noise=True, skip_first=skip), meas.n_layers)
     numbers = {
@@ -448,15 +529,17 @@ def measure(model, obs: LongInputs, s: Settings) -> Measured:
         "dose_rho": None if dose is None else dose["rho"], "dose_n_sinks": 0 if dose is None else dose["n_sinks"],
         "detection_settings": settings_table.to_dict(orient="records"), "norm_sweep": sweep.to_dict(orient="records"),
         "sink_level_counts": level_counts.tolist(), "skip_first": skip, "their_findings": their_findings(att),
+        "control": control,
     }
     site_frame = pd.DataFrame({"site": list(sites.sites), "median_abs_cos_secondary": [med_abs[k] for k in sites.sites],
                                "median_cos_ordinary_tokens": [base[k] for k in sites.sites]})
     frames = {**count_frames, "joined": joined, "sites": site_frame, "site_baseline": base, "dose": dose_frame,
-              "detection_settings": settings_table, "norm_sweep": sweep, "sink_level_counts": level_counts}
+              "detection_settings": settings_table, "norm_sweep": sweep, "sink_level_counts": level_counts,
+              "control": pd.DataFrame(control["layers"]) if control["run"] else None}
     return Measured(numbers, frames, timings)
 
 
 __all__ = [
-    "CLAIMS", "COUNTING", "W1", "W2", "W3", "W4", "W5", "W6", "counted", "detection_settings", "dose_response", "live_layers", "measure",
-    "norm_layer", "norm_sweep", "sink_counts", "skip_first", "their_findings",
+    "CLAIMS", "CONTROL_RULE", "COUNTING", "W1", "W2", "W3", "W4", "W5", "W6", "counted", "detection_settings", "dose_response", "live_layers", "measure",
+    "norm_layer", "norm_sweep", "sink_counts", "skip_first", "system_prompt_control", "their_findings",
 ]
