@@ -66,7 +66,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from circuits.blockwise import PatternBlock
-from circuits.driver import HookSource, Run, drive
+from circuits.driver import BATCH_SIZE, BY_LENGTH, HookSource, Run, drive
 from circuits.measure import lower_median_abs
 from circuits.meter import ArrayMeter, Axes, Meter, MeterError, array, axes_of, per_sequence
 from circuits.pattern_meter import PatternMeter
@@ -95,9 +95,9 @@ def observe(
     meters: Sequence[Meter],
     *,
     hooks: HookSource = (),
-    batch_size: int = 4,
+    batch_size: int = BATCH_SIZE,
     logits: bool = False,
-    by_length: bool = False,
+    by_length: bool = BY_LENGTH,
     progress: bool = False,
     fused: bool = True,
 ) -> list:
@@ -108,9 +108,9 @@ def observe(
     forward hooks (an intervention's, e.g. ``iv.hooks_for(model, batch)``), registered before
     the meters' so these see the edited activations. With ``logits=False`` the forward stops
     after the last block (meters then get ``end(None)``: ``SinkMeter`` leaves
-    ``next_token_loss`` as NaN). Sub-batches are consecutive sequences of ``batch``;
-    ``by_length=True`` groups them by length instead (less padding for inputs of mixed lengths;
-    the attention statistics then move at the 1e-7 level, as a sequence's sub-batch changes).
+    ``next_token_loss`` as NaN). Batching as everywhere (:data:`circuits.driver.BATCH_SIZE`,
+    :data:`~circuits.driver.BY_LENGTH`): sub-batches of 8 grouped by length, results in batch
+    order; ``by_length=False`` takes consecutive sequences instead.
     ``fused=False`` runs every layer's attention eager (the reference path of
     :mod:`circuits.fused_attention`; the meters then read ``hook_pattern``).
     """

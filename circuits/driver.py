@@ -71,7 +71,16 @@ class Run:
         return [*own, *(h for m in self.meters for h in m.hooks())]
 
 
-def iter_batches(batch: TokenBatch, batch_size: int, *, by_length: bool = True) -> Iterator[list[int]]:
+#: The batching of every entry point that runs the model over a batch (:func:`drive`,
+#: :func:`circuits.measure.measure`, :func:`circuits.analyses.observe`): sequences per forward
+#: pass, and whether sub-batches group sequences of similar length (results always come back in
+#: batch order; grouping by length only saves the compute spent on padding, and moves the
+#: statistics of a sequence whose sub-batch changes at the float-rounding level).
+BATCH_SIZE: int = 8
+BY_LENGTH: bool = True
+
+
+def iter_batches(batch: TokenBatch, batch_size: int, *, by_length: bool = BY_LENGTH) -> Iterator[list[int]]:
     """Rows of sub-batches of at most ``batch_size`` sequences: sorted by length (longest
     first, so little compute goes to padding), or in batch order."""
     if by_length:
@@ -161,12 +170,12 @@ def drive(
     batch: TokenBatch,
     runs: Run | Sequence[Run],
     *,
-    batch_size: int = 8,
+    batch_size: int = BATCH_SIZE,
     logits: bool = True,
     stacked: bool = False,
     forward: Forward = full_forward,
     on_logits: OnLogits | None = None,
-    by_length: bool = True,
+    by_length: bool = BY_LENGTH,
     progress: bool = False,
     desc: str = "measuring",
     fused: bool = True,

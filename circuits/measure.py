@@ -58,7 +58,7 @@ from torch import Tensor
 
 from circuits.blockwise import ColumnSums
 from circuits.checks import check_eps
-from circuits.driver import HookSource, Run, drive
+from circuits.driver import BATCH_SIZE, HookSource, Run, drive
 from circuits.memory import loss_chunk
 from circuits.meter import Axes, array, axes_of, per_sequence, select_sequences, tidy
 from circuits.model_info import model_info
@@ -378,7 +378,7 @@ def measure(
     batch: TokenBatch,
     *,
     hooks: HookSource = (),
-    batch_size: int = 8,
+    batch_size: int = BATCH_SIZE,
     progress: bool = True,
     metadata: dict | None = None,
     fused: bool = True,
@@ -393,8 +393,9 @@ def measure(
             a :class:`~circuits.probes.TokenizationError` naming what was wrong.
         hooks: extra forward hooks (typically an intervention's), or a function of the
             sub-batch that returns them. They run before the measurement hooks at every point.
-        batch_size: sequences per forward pass (sub-batches are sorted by length; the result
-            has the sequences in the order of ``batch``).
+        batch_size: sequences per forward pass (sub-batches are grouped by length, as in every
+            entry point, :data:`circuits.driver.BY_LENGTH`; the result has the sequences in the
+            order of ``batch``).
         progress: show a tqdm bar over sub-batches.
         metadata: stored on the result (model, BOS policy and versions are added).
         fused: fused attention and blockwise statistics wherever no hook needs the pattern

@@ -14,6 +14,7 @@ from typing import Sequence
 import pandas as pd
 
 from circuits import anatomy, plots
+from circuits.driver import BATCH_SIZE
 from circuits.measure import SinkMeasurement, measure
 from circuits.output import to_jsonable, write_json
 from circuits.probes import TokenizationError, probe_texts, tokenize
@@ -29,7 +30,7 @@ def measure_texts(
     *,
     prepend_bos: bool | None = None,
     max_tokens: int | None = None,
-    batch_size: int = 8,
+    batch_size: int = BATCH_SIZE,
     progress: bool = True,
 ) -> SinkMeasurement:
     batch = tokenize(model, texts, prepend_bos=prepend_bos, max_tokens=max_tokens)

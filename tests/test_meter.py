@@ -63,6 +63,26 @@ def test_sub_batches_are_sorted_by_length_and_results_come_back_in_batch_order(l
     assert_measurements_agree(got, ref, llama, batch.tokens, fields=("alpha", "sink_score", "resid_norm", "top_dims", "next_token_loss"))
 
 
+def test_measure_and_observe_batch_alike_by_default(llama):
+    """One batching default (circuits.driver.BATCH_SIZE, BY_LENGTH): measure and observe, called
+    without batch arguments, hand the model the same sub-batches of ten mixed-length texts."""
+    from circuits.driver import BATCH_SIZE
+
+    texts = [TEXTS[i % len(TEXTS)] + " x" * i for i in range(10)]
+    many = tokenize(llama, texts, prepend_bos=True)
+
+    def sub_batches(run):
+        seen = []
+        hook = ("blocks.0.hook_resid_pre", lambda x, hook: None)
+        run(lambda sub: seen.append(list(sub.rows)) or [hook])
+        return seen
+
+    by_measure = sub_batches(lambda hooks: measure(llama, many, hooks=hooks, progress=False))
+    by_observe = sub_batches(lambda hooks: analyses.observe(llama, many, [SinkMeter(llama)], hooks=hooks))
+    assert by_measure == by_observe == [list(r) for r in iter_batches(many, BATCH_SIZE, by_length=True)]
+    assert [len(r) for r in by_measure] == [8, 2] and by_measure[0] != list(range(8))  # grouped by length, not in order
+
+
 @pytest.mark.numerical
 def test_runs_are_separate_forwards_stacked_runs_one(llama, batch):
     iv = AblateMLP(layers=(1,))
