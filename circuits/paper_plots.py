@@ -6,6 +6,9 @@ function takes tidy tables (from :mod:`circuits.analyses`, :mod:`circuits.anatom
 :mod:`interventions.recipes`) and returns a matplotlib ``Figure``; nothing here computes a
 statistic beyond picking columns. Grey-printable: lines differ in marker and dash as well as
 colour, colour maps are :data:`circuits.plots.SEQUENTIAL` / :data:`circuits.plots.DIVERGING`.
+
+Wong et al.'s dose response is :func:`circuits.plots.dose_response`, the one figure of every
+dose response (a sweep's or a rescaling's); it is importable from here too.
 """
 
 from __future__ import annotations
@@ -17,15 +20,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.colors import LogNorm
 
-from circuits.plots import SEQUENTIAL, style, token_label
-
-MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
-LINES = ("-", "--", ":", "-.")
-COLORS = ("#1b1b1b", "#5e5e5e", "#9a9a9a", "#2c7fb8", "#d95f0e", "#7a0177")
-
-
-def _series(i: int) -> dict:
-    return dict(marker=MARKERS[i % len(MARKERS)], ls=LINES[i % len(LINES)], color=COLORS[i % len(COLORS)], ms=4)
+from circuits.plots import SEQUENTIAL, dose_response, series, style, token_label
 
 
 def show(fig):
@@ -84,7 +79,7 @@ def primary_vs_secondary(layers: pd.DataFrame, *, title: str | None = None):
         ax2.grid(False)
         ax.set_zorder(ax2.get_zorder() + 1)
         ax.patch.set_visible(False)
-        ax.plot(layers["layer"], layers["primary_sink_score"], **_series(0), label="primary-sink score (position 0)")
+        ax.plot(layers["layer"], layers["primary_sink_score"], **series(0), label="primary-sink score (position 0)")
         ax.set_xlabel("layer")
         ax.set_ylabel("attention to position 0\n(mean over heads, later queries)")
         ax.set_ylim(0, 1)
@@ -137,22 +132,6 @@ def norm_scatter(table: pd.DataFrame, corr_score: dict, corr_life: dict, *, titl
     return fig
 
 
-def dose_response(frame: pd.DataFrame, *, title: str | None = None):
-    """Norm-rescaling dose response: ``frame`` has factor, score_ratio (relative to clean) and
-    lifetime_ratio columns."""
-    with style():
-        fig, ax = plt.subplots(layout="constrained", figsize=(5.5, 3.4))
-        ax.plot(frame["factor"], frame["score_ratio"], **_series(0), label="sink score (relative to clean)")
-        ax.plot(frame["factor"], frame["lifetime_ratio"], **_series(1), label="lifetime (relative to clean)")
-        ax.axhline(1, color="#9a9a9a", lw=0.8)
-        ax.set_xscale("symlog", linthresh=0.25)
-        ax.set_xlabel("factor applied to the aligned MLP output's L2 norm")
-        ax.set_ylabel("relative to the clean run")
-        ax.legend(fontsize=7)
-        ax.set_title(title or "Norm rescaling of sink-aligned MLP outputs")
-    return fig
-
-
 # ------------------------------------------------------------------------------ Li et al.
 
 
@@ -161,8 +140,8 @@ def variance_by_layer(frame: pd.DataFrame, *, title: str | None = None):
     with style():
         fig, axes = plt.subplots(1, 2, layout="constrained", figsize=(9, 3.3))
         for ax, key, label in ((axes[0], "z_var", "variance of head outputs (hook_z)"), (axes[1], "out_norm", "L2 norm of the attention output")):
-            ax.plot(frame["layer"], frame[f"{key}_first"], **_series(0), label="first token (position 0)")
-            ax.plot(frame["layer"], frame[f"{key}_rest"], **_series(1), label="other tokens (median)")
+            ax.plot(frame["layer"], frame[f"{key}_first"], **series(0), label="first token (position 0)")
+            ax.plot(frame["layer"], frame[f"{key}_rest"], **series(1), label="other tokens (median)")
             ax.set_yscale("log")
             ax.set_xlabel("layer")
             ax.set_ylabel(label)
@@ -200,7 +179,7 @@ def planting_plot(frame: pd.DataFrame, *, title: str | None = None):
     with style():
         fig, ax = plt.subplots(layout="constrained", figsize=(7, 3.4))
         for i, (cond, sub) in enumerate(frame.groupby("condition", sort=False)):
-            ax.plot(sub["layer"], sub["score"], **_series(i), label=cond)
+            ax.plot(sub["layer"], sub["score"], **series(i), label=cond)
         ax.set_xlabel("layer")
         ax.set_ylabel("sink score of the position\n(mean attention from later queries)")
         ax.set_ylim(bottom=0)
@@ -216,7 +195,7 @@ def lambda_curve(frame: pd.DataFrame, *, title: str | None = None):
         fig, ax = plt.subplots(layout="constrained", figsize=(5.5, 3.4))
         for i, (mode, sub) in enumerate(frame.groupby("mode", sort=False)):
             sub = sub.sort_values("factor")
-            ax.plot(sub["factor"], sub["score"], **_series(i), label=mode)
+            ax.plot(sub["factor"], sub["score"], **series(i), label=mode)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("λ")
         ax.set_ylabel("sink score of the planted position")
@@ -234,7 +213,7 @@ def sink_rate_vs_eps(frame: pd.DataFrame, *, title: str | None = None):
     with style():
         fig, ax = plt.subplots(layout="constrained", figsize=(5.5, 3.4))
         for i, (model, sub) in enumerate(frame.groupby("model", sort=False)):
-            ax.plot(sub["eps"], sub["sink_rate"], **_series(i), label=model)
+            ax.plot(sub["eps"], sub["sink_rate"], **series(i), label=model)
         ax.set_xlabel("threshold eps")
         ax.set_ylabel("Sink_1^eps (% of heads × layers)")
         ax.set_ylim(0, 100)
@@ -249,16 +228,16 @@ def kv_norms_plot(frame: pd.DataFrame, *, title: str | None = None):
     with style():
         fig, axes = plt.subplots(1, 2, layout="constrained", figsize=(9, 3.3))
         ax = axes[0]
-        ax.plot(frame["layer"], frame["k_ratio"], **_series(0), label="key norm ratio")
-        ax.plot(frame["layer"], frame["v_ratio"], **_series(1), label="value norm ratio")
+        ax.plot(frame["layer"], frame["k_ratio"], **series(0), label="key norm ratio")
+        ax.plot(frame["layer"], frame["v_ratio"], **series(1), label="value norm ratio")
         ax.axhline(1, color="#9a9a9a", lw=0.8)
         ax.set_yscale("log")
         ax.set_xlabel("layer")
         ax.set_ylabel("first token / median other token")
         ax.legend(fontsize=7)
         ax = axes[1]
-        ax.plot(frame["layer"], frame["attn_first"], **_series(0), label="attention later queries give it")
-        ax.plot(frame["layer"], frame["value_share"], **_series(1), label="share of head-output norm from its value")
+        ax.plot(frame["layer"], frame["attn_first"], **series(0), label="attention later queries give it")
+        ax.plot(frame["layer"], frame["value_share"], **series(1), label="share of head-output norm from its value")
         ax.set_ylim(0, 1)
         ax.set_xlabel("layer")
         ax.set_ylabel("mean over heads and queries")

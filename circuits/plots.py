@@ -40,6 +40,17 @@ STYLE = {
 }
 
 
+#: line styles that differ in marker and dash as well as colour (grey-printable), one per series
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+LINES = ("-", "--", ":", "-.")
+COLORS = ("#1b1b1b", "#5e5e5e", "#9a9a9a", "#2c7fb8", "#d95f0e", "#7a0177")
+
+
+def series(i: int) -> dict:
+    """The line style of the ``i``-th series of a figure (keyword arguments of ``Axes.plot``)."""
+    return dict(marker=MARKERS[i % len(MARKERS)], ls=LINES[i % len(LINES)], color=COLORS[i % len(COLORS)], ms=4)
+
+
 @contextmanager
 def style():
     """Apply sinkscope's figure style inside a ``with`` block."""
@@ -208,29 +219,54 @@ def sink_delta_heatmap(
     return fig
 
 
+#: the y-axis label of each metric a dose-response panel may show
+DOSE_LABELS = {
+    "target_sink_score": "Δ sink score of the target",
+    "kl": "KL(clean ‖ intervened) (nats / token)",
+    "next_token_loss": "Δ next-token loss (nats)",
+}
+
+
+def _dose_panel(ax, xs, curves, *, reference: tuple[float, dict], xlabel: str, ylabel: str) -> None:
+    """One panel of :func:`dose_response`: each curve ``(ys, band, line style)`` against ``xs``
+    (``band``: ``(low, high)`` drawn under it, or None), and a horizontal line at the value that
+    means "no effect" (``reference``: the value and its line style)."""
+    for ys, band, line in curves:
+        if band is not None:
+            ax.fill_between(xs, band[0], band[1], color="#9a9a9a", alpha=0.35, lw=0, label="95 % bootstrap CI")
+        ax.plot(xs, ys, **line)
+    ax.axhline(reference[0], **reference[1])
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+
+
 def dose_response(
     frame: pd.DataFrame,
     *,
-    x: str = "iv_strength",
+    x: str | None = None,
     metric: str = "target_sink_score",
     side_effect: str | None = "kl",
     title: str | None = None,
 ):
-    """Delta of ``metric`` against a swept value ``x``, with its 95 % bootstrap CI as a band.
+    """An intervention's effect against its dose, from either table that holds a dose response.
 
-    Reads a sweep table (:func:`interventions.sweep.sweep`): one ``metric`` row per item. A
-    second panel shows the ``side_effect`` metric (default the KL divergence of the next-token
-    distributions) the same way. A log x axis is used when ``x`` is positive and spans more than
-    a factor of 50.
+    * A sweep table (:func:`interventions.sweep.sweep`; it has a ``metric`` column, one row per
+      item and metric): the delta of ``metric`` against the swept value ``x`` (default
+      ``iv_strength``), its 95 % bootstrap CI as a band; a second panel shows the
+      ``side_effect`` metric (default the KL divergence of the next-token distributions) the
+      same way. A log x axis is used when ``x`` is positive and spans more than a factor of 50.
+    * A rescaling table (the ``by_factor`` table of
+      :func:`interventions.recipes.rescale_dose_response`: ``factor``, ``score_ratio``,
+      ``lifetime_ratio``): the sinks' score and lifetime relative to the clean run against the
+      factor applied to the aligned MLP output's norm (``x``, default ``factor``), in one
+      panel on a symlog x axis; ``metric`` and ``side_effect`` are not read.
     """
+    if "metric" not in frame.columns:
+        return _rescaling_dose_response(frame, x or "factor", title)
+    x = x or "iv_strength"
     if x not in frame.columns:
         raise ValueError(f"the table has no column {x!r}; columns: {', '.join(map(str, frame.columns))}")
     metrics = [metric] + ([side_effect] if side_effect else [])
-    labels = {
-        "target_sink_score": "Δ sink score of the target",
-        "kl": "KL(clean ‖ intervened) (nats / token)",
-        "next_token_loss": "Δ next-token loss (nats)",
-    }
     with style():
         fig, axes = plt.subplots(1, len(metrics), figsize=(4.8 * len(metrics) + 0.6, 3.4), squeeze=False)
         for ax, name in zip(axes[0], metrics):
@@ -238,17 +274,33 @@ def dose_response(
             if rows.empty:
                 raise ValueError(f"the table has no {name!r} rows")
             xs = rows[x].to_numpy(float)
-            ax.fill_between(xs, rows["ci_low"].to_numpy(float), rows["ci_high"].to_numpy(float), color="#9a9a9a",
-                            alpha=0.35, lw=0, label="95 % bootstrap CI")
-            ax.plot(xs, rows["delta"].to_numpy(float), marker="o", ms=3.5, color="#1b1b1b", label="mean over sequences")
-            ax.axhline(0, color="#5e5e5e", lw=0.8, ls="--")
+            band = (rows["ci_low"].to_numpy(float), rows["ci_high"].to_numpy(float))
+            mean = dict(marker="o", ms=3.5, color="#1b1b1b", label="mean over sequences")
+            _dose_panel(ax, xs, [(rows["delta"].to_numpy(float), band, mean)], reference=(0, dict(color="#5e5e5e", lw=0.8, ls="--")),
+                        xlabel=x.removeprefix("iv_"), ylabel=DOSE_LABELS.get(name, f"Δ {name}"))
             if (xs > 0).all() and xs.max() / xs.min() > 50:
                 ax.set_xscale("log")
-            ax.set_xlabel(x.removeprefix("iv_"))
-            ax.set_ylabel(labels.get(name, f"Δ {name}"))
             ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 4))
             ax.legend(loc="best", fontsize=7)
         spec = frame["spec"].iloc[0] if "spec" in frame.columns and len(frame) else ""
         fig.suptitle(title or f"Dose-response ({spec.split(':')[0]})" if spec else title or "Dose-response")
         fig.tight_layout(w_pad=2.5)
+    return fig
+
+
+def _rescaling_dose_response(frame: pd.DataFrame, x: str, title: str | None):
+    """:func:`dose_response` of a rescaling table (ratios to the clean run, no CI)."""
+    missing = [c for c in (x, "score_ratio", "lifetime_ratio") if c not in frame.columns]
+    if missing:
+        raise ValueError(f"the table is neither a sweep table (no 'metric' column) nor a rescaling table (no column "
+                         f"{', '.join(map(repr, missing))}); columns: {', '.join(map(str, frame.columns))}")
+    curves = [(frame[col], None, dict(series(i), label=label)) for i, (col, label) in
+              enumerate((("score_ratio", "sink score (relative to clean)"), ("lifetime_ratio", "lifetime (relative to clean)")))]
+    with style():
+        fig, ax = plt.subplots(layout="constrained", figsize=(5.5, 3.4))
+        _dose_panel(ax, frame[x], curves, reference=(1, dict(color="#9a9a9a", lw=0.8)),
+                    xlabel="factor applied to the aligned MLP output's L2 norm", ylabel="relative to the clean run")
+        ax.set_xscale("symlog", linthresh=0.25)
+        ax.legend(fontsize=7)
+        ax.set_title(title or "Norm rescaling of sink-aligned MLP outputs")
     return fig

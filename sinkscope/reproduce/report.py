@@ -318,7 +318,7 @@ def wong_section(res: Measured, model, obs: LongInputs, s: Settings, figure: Fig
             "writing MLP output rescaled at exactly its token (`interventions.recipes.rescale_dose_response`, `edit-token-mlp` "
             "with `mode=rescale,scope=whole`); score = mean sink score over the sink's clean lifetime layers.",
             "",
-            figure(paper_plots.dose_response(f["dose"], title=f"{name}: norm rescaling of sink-aligned MLP outputs"),
+            figure(plots.dose_response(f["dose"], title=f"{name}: norm rescaling of sink-aligned MLP outputs"),
                    "wong_dose_response", "Dose response of the norm intervention"),
             md_table(f["dose"]), "",
         ]
@@ -659,7 +659,7 @@ def redraw(folder: str | Path) -> list[Path]:
     if doc["li"]["planting_summary"].get("lambda_grid"):
         figures["li_lambda"] = paper_plots.lambda_curve(frame(doc["li"]["planting_summary"]["lambda_grid"]), title=f"{name}: planted score vs λ")
     if doc["wong"]["dose_response"]:
-        figures["wong_dose_response"] = paper_plots.dose_response(
+        figures["wong_dose_response"] = plots.dose_response(
             frame(doc["wong"]["dose_response"]), title=f"{name}: norm rescaling of sink-aligned MLP outputs")
     return [plots.save(fig, folder / f"{key}.png") for key, fig in figures.items()]
 
