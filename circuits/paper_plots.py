@@ -153,9 +153,10 @@ def variance_by_layer(frame: pd.DataFrame, *, title: str | None = None):
 def super_neuron_plot(table: pd.DataFrame, massive_dims: set[int] | None = None, *, title: str | None = None, top: int = 20):
     """The strongest super neurons: first-token activation over the layer's median |activation|
     (log scale), labelled by the residual dimension they write most; hatched when that
-    dimension is a massive activation."""
+    dimension is a massive activation. An empty table (even one without columns, as an empty
+    list of records reads back) draws an empty figure."""
     massive_dims = massive_dims or set()
-    shown = table.sort_values("ratio", ascending=False).head(top).iloc[::-1]
+    shown = table.sort_values("ratio", ascending=False).head(top).iloc[::-1] if len(table) else table
     with style():
         fig, ax = plt.subplots(layout="constrained", figsize=(6.5, 0.25 * max(len(shown), 4) + 1.2))
         if shown.empty:

@@ -330,12 +330,13 @@ def test_a_claims_rule_text_and_verdict_come_from_the_same_thresholds():
 
 def test_reproduce_end_to_end_on_a_tiny_model(tmp_path):
     """The whole report machinery on tiny-llama: every claim gets one of the three verdicts,
-    every figure the report links exists, numbers.json holds the claims."""
+    every figure the report links exists, numbers.json holds the claims, and redraw re-renders
+    the figures numbers.json holds as the report drew them."""
     import dataclasses
     import json
     import re
 
-    from sinkscope.reproduce import SIZES, reproduce
+    from sinkscope.reproduce import SIZES, redraw, reproduce
 
     s = dataclasses.replace(SIZES["ci"], n_traces=2, max_tokens=96, plant_n=2, plant_tokens=40, plant_position=20, eps_n=2,
                             eps_tokens=32, keybias_n=2, keybias_tokens=40, keybias_control=20, amplify_factors=(4.0,))
@@ -347,6 +348,10 @@ def test_reproduce_end_to_end_on_a_tiny_model(tmp_path):
         assert (tmp_path / png).is_file(), png
     assert json.loads((tmp_path / "numbers.json").read_text())["claims"] == doc["claims"]
     assert doc["peak_memory_mb"] > 0 and doc["timings_s"]["total"] > 0
+    drawn = {p.name: p.read_bytes() for p in tmp_path.glob("*.png")}
+    redrawn = redraw(tmp_path)  # the same figure records: redraw draws what the report drew, title included
+    report_only = {"wong_heatmap.png", "wong_sink_levels.png", "wong_mlp_sites.png", "wong_norm_scatter.png"}
+    assert {p.name for p in redrawn} == set(drawn) - report_only and all(drawn[p.name] == p.read_bytes() for p in redrawn)
 
 
 def test_a_wong_only_run_at_another_length_says_what_changes(tmp_path):
@@ -354,13 +359,14 @@ def test_a_wong_only_run_at_another_length_says_what_changes(tmp_path):
     the two runs' verdicts and numbers side by side, the shorter first, whichever is given."""
     import dataclasses
 
-    from sinkscope.reproduce import SIZES, ReproduceError, reproduce
+    from sinkscope.reproduce import SIZES, ReproduceError, redraw, reproduce
 
     model = tiny_model("llama")
     s = dataclasses.replace(SIZES["ci"], n_traces=2, max_tokens=64, papers=("wong",), dose_factors=(0.0,), norm_targets=(10.0,))
     short = reproduce(model, tmp_path / "short", settings=s)
     assert {c["id"][0] for c in short["claims"]} == {"W"} and set(short["rules"]) == {c["id"] for c in short["claims"]}
     assert "li" not in short and "li" not in short["timings_s"] and short["tokens"] == [64, 64]
+    assert {p.name for p in redraw(tmp_path / "short")} == {"wong_primary_per_layer.png", "wong_sink_levels_log.png"}  # no dose: no sink
     long = reproduce(model, tmp_path / "long", settings=dataclasses.replace(s, max_tokens=96), compare=tmp_path / "short" / "numbers.json")
     report = (tmp_path / "long" / "report.md").read_text()
     assert "## What changes between 64 and 96 tokens" in report and "Li et al." not in report

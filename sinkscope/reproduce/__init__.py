@@ -9,9 +9,11 @@ package is laid out the way the work divides:
   decide the verdict;
 * :mod:`~sinkscope.reproduce.wong`, :mod:`~sinkscope.reproduce.li`, :mod:`~sinkscope.reproduce.gu`
   — one module per paper: its ``measure(model, obs, settings)`` returns the numbers its
-  ``CLAIMS`` read (:func:`evaluate` turns them into findings);
+  ``CLAIMS`` read (:func:`evaluate` turns them into findings), and its ``FIGURES`` are the
+  report's figures of that paper (:mod:`~sinkscope.reproduce.figures`: file name, caption, title);
 * :mod:`~sinkscope.reproduce.report` — :func:`reproduce` writes ``report.md``, the figures and
-  ``numbers.json``; :func:`redraw` re-renders figures from ``numbers.json``;
+  ``numbers.json``; :func:`redraw` re-renders figures from ``numbers.json``, drawn by the same
+  ``FIGURES`` records;
 * :mod:`~sinkscope.reproduce.settings` — the size knobs, :data:`SIZES` ``"full"`` and ``"ci"``.
 
 Inputs (``size="full"``; ``"ci"`` shrinks every count and length so the notebooks and tests

@@ -4,7 +4,8 @@ arXiv 2410.10781): the measurements and claims G1-G3 of the reproduction.
 Why this module exists. It holds what is specific to this paper: Sink_1^eps in the paper's own
 setting (natural text, T = 64) for this model and every other model available offline, the
 key and value norms of the first token on the long inputs, the key-bias interventions, and the
-claim records that judge them. Sink_1 is position 0 here (the paper numbers positions from 1).
+claim records that judge them, and the report's figures of this paper (:data:`FIGURES`, read by the
+report and by :func:`~sinkscope.reproduce.report.redraw`). Sink_1 is position 0 here (the paper numbers positions from 1).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from circuits import analyses, anatomy
+from circuits import analyses, anatomy, paper_plots
 from circuits.long_inputs import LongInputs
 from circuits.measure import SinkMeter
 from circuits.model_info import model_info
@@ -27,6 +28,7 @@ from circuits.probes import default_prepend_bos, probe_texts, tokenize
 from interventions.effect import output_change
 from interventions.keybias import DropSinkAttention, MeanSinkValue, ZeroSinkValue
 from sinkscope.reproduce.claims import AllOf, Claim, Measured, Method, Test
+from sinkscope.reproduce.figures import PaperFigure
 from sinkscope.reproduce.settings import Settings
 
 PAPER = "Gu"
@@ -212,4 +214,19 @@ def measure(model, obs: LongInputs, s: Settings, progress: bool = False, checkpo
     return Measured(numbers, {"sink_rates": rates, "kv_norms": kv, "keybias": eff}, timings)
 
 
-__all__ = ["CLAIMS", "G1", "G2", "G3", "all_sink_rates", "keybias", "measure", "offline_models", "sink_rates"]
+
+# ------------------------------------------------------------------------------ figures
+
+#: the report's figures of this paper, in the order of its section (:mod:`sinkscope.reproduce.figures`); all redrawable
+FIGURES = {f.name: f for f in (
+    PaperFigure("gu_sink_rate_eps", "Sink_1^eps against eps for every model available offline",
+                lambda n, model: paper_plots.sink_rate_vs_eps(pd.DataFrame(n["sink_rates"]))),
+    PaperFigure("gu_kv_norms", "Key and value norm ratios per layer, attention received and the value's share of head outputs",
+                lambda n, model: paper_plots.kv_norms_plot(pd.DataFrame(n["kv_norms"]), title=f"{model}: key and value norms of the first token")),
+    PaperFigure("gu_keybias", "Effect on the output of zeroing the sink's value against removing its attention (renormalised)",
+                lambda n, model: paper_plots.keybias_effect_plot(pd.DataFrame(n["keybias"]),
+                                                                 title=f"{model}: zero the sink's value vs drop its attention")),
+)}
+
+
+__all__ = ["CLAIMS", "FIGURES", "G1", "G2", "G3", "all_sink_rates", "keybias", "measure", "offline_models", "sink_rates"]

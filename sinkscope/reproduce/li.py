@@ -5,7 +5,8 @@ Why this module exists. It holds what is specific to this paper: which numbers i
 need and the claim records that judge them. The observations live in :mod:`circuits`
 (:func:`circuits.analyses.variance_by_position`, :func:`circuits.analyses.super_neurons`,
 :func:`circuits.anatomy.massive_dimensions`), the planting protocol in
-:func:`interventions.recipes.plant_sink`, the Markdown and figures in
+:func:`interventions.recipes.plant_sink`, the report's figures of this paper in :data:`FIGURES`
+(read by the report and by :func:`~sinkscope.reproduce.report.redraw`), the Markdown in
 :mod:`sinkscope.reproduce.report`. Only the abstract of the paper could be checked, so its
 metrics are the toolkit's documented choices.
 
@@ -29,12 +30,13 @@ from dataclasses import replace
 import numpy as np
 import pandas as pd
 
-from circuits import analyses, anatomy
+from circuits import analyses, anatomy, paper_plots
 from circuits.long_inputs import LongInputs
 from circuits.meter import MeterError
 from circuits.probes import probe_texts, tokenize
 from interventions import recipes
 from sinkscope.reproduce.claims import AllOf, Claim, Measured, Method, Test
+from sinkscope.reproduce.figures import PaperFigure
 from sinkscope.reproduce.settings import Settings
 
 PAPER = "Li"
@@ -267,4 +269,32 @@ def measure(model, obs: LongInputs, s: Settings) -> Measured:
                               "batch_variance": bvar, "dom_ratio": dom_table, "weight_super_neurons": wsn}, timings)
 
 
-__all__ = ["CLAIMS", "L1", "L2", "L3", "L4", "first_token_dims", "measure", "planting"]
+
+# ------------------------------------------------------------------------------ figures
+
+
+def _lambda(n: dict, model: str):
+    grid = n["planting_summary"].get("lambda_grid")
+    if not grid:  # not kept by the earliest reports
+        return None
+    return paper_plots.lambda_curve(pd.DataFrame(grid), title=f"{model}: planted score at position {n['plant_position']} vs λ")
+
+
+#: the report's figures of this paper, in the order of its section (:mod:`sinkscope.reproduce.figures`); all redrawable
+FIGURES = {f.name: f for f in (
+    PaperFigure("li_variance", "Variance of head outputs and norm of the attention output per layer",
+                lambda n, model: paper_plots.variance_by_layer(pd.DataFrame(n["variance"]),
+                                                               title=f"{model}: attention outputs, first token vs the rest")),
+    PaperFigure("li_super_neurons", "Strongest super neurons, labelled by the residual dimension they write most",
+                lambda n, model: paper_plots.super_neuron_plot(
+                    pd.DataFrame(n["super_neurons"]), first_token_dims(n["massive_dimensions"], L2.thresholds["first_token_share"]),
+                    title=f"{model}: super neurons (down-projection inputs)")),
+    PaperFigure("li_planting", "Sink score by layer of the planted position under each intervention, with controls",
+                lambda n, model: paper_plots.planting_plot(pd.DataFrame(n["planting"]),
+                                                           title=f"{model}: sink score of the planted position {n['plant_position']}")),
+    PaperFigure("li_lambda", "Sink score of the planted position against λ: deviation amplification and plain scaling (Li et al.'s control)",
+                _lambda),
+)}
+
+
+__all__ = ["CLAIMS", "FIGURES", "L1", "L2", "L3", "L4", "first_token_dims", "measure", "planting"]

@@ -10,7 +10,9 @@ settings, every claim's thresholds under ``rules``, every finding with its evide
 under ``claims``, the run's time and memory, and each paper's numbers; /3 since Wong et al.'s
 verdicts count each sink once, in the model's own tokens: :data:`sinkscope.reproduce.wong.COUNTING`,
 with the parts of each input under ``wong.parts`` and ``wong.by_part``). :func:`redraw` re-renders
-the figures that are pure functions of ``numbers.json``.
+the figures that are pure functions of ``numbers.json``. Both draw each figure from its paper
+module's ``FIGURES`` record (:mod:`sinkscope.reproduce.figures`), so its title and caption are
+written once.
 
 Time and memory: wall time per section and the process's peak resident memory
 (``resource.getrusage``, model loading included) are written to the report.
@@ -32,7 +34,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from circuits import anatomy, paper_plots, plots
+from circuits import anatomy, plots
 from circuits.checks import load_json
 from circuits.errors import SinkscopeError
 from circuits.long_inputs import LongInputs, observe_long_inputs, sliding_layers
@@ -45,6 +47,7 @@ from circuits.probes import model_traces
 from sinkscope.numbers import number
 from sinkscope.reproduce import gu, li, wong
 from sinkscope.reproduce.claims import FAILS, HOLDS, PARTLY, Finding, Measured, evaluate
+from sinkscope.reproduce.figures import PaperFigure, as_saved
 from sinkscope.reproduce.settings import PAPERS, SIZES, Settings, Size
 
 SCHEMA = "sinkscope.reproduce/3"
@@ -133,9 +136,15 @@ def methods_section(claims: Sequence) -> str:
     return "\n".join(out)
 
 
-def _save_figure(folder: Path, fig, name: str, caption: str) -> str:
-    plots.save(fig, folder / f"{name}.png")
-    return f"![{caption}]({name}.png)\n\n*{caption}*\n"
+def _save_figure(folder: Path, spec: PaperFigure, *args) -> str:
+    """Draw the paper's figure ``spec`` from ``args``, save it as ``<name>.png`` in ``folder`` and
+    return its Markdown with the caption (nothing when the run has nothing to draw)."""
+    fig = spec.draw(*args)
+    if fig is None:
+        return ""
+    plots.save(fig, folder / f"{spec.name}.png")
+    caption = spec.caption_for(*args)
+    return f"![{caption}]({spec.name}.png)\n\n*{caption}*\n"
 
 
 def cpu_seconds() -> float:
@@ -245,7 +254,7 @@ def control_section(c: dict, frame: pd.DataFrame | None) -> list[str]:
 
 def wong_section(res: Measured, model, obs: LongInputs, s: Settings, figure: Figure) -> str:
     """Wong et al.'s section: the candidates, the heat map, and one figure per claim."""
-    meas, f, n = obs.sinks, res.frames, res.numbers
+    meas, f, n, saved, fig = obs.sinks, res.frames, res.numbers, as_saved(res.numbers), wong.FIGURES
     table, every, att, n_layers = f["candidates"], f["attended"], f["counted"], meas.n_layers
     th = anatomy.SecondaryThresholds.for_depth(n_layers)
     n_att, name = len(att), meas.model
@@ -284,18 +293,11 @@ def wong_section(res: Measured, model, obs: LongInputs, s: Settings, figure: Fig
         top = top.sort_values("count", ascending=False).head(10).reset_index()
         top["token"] = [f"`{plots.token_label(t, 16)}`" for t in top["token"]]
         lines += ["Most frequent counted attended secondary sinks (medians):", "", md_table(top), ""]
-    shown = att if n_att else every  # the trace with the most counted (else attended) secondary sinks
-    seq = int(shown["sequence"].value_counts().idxmax()) if len(shown) else 0
-    lines.append(figure(paper_plots.long_heatmap(meas, seq), "wong_heatmap",
-                        f"Sink score (layer × position) of trace {seq}, {int(meas.lengths[seq])} tokens: whole (log scale) and first positions"))
-    lines.append(figure(paper_plots.primary_vs_secondary(f["layers"], title=f"{name}: primary sink and live secondary sinks per layer"),
-                        "wong_primary_per_layer", "Primary-sink score per layer (line) and counted attended secondary sinks alive per layer (bars)"))
+    lines.append(figure(fig["wong_heatmap"], res, obs))
+    lines.append(figure(fig["wong_primary_per_layer"], saved, name))
     lines += [md_table(f["layers"]), ""]
-    lines.append(figure(plots.secondary_sinks_plot(att, n_layers, title=f"{name}: counted attended secondary sinks, creation layer × lifetime (n={n_att})"),
-                        "wong_sink_levels", "Sink levels: the counted attended secondary sinks over (creation layer, lifetime)"))
-    lines.append(figure(paper_plots.sink_levels_plot(f["sink_level_counts"], title=f"{name}: flagged tokens, creation layer × lifetime"),
-                        "wong_sink_levels_log", "Sink levels as the authors plot them: log(1 + count) over (creation layer, lifetime), "
-                        "every token the hidden-state rule flags (window off, noise included)"))
+    lines.append(figure(fig["wong_sink_levels"], res, obs))
+    lines.append(figure(fig["wong_sink_levels_log"], saved, name))
     lines += ["Detection with the sink-clipper window off and on (`circuits.anatomy.secondary_sinks(use_window=...)`; |cos|, "
               "lifetime counts flagged layers, not necessarily contiguous):", "", md_table(f["detection_settings"]), ""]
     sweep = f["norm_sweep"]
@@ -304,22 +306,16 @@ def wong_section(res: Measured, model, obs: LongInputs, s: Settings, figure: Fig
               "(`rescale-sink:scope=whole,min_cos=0.98,reference=mlp_out`), on the first "
               f"{s.dose_traces} trace(s); detection (window off) re-run on the intervened pass (target – = clean):", "",
               md_table(sweep), ""]
-    sites = obs.mlp.sites
-    title = f"{name}: MLP sub-outputs at the creation layer (n={n_att} counted sinks)"
-    lines.append(figure(paper_plots.mlp_site_cosines(f["joined"], sites, f["site_baseline"], title=title),
-                        "wong_mlp_sites", "|cos| of each MLP sub-output with the first token's at the creation layer"))
+    lines.append(figure(fig["wong_mlp_sites"], res, obs))
     lines += [md_table(f["sites"]), "", f"Median |cos(written MLP output, h_0)| at the creation layer: **{res.numbers['median_abs_cos_sink']:.3f}**.", ""]
-    lines.append(figure(paper_plots.norm_scatter(f["joined"], res.numbers["corr_norm_score"], res.numbers["corr_norm_lifetime"],
-                                                 title=f"{name}: MLP output norm against sink score and lifetime"),
-                        "wong_norm_scatter", "L2 norm of the MLP output at the creation layer against peak sink score and lifetime"))
+    lines.append(figure(fig["wong_norm_scatter"], res, obs))
     if f["dose"] is not None:
         lines += [
             f"Dose response: the {res.numbers['dose_n_sinks']} counted attended secondary sinks of the first {s.dose_traces} traces, each one's "
             "writing MLP output rescaled at exactly its token (`interventions.recipes.rescale_dose_response`, `edit-token-mlp` "
             "with `mode=rescale,scope=whole`); score = mean sink score over the sink's clean lifetime layers.",
             "",
-            figure(plots.dose_response(f["dose"], title=f"{name}: norm rescaling of sink-aligned MLP outputs"),
-                   "wong_dose_response", "Dose response of the norm intervention"),
+            figure(fig["wong_dose_response"], saved, name),
             md_table(f["dose"]), "",
         ]
     return "\n".join(lines)
@@ -327,7 +323,7 @@ def wong_section(res: Measured, model, obs: LongInputs, s: Settings, figure: Fig
 
 def li_section(res: Measured, model, obs: LongInputs, s: Settings, figure: Figure) -> str:
     """Li et al.'s section: variance discrepancy, super neurons and planting."""
-    f, name = res.frames, obs.sinks.model
+    f, name, saved, fig = res.frames, obs.sinks.model, as_saved(res.numbers), li.FIGURES
     summary = res.numbers["planting_summary"]
     sn, massive = f["super_neurons"], f["massive"]
     lines = [
@@ -352,14 +348,12 @@ def li_section(res: Measured, model, obs: LongInputs, s: Settings, figure: Figur
         "`d_head` of its aggregated value output (`hook_z`) on the long inputs, averaged over heads; the other tokens' value is the "
         "median over positions ≥ 1.",
         "",
-        figure(paper_plots.variance_by_layer(f["variance"], title=f"{name}: attention outputs, first token vs the rest"),
-               "li_variance", "Variance of head outputs and norm of the attention output per layer"),
+        figure(fig["li_variance"], saved, name),
         md_table(f["variance"][["layer", "z_var_first", "z_var_rest", "z_var_ratio", "out_norm_first", "out_norm_rest", "out_norm_ratio"]]),
         "",
         "Massive residual dimensions (Sun et al.: |value| ≥ 100 and ≥ 1000 × median):", "",
         md_table(massive.head(8)) if len(massive) else "(none)", "",
-        figure(paper_plots.super_neuron_plot(sn, f["first_token_dims"], title=f"{name}: super neurons (down-projection inputs)"),
-               "li_super_neurons", "Strongest super neurons, labelled by the residual dimension they write most"),
+        figure(fig["li_super_neurons"], saved, name),
         md_table(sn.sort_values("ratio", ascending=False).head(12)) if len(sn) else "(no super neuron)", "",
         f"Planting on {s.plant_n} probe passages × {s.plant_tokens} tokens, planted position {s.plant_position}, with "
         f"`interventions.recipes.plant_sink` (the same protocol as the recipe), in layers {summary['isolate']['edited_layers']}: "
@@ -370,14 +364,12 @@ def li_section(res: Measured, model, obs: LongInputs, s: Settings, figure: Figur
         "Scores are means over the layers after the edit. Controls: the same position in the clean run, and a random control "
         f"(the same edit moved to a random other position, scored at position {s.plant_position} and at its own position).",
         "",
-        figure(paper_plots.planting_plot(f["planting"], title=f"{name}: sink score of the planted position {s.plant_position}"),
-               "li_planting", "Sink score by layer of the planted position under each intervention, with controls"),
+        figure(fig["li_planting"], saved, name),
         md_table(pd.DataFrame([summary[c] for c in ("isolate", "amplify", "plain_scaling")])), "",
         "Deviation amplification, planted score over clean by λ: "
         + ", ".join(f"×{k}: {v:.2f}" for k, v in summary["amplify_by_factor"].items()) + ".",
         "",
-        figure(paper_plots.lambda_curve(pd.DataFrame(summary["lambda_grid"]), title=f"{name}: planted score at position {s.plant_position} vs λ"),
-               "li_lambda", "Sink score of the planted position against λ: deviation amplification and plain scaling (Li et al.'s control)"),
+        figure(fig["li_lambda"], saved, name),
         md_table(pd.DataFrame(summary["lambda_grid"])), "",
     ]
     return "\n".join(lines)
@@ -385,7 +377,7 @@ def li_section(res: Measured, model, obs: LongInputs, s: Settings, figure: Figur
 
 def gu_section(res: Measured, model, obs: LongInputs, s: Settings, figure: Figure) -> str:
     """Gu et al.'s section: Sink_1^eps across models, key and value norms, key bias."""
-    f, name = res.frames, obs.sinks.model
+    f, name, saved, fig = res.frames, obs.sinks.model, as_saved(res.numbers), gu.FIGURES
     failed = res.numbers["failed_models"]
     wide = f["sink_rates"].pivot(index="eps", columns="model", values="sink_rate").reset_index()
     lines = [
@@ -395,18 +387,16 @@ def gu_section(res: Measured, model, obs: LongInputs, s: Settings, figure: Figur
         + (f" (failed to load: {'; '.join(failed)})" if failed else "") + ". Paper references at eps = 0.3: GPT-2 XL ≈ 77 %, "
         "Llama-2-7B ≈ 92 %, Llama-3-8B ≈ 99 %, Mistral-7B ≈ 97 %, the authors' 60M model ≈ 18 %.",
         "",
-        figure(paper_plots.sink_rate_vs_eps(f["sink_rates"]), "gu_sink_rate_eps", "Sink_1^eps against eps for every model available offline"),
+        figure(fig["gu_sink_rate_eps"], saved, name),
         md_table(wide), "",
         f"Key (`{obs.kv.key_hook}`) and value (`attn.hook_v`) norms on the long inputs; ratios are the first token over the median other token.",
         "",
-        figure(paper_plots.kv_norms_plot(f["kv_norms"], title=f"{name}: key and value norms of the first token"), "gu_kv_norms",
-               "Key and value norm ratios per layer, attention received and the value's share of head outputs"),
+        figure(fig["gu_kv_norms"], saved, name),
         md_table(f["kv_norms"]), "",
         f"Interventions on {s.keybias_n} probe passages × {s.keybias_tokens} tokens (`interventions.keybias`): KL of the next-token "
         "distribution from the clean run's, mean over tokens.",
         "",
-        figure(paper_plots.keybias_effect_plot(f["keybias"], title=f"{name}: zero the sink's value vs drop its attention"), "gu_keybias",
-               "Effect on the output of zeroing the sink's value against removing its attention (renormalised)"),
+        figure(fig["gu_keybias"], saved, name),
         md_table(f["keybias"]), "",
     ]
     return "\n".join(lines)
@@ -633,35 +623,23 @@ def length_comparison(short: dict, long: dict) -> str:
 
 
 def redraw(folder: str | Path) -> list[Path]:
-    """Re-render, from a report's ``numbers.json``, every figure that is a pure function of its
-    tables (after a change of figure style; no model is run, no number changes). The heat map,
-    sink levels, MLP-site and norm-scatter figures need per-token data that ``numbers.json``
-    does not keep and are left as they are."""
+    """Re-render, from a report's ``numbers.json``, every figure that is a pure function of it
+    (after a change of figure style; no model is run, no number changes): the redrawable
+    ``FIGURES`` of each paper the report ran, drawn by the same records as the report draws them
+    (:mod:`sinkscope.reproduce.figures`). The heat map, the counted sink levels, the MLP-site and
+    norm-scatter figures need per-token data that ``numbers.json`` does not keep and are left as
+    they are. Returns the files written."""
     folder = Path(folder)
     doc = json.loads((folder / "numbers.json").read_text(encoding="utf-8"))
-    name, frame = doc["model"], pd.DataFrame
-    first_dims = li.first_token_dims(doc["li"]["massive_dimensions"], li.L2.thresholds["first_token_share"])
-    figures = {
-        "wong_primary_per_layer": paper_plots.primary_vs_secondary(
-            frame(doc["wong"]["layers"]), title=f"{name}: primary sink and live secondary sinks per layer"),
-        "li_variance": paper_plots.variance_by_layer(frame(doc["li"]["variance"]), title=f"{name}: attention outputs, first token vs the rest"),
-        "li_super_neurons": paper_plots.super_neuron_plot(
-            frame(doc["li"]["super_neurons"]), first_dims, title=f"{name}: super neurons (down-projection inputs)"),
-        "li_planting": paper_plots.planting_plot(
-            frame(doc["li"]["planting"]), title=f"{name}: sink score of the planted position {doc['settings']['plant_position']}"),
-        "gu_sink_rate_eps": paper_plots.sink_rate_vs_eps(frame(doc["gu"]["sink_rates"])),
-        "gu_kv_norms": paper_plots.kv_norms_plot(frame(doc["gu"]["kv_norms"]), title=f"{name}: key and value norms of the first token"),
-        "gu_keybias": paper_plots.keybias_effect_plot(frame(doc["gu"]["keybias"]), title=f"{name}: zero the sink's value vs drop its attention"),
-    }
-    if doc["wong"].get("sink_level_counts"):
-        counts = np.asarray(doc["wong"]["sink_level_counts"])
-        figures["wong_sink_levels_log"] = paper_plots.sink_levels_plot(counts, title=f"{name}: flagged tokens, creation layer × lifetime")
-    if doc["li"]["planting_summary"].get("lambda_grid"):
-        figures["li_lambda"] = paper_plots.lambda_curve(frame(doc["li"]["planting_summary"]["lambda_grid"]), title=f"{name}: planted score vs λ")
-    if doc["wong"]["dose_response"]:
-        figures["wong_dose_response"] = plots.dose_response(
-            frame(doc["wong"]["dose_response"]), title=f"{name}: norm rescaling of sink-aligned MLP outputs")
-    return [plots.save(fig, folder / f"{key}.png") for key, fig in figures.items()]
+    written = []
+    for key, module in (("wong", wong), ("li", li), ("gu", gu)):
+        if key not in doc:  # a run of some papers only (the long-input reports are Wong et al.'s)
+            continue
+        for spec in module.FIGURES.values():
+            fig = spec.draw(doc[key], doc["model"]) if spec.redrawable else None
+            if fig is not None:
+                written.append(plots.save(fig, folder / f"{spec.name}.png"))
+    return written
 
 
 __all__ = [

@@ -7,7 +7,8 @@ and one intervention, and the claim records that judge them. The observations th
 :mod:`circuits` (:func:`circuits.anatomy.attended_secondary`, :func:`circuits.anatomy.live_per_layer`,
 :mod:`circuits.analyses`), the intervention protocol in :mod:`interventions.recipes`
 (:func:`~interventions.recipes.secondary_sink_mlps`, :func:`~interventions.recipes.rescale_dose_response`),
-the Markdown and figures in :mod:`sinkscope.reproduce.report`.
+the report's figures of this paper in :data:`FIGURES` (read by the report and by
+:func:`~sinkscope.reproduce.report.redraw`), the Markdown in :mod:`sinkscope.reproduce.report`.
 
 *Attended* secondary sinks are the tokens the hidden-state rule classes as secondary
 (classes scaled to depth) that also receive at least ``Settings.min_score_ratio`` times the
@@ -41,7 +42,7 @@ from dataclasses import replace
 import numpy as np
 import pandas as pd
 
-from circuits import analyses, anatomy
+from circuits import analyses, anatomy, paper_plots, plots
 from circuits.long_inputs import LongInputs
 from circuits.measure import measure as measure_sinks
 from circuits.model_info import model_info
@@ -50,6 +51,7 @@ from circuits.probes import has_traces, model_traces, trace_batch
 from interventions import recipes
 from interventions.mlp import RescaleAlongSink
 from sinkscope.reproduce.claims import AllOf, AnyOf, Claim, Measured, Method, Test
+from sinkscope.reproduce.figures import PaperFigure
 from sinkscope.reproduce.settings import Settings
 
 PAPER = "Wong"
@@ -539,7 +541,60 @@ def measure(model, obs: LongInputs, s: Settings) -> Measured:
     return Measured(numbers, frames, timings)
 
 
+
+# ------------------------------------------------------------------------------ figures
+
+
+def _heatmap_sequence(res: Measured) -> int:
+    """The trace with the most counted (else attended) secondary sinks: the heat map's."""
+    shown = res.frames["counted"] if len(res.frames["counted"]) else res.frames["attended"]
+    return int(shown["sequence"].value_counts().idxmax()) if len(shown) else 0
+
+
+def _heatmap_caption(res: Measured, obs: LongInputs) -> str:
+    seq = _heatmap_sequence(res)
+    return f"Sink score (layer × position) of trace {seq}, {int(obs.sinks.lengths[seq])} tokens: whole (log scale) and first positions"
+
+
+def _sink_levels_log(n: dict, model: str):
+    if not n.get("sink_level_counts"):  # not kept by the earliest reports
+        return None
+    return paper_plots.sink_levels_plot(np.asarray(n["sink_level_counts"]), title=f"{model}: flagged tokens, creation layer × lifetime")
+
+
+def _counted_sink_levels(res: Measured, obs: LongInputs):
+    att = res.frames["counted"]
+    return plots.secondary_sinks_plot(att, obs.sinks.n_layers,
+                                      title=f"{obs.sinks.model}: counted attended secondary sinks, creation layer × lifetime (n={len(att)})")
+
+
+#: the report's figures of this paper, in the order of its section (:mod:`sinkscope.reproduce.figures`)
+FIGURES = {f.name: f for f in (
+    PaperFigure("wong_heatmap", _heatmap_caption, lambda res, obs: paper_plots.long_heatmap(obs.sinks, _heatmap_sequence(res)),
+                redrawable=False),
+    PaperFigure("wong_primary_per_layer", "Primary-sink score per layer (line) and counted attended secondary sinks alive per layer (bars)",
+                lambda n, model: paper_plots.primary_vs_secondary(pd.DataFrame(n["layers"]),
+                                                                  title=f"{model}: primary sink and live secondary sinks per layer")),
+    PaperFigure("wong_sink_levels", "Sink levels: the counted attended secondary sinks over (creation layer, lifetime)", _counted_sink_levels,
+                redrawable=False),
+    PaperFigure("wong_sink_levels_log", "Sink levels as the authors plot them: log(1 + count) over (creation layer, lifetime), "
+                "every token the hidden-state rule flags (window off, noise included)", _sink_levels_log),
+    PaperFigure("wong_mlp_sites", "|cos| of each MLP sub-output with the first token's at the creation layer",
+                lambda res, obs: paper_plots.mlp_site_cosines(
+                    res.frames["joined"], obs.mlp.sites, res.frames["site_baseline"],
+                    title=f"{obs.sinks.model}: MLP sub-outputs at the creation layer (n={len(res.frames['counted'])} counted sinks)"),
+                redrawable=False),
+    PaperFigure("wong_norm_scatter", "L2 norm of the MLP output at the creation layer against peak sink score and lifetime",
+                lambda res, obs: paper_plots.norm_scatter(res.frames["joined"], res.numbers["corr_norm_score"], res.numbers["corr_norm_lifetime"],
+                                                          title=f"{obs.sinks.model}: MLP output norm against sink score and lifetime"),
+                redrawable=False),
+    PaperFigure("wong_dose_response", "Dose response of the norm intervention",
+                lambda n, model: plots.dose_response(pd.DataFrame(n["dose_response"]), title=f"{model}: norm rescaling of sink-aligned MLP outputs")
+                if n["dose_response"] else None),
+)}
+
+
 __all__ = [
-    "CLAIMS", "CONTROL_RULE", "COUNTING", "W1", "W2", "W3", "W4", "W5", "W6", "counted", "detection_settings", "dose_response", "live_layers", "measure",
-    "norm_layer", "norm_sweep", "sink_counts", "skip_first", "system_prompt_control", "their_findings",
+    "CLAIMS", "CONTROL_RULE", "COUNTING", "FIGURES", "W1", "W2", "W3", "W4", "W5", "W6", "counted", "detection_settings", "dose_response",
+    "live_layers", "measure", "norm_layer", "norm_sweep", "sink_counts", "skip_first", "system_prompt_control", "their_findings",
 ]
