@@ -46,12 +46,10 @@ from typing import Any, Callable, Iterable, Literal, Mapping, Sequence
 import numpy as np
 import pandas as pd
 import torch
-from jaxtyping import Bool, Float
+from jaxtyping import Float
 from torch import Tensor
 
-from circuits.checks import check_eps, check_float, check_int
-from circuits.driver import Run, drive
-from circuits.errors import SinkscopeError
+from circuits.checks import check_float
 from circuits.measure import SinkMeasurement, SinkMeter, next_token_loss, provenance
 from circuits.meter import SubBatch
 from circuits.output import to_jsonable
@@ -60,17 +58,17 @@ from circuits.stats import MIN_SEQUENCES, nanmean, paired_bootstrap, valid_posit
 from interventions import registry
 from interventions.base import (
     Compose,
-    HookFactory,
     Intervention,
     InterventionError,
     SiteRole,
-    checked_hooks,
     hook_layer,
     hooks_for,
     shortest_length,
     site_value,
     sites_of,
 )
+from interventions.paired import Arm, PairedRunner, first_token_resid_hooks, kl_divergence
+from interventions.settings import EffectError, EffectSettings, RunSettings, check_batch_size
 
 SCHEMA = "sinkscope.effect/1"
 CONTROL_MODES = ("random", "position", "layer", "direction")
@@ -83,10 +81,6 @@ _AFTER_PATTERN = (
     "attn.hook_z", "attn.hook_result", "attn.o.", "attn.hook_out", "hook_attn_out", "ln2", "hook_resid_mid",
     "hook_mlp_in", "mlp.", "hook_mlp_out", "hook_resid_post", "hook_out",
 )
-
-
-class EffectError(SinkscopeError, ValueError):
-    """A bad measurement setting (eps, positions to summarise, a control that cannot be placed)."""
 
 
 # --------------------------------------------------------------------------- targets
@@ -368,73 +362,6 @@ def random_control(
 
 
 @dataclass(frozen=True)
-class EffectSettings:
-    """How an effect is summarised: one object for :func:`measure_effect`, :func:`compare` and the sweep.
-
-    ``eps``: threshold of Sink_k^eps. ``layers``, ``positions``: the cells of the per-cell rows
-    (None: all; ``positions="target"``: position 0 and every run's target positions).
-    ``confidence``, ``n_resamples`` (0: no CIs) and ``seed``: the paired bootstrap. The public
-    functions keep these as keyword arguments and build this object from them; it checks the
-    values when built, so a bad setting fails before any forward pass.
-    """
-
-    eps: float = 0.3
-    layers: tuple[int, ...] | None = None
-    positions: tuple[int, ...] | Literal["target"] | None = None
-    confidence: float = 0.95
-    n_resamples: int = 2000
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        check_eps(self.eps, "eps", error=EffectError)
-        check_float(self.confidence, "confidence", low=0, high=1, low_open=True, high_open=True, error=EffectError)
-        check_int(self.n_resamples, "n_resamples", minimum=0, error=EffectError, rule="a non-negative integer (0: no CIs)")
-        check_int(self.seed, "seed", minimum=0, error=EffectError, rule="a non-negative integer (numpy's seeds are)")
-        if self.layers is not None:
-            object.__setattr__(self, "layers", tuple(int(l) for l in self.layers))
-        if isinstance(self.positions, str):
-            if self.positions != "target":
-                raise EffectError(f"positions must be None, 'target' or a list of positions; got {self.positions!r}")
-        elif self.positions is not None:
-            object.__setattr__(self, "positions", tuple(int(p) for p in self.positions))
-
-    @property
-    def bootstrap(self) -> dict:
-        """The keyword arguments of :func:`circuits.stats.paired_bootstrap`."""
-        return {"confidence": self.confidence, "n_resamples": self.n_resamples, "seed": self.seed}
-
-    def select_layers(self, n_layers: int) -> list[int]:
-        """The layers of the per-cell rows, sorted; out-of-range layers raise :class:`EffectError`."""
-        if self.layers is None:
-            return list(range(n_layers))
-        chosen = sorted(set(self.layers))
-        bad = [l for l in chosen if not 0 <= l < n_layers]
-        if bad:
-            raise EffectError(f"layers {bad} are out of range; the model has {n_layers} layers (0..{n_layers - 1})")
-        return chosen
-
-    def select_positions(self, width: int, targets: Sequence[Target] = ()) -> list[int]:
-        """The positions of the per-cell rows, sorted (``"target"``: 0 and the targets' positions)."""
-        if self.positions is None:
-            return list(range(width))
-        chosen = {0, *(p for t in targets for p in t.positions)} if self.positions == "target" else set(self.positions)
-        bad = [p for p in chosen if not 0 <= p < width]
-        if bad:
-            raise EffectError(f"positions {sorted(bad)} are out of range; the longest sequence has {width} tokens")
-        return sorted(chosen)
-
-    def describe(self, cells: "Cells") -> dict:
-        """The ``settings`` of ``effect.json``."""
-        return {
-            "eps": self.eps, "confidence": self.confidence, "n_resamples": self.n_resamples, "seed": self.seed,
-            "bootstrap": "off (n_resamples=0)" if self.n_resamples == 0 else
-            "scipy.stats.bootstrap over sequences, paired (mean of per-sequence deltas), BCa",
-            "layers": cells.layers if self.layers is not None else "all",
-            "positions": cells.positions if self.positions is not None else "all",
-        }
-
-
-@dataclass(frozen=True)
 class RunView:
     """One run as :func:`compare` reads it: its measurement, the target it is scored at, and its
     per-position KL to the clean run (zeros for the clean run itself, NaN when unknown)."""
@@ -497,28 +424,6 @@ METRIC_TABLE: tuple[Metric, ...] = (
 )
 #: metric names of :attr:`Effect.frame`, in row order
 METRICS = tuple(m.name for m in METRIC_TABLE)
-
-
-@torch.no_grad()
-def kl_divergence(
-    clean_logits: Float[Tensor, "batch pos vocab"],
-    intervened_logits: Float[Tensor, "batch pos vocab"],
-    valid: Bool[Tensor, "batch pos"],
-) -> Float[Tensor, "batch pos"]:
-    """KL(clean || intervened) of the next-token distributions at every position (nats).
-
-    One sequence at a time in float64 (float32 loses the small KLs of mild interventions to
-    rounding), so only a few ``[pos, vocab]`` temporaries exist; pad positions are NaN.
-    Identical logits give exactly 0.
-    """
-    b, t = clean_logits.shape[:2]
-    out = torch.full((b, t), torch.nan, dtype=torch.float64)
-    for i in range(b):
-        logp = torch.log_softmax(clean_logits[i].double(), dim=-1)
-        logq = torch.log_softmax(intervened_logits[i].to(logp.device).double(), dim=-1)
-        kl = (logp.exp() * (logp - logq)).sum(-1).clamp_min(0.0).cpu()
-        out[i] = torch.where(valid[i, :t].cpu(), kl, torch.nan)
-    return out
 
 
 # --------------------------------------------------------------------------- the result
@@ -770,24 +675,6 @@ def as_intervention(intervention: Intervention | str) -> Intervention:
     return intervention
 
 
-def first_token_resid_hooks(n_layers: int, into: dict[int, Tensor]) -> list[tuple[str, Any]]:
-    """Hooks keeping ``h_0^l`` (block output at position 0) of every layer: the primary-sink
-    directions an intervention's :class:`~interventions.base.RunContext` may need, taken from
-    the clean run instead of a separate reference run."""
-
-    def keep(layer: int):
-        def hook(resid: Tensor, hook) -> None:
-            into[layer] = resid[:, 0].detach().clone()
-
-        return hook
-
-    return [(f"blocks.{l}.hook_resid_post", keep(l)) for l in range(n_layers)]
-
-
-def _check_batch_size(batch_size: int) -> None:
-    check_int(batch_size, "batch_size", error=EffectError)
-
-
 @torch.no_grad()
 def measure_effect(
     model,
@@ -795,15 +682,15 @@ def measure_effect(
     intervention: Intervention | str,
     *,
     control: ControlMode | Intervention | None = None,
-    eps: float = 0.3,
-    layers: Sequence[int] | None = None,
-    positions: Sequence[int] | Literal["target"] | None = None,
-    batch_size: int = 8,
-    n_resamples: int = 2000,
-    confidence: float = 0.95,
-    seed: int = 0,
+    eps: float = EffectSettings.eps,
+    layers: Sequence[int] | None = EffectSettings.layers,
+    positions: Sequence[int] | Literal["target"] | None = EffectSettings.positions,
+    batch_size: int = RunSettings.batch_size,
+    n_resamples: int = EffectSettings.n_resamples,
+    confidence: float = EffectSettings.confidence,
+    seed: int = EffectSettings.seed,
     flag_percent: float = 5.0,
-    progress: bool = False,
+    progress: bool = RunSettings.progress,
     metadata: dict | None = None,
 ) -> Effect:
     """Measure the clean run, measure the intervened run, compare.
@@ -823,16 +710,17 @@ def measure_effect(
         flag_percent: Sink_k^eps (percent) from which a position counts as a sink and is never
             a random control position.
 
-    The six summary settings become one :class:`EffectSettings`. Per sub-batch of
-    :func:`~circuits.driver.iter_batches` the driver (:func:`circuits.driver.drive`) runs a
-    clean forward and an intervened forward with the same :class:`~circuits.measure.SinkMeter`
-    hooks; KL(clean || intervened) is computed while both logits exist. A control is the same
-    pair of runs for the control intervention, after the clean measurement is complete (the
-    control's position must avoid the positions the clean run flags as sinks).
+    The defaults are those of :class:`~interventions.settings.EffectSettings` and
+    :class:`~interventions.settings.RunSettings`. The paired runner
+    (:meth:`interventions.paired.PairedRunner.together`) runs, per sub-batch, a clean forward
+    and an intervened forward with the same :class:`~circuits.measure.SinkMeter` hooks;
+    KL(clean || intervened) is computed while both logits exist. A control is the same pair of
+    runs for the control intervention, after the clean measurement is complete (the control's
+    position must avoid the positions the clean run flags as sinks).
     """
     iv = as_intervention(intervention)
     settings = EffectSettings(eps=eps, layers=layers, positions=positions, confidence=confidence, n_resamples=n_resamples, seed=seed)
-    _check_batch_size(batch_size)
+    run = RunSettings(batch_size=batch_size, progress=progress)
     check_float(flag_percent, "flag_percent", low=0, high=100, error=EffectError)
     batch = as_batch(model, batch)
     factory = hooks_for(model, iv, batch)  # validates before any forward pass
@@ -848,12 +736,11 @@ def measure_effect(
     if settings.positions != "target":
         settings.select_positions(int(batch.lengths.max()))
     meta = {**provenance(model, batch), **(metadata or {})}
-    run = {"batch_size": batch_size, "progress": progress}
 
-    clean_meter = SinkMeter(model)
-    int_meter, kl, names = _against_clean(model, batch, iv, factory, clean_meter=clean_meter, desc="effect", **run)
-    clean, intervened = clean_meter.result(meta), int_meter.result(meta)
-    target = target_of(iv, names, n_layers)
+    clean_meter, arm = SinkMeter(model), Arm(iv, factory, SinkMeter(model))
+    PairedRunner(model, batch, run, desc="effect").together([arm], clean_meters=[clean_meter])
+    clean, intervened = clean_meter.result(meta), arm.meter.result(meta)
+    target = target_of(iv, arm.names, n_layers)
 
     ctrl_meas = ctrl_kl = ctrl_target = ctrl_iv = None
     if control is not None:
@@ -865,51 +752,16 @@ def measure_effect(
             )
         ctrl_factory = hooks_for(model, ctrl_iv, batch)
         ctrl_factory.shared = factory.shared  # reference statistics (means, sources) are shared
-        ctrl_meter, ctrl_kl, ctrl_names = _against_clean(model, batch, ctrl_iv, ctrl_factory, clean_meter=None, desc="control", **run)
-        ctrl_meas = ctrl_meter.result(meta)
-        ctrl_target = target_of(ctrl_iv, ctrl_names, n_layers)
+        ctrl = Arm(ctrl_iv, ctrl_factory, SinkMeter(model))
+        PairedRunner(model, batch, run, desc="control").together([ctrl])
+        ctrl_meas, ctrl_kl = ctrl.meter.result(meta), ctrl.kl
+        ctrl_target = target_of(ctrl_iv, ctrl.names, n_layers)
         meta["control"] = info
 
     return compare(
-        clean, intervened, target=target, intervention=iv, kl=kl, control=ctrl_meas, control_kl=ctrl_kl,
+        clean, intervened, target=target, intervention=iv, kl=arm.kl, control=ctrl_meas, control_kl=ctrl_kl,
         control_target=ctrl_target, control_intervention=ctrl_iv, settings=settings, metadata=meta,
     )
-
-
-def _against_clean(
-    model, batch: TokenBatch, iv: Intervention, factory: HookFactory, *, clean_meter: SinkMeter | None, batch_size: int, progress: bool, desc: str
-) -> tuple[SinkMeter, Float[np.ndarray, "seq pos"], set[str]]:
-    """Per sub-batch, a clean forward then ``iv``'s forward, both through the driver.
-
-    The clean run keeps ``h_0^l`` for the intervention's context (the primary-sink directions)
-    and is measured when ``clean_meter`` is given; the intervened run is measured by the
-    returned meter. KL(clean || intervened) is taken while both logits exist. Returns the
-    meter, the KL ``[N, T]`` and the hook names the intervention used (for its target).
-    """
-    n_layers = int(model.cfg.n_layers)
-    meter, names = SinkMeter(model), set()
-    kl = np.full((len(batch), int(batch.lengths.max())), np.nan)
-    firsts: dict[int, Tensor] = {}
-    clean_logits: list[Tensor] = []
-
-    def keep_firsts(sub: SubBatch):
-        firsts.clear()
-        return first_token_resid_hooks(n_layers, firsts)
-
-    def intervened(sub: SubBatch):
-        hooks = checked_hooks(model, iv, factory.context(sub, sink_directions=firsts))
-        names.update(n for n, _ in hooks)
-        return hooks
-
-    def kl_to_clean(sub: SubBatch, run: int, logits: Tensor) -> None:
-        if run == 0:
-            clean_logits[:] = [logits]
-        else:
-            kl[sub.rows, : sub.tokens.shape[1]] = kl_divergence(clean_logits.pop(), logits, sub.valid).numpy()
-
-    runs = [Run([clean_meter] if clean_meter is not None else [], keep_firsts), Run([meter], intervened)]
-    drive(model, batch, runs, batch_size=batch_size, on_logits=kl_to_clean, progress=progress, desc=desc)
-    return meter, kl, names
 
 
 # ------------------------------------------------------------------------------ output change
@@ -921,34 +773,39 @@ def output_change(
     batch: TokenBatch,
     interventions: Mapping[str, Intervention],
     *,
-    batch_size: int = 4,
+    batch_size: int = RunSettings.batch_size,
+    progress: bool = RunSettings.progress,
 ) -> pd.DataFrame:
     """What each intervention does to the next-token distribution, against the clean run.
 
     Per intervention (and the clean run, for reference): ``kl`` = mean over real positions
     of KL(clean ‖ intervened) in nats (:func:`kl_divergence`), ``loss`` =
-    mean next-token loss (nats), ``delta_loss`` = intervened − clean, ``top1_agree`` = share of positions where the argmax token is
-    unchanged. Per sub-batch (consecutive sequences) the driver runs the clean forward, then each
-    intervention's; only the clean logits and one intervened run's are alive at a time.
+    mean next-token loss (nats), ``delta_loss`` = intervened − clean, ``top1_agree`` = share of
+    positions where the argmax token is unchanged; positions count where the next token is real.
+    The paired runner (:meth:`interventions.paired.PairedRunner.together`) runs per sub-batch
+    the clean forward, then each intervention's; only the clean logits and one intervened run's
+    are alive at a time.
     """
-    factories = {name: hooks_for(model, iv, batch) for name, iv in interventions.items()}
-    names = ["clean", *factories]
+    run = RunSettings(batch_size=batch_size, progress=progress)
+    arms = [Arm(iv, hooks_for(model, iv, batch)) for iv in interventions.values()]
+    names = ["clean", *interventions]
     sums = {name: np.zeros(4) for name in names}  # kl, loss, agree, count
-    clean: dict[str, Tensor] = {}
+    top: dict[str, Tensor] = {}
 
-    def tally(sub: SubBatch, run: int, logits: Tensor) -> None:
+    def tally(name: str, sub: SubBatch, logits: Tensor, kl: Tensor) -> None:
         valid = valid_positions(sub.lengths, sub.tokens.shape[1], offset=1)  # t+1 is real
-        if run == 0:
-            clean.update(logits=logits, top=logits.argmax(-1))
-        kl = kl_divergence(clean["logits"], logits, valid)
         nll = next_token_loss(logits, sub)
-        agree = (logits.argmax(-1) == clean["top"]).float().cpu()
-        sums[names[run]] += [float(kl[valid].sum()), float(nll[valid].sum()), float(agree[valid].sum()), float(valid.sum())]
-        if run == len(names) - 1:
-            clean.clear()
+        agree = (logits.argmax(-1) == top["clean"]).float().cpu()
+        sums[name] += [float(kl[valid].sum()), float(nll[valid].sum()), float(agree[valid].sum()), float(valid.sum())]
 
-    runs = [Run(), *(Run(hooks=factory) for factory in factories.values())]
-    drive(model, batch, runs, batch_size=batch_size, on_logits=tally, by_length=False, desc="output change")
+    def on_clean(sub: SubBatch, logits: Tensor) -> None:
+        top["clean"] = logits.argmax(-1)
+        tally("clean", sub, logits, torch.zeros(logits.shape[:2], dtype=torch.float64))
+
+    def on_pair(sub: SubBatch, i: int, clean_logits: Tensor, logits: Tensor, kl: Tensor) -> None:
+        tally(names[i + 1], sub, logits, kl)
+
+    PairedRunner(model, batch, run, by_length=False, desc="output change").together(arms, on_clean=on_clean, on_pair=on_pair)
     rows = []
     base_loss = sums["clean"][1] / sums["clean"][3]
     for name, (kl, loss, agree, n) in sums.items():
@@ -965,9 +822,11 @@ __all__ = [
     "METRICS",
     "METRIC_TABLE",
     "Metric",
+    "RunSettings",
     "RunView",
     "Target",
     "as_intervention",
+    "check_batch_size",
     "check_control",
     "check_target_positions",
     "compare",

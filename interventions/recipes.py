@@ -418,7 +418,7 @@ def rescale_dose_response(
     if sweep_out is not None:
         template = sink_edit(sinks, "rescale", factor=1.0, scope=scope)
         table = sweep(model, batch, template, {"strength": [float(f) for f in factors]}, sweep_out, format="csv",
-                      batch_size=batch_size, positions="target", progress=False).frame
+                      batch_size=batch_size, positions="target", n_resamples=1000, progress=False).frame
     return {"per_sink": per_sink, "by_factor": by_factor, "rho": rho, "sweep": table, "n_sinks": len(sinks), "scope": scope}
 
 

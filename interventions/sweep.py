@@ -5,8 +5,10 @@ secondary sink at position p?", "how does the sink score follow the rescaling no
 intervention over layers × positions × strengths, hundreds of forward passes. Three things make
 that affordable and safe:
 
-Every pass goes through the one driver (:func:`circuits.driver.drive`); the sweep only hands it
-its forward function and per-sub-batch state (looked up by the sub-batch's rows).
+The clean and intervened forwards are the paired runner's (:class:`interventions.paired.PairedRunner`:
+:meth:`~interventions.paired.PairedRunner.clean_once`, then
+:meth:`~interventions.paired.PairedRunner.stacked` per group of items), the same runner
+:func:`interventions.effect.measure_effect` uses, through the one driver (:func:`circuits.driver.drive`).
 
 * **Prefix reuse.** The clean pass runs once per sub-batch, with the measurement hooks, and keeps
   the residual entering every block an item starts at (:func:`interventions.forward.capture_resid_pre`)
@@ -34,8 +36,9 @@ its forward function and per-sub-batch state (looked up by the sub-batch's rows)
   ``out/sweep.<fmt>`` (Parquet or CSV) plus ``out/sweep.json`` (metadata).
 
 Each item's rows are :attr:`interventions.effect.Effect.frame` (via
-:func:`interventions.effect.compare`) restricted by ``layers``/``positions`` (default: every
-layer, position 0 plus the item's target positions), with the grid values in ``iv_<key>``
+:func:`interventions.effect.compare`) restricted by ``layers``/``positions`` (the defaults of
+:class:`~interventions.settings.EffectSettings`, every cell; ``positions="target"`` keeps position
+0 and the item's target positions), with the grid values in ``iv_<key>``
 columns, the item's index, key and spec. Random controls are not part of sweeps: sweep the
 control positions or layers as items of their own.
 """
@@ -48,35 +51,23 @@ import itertools
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
-from torch import Tensor
 from tqdm.auto import tqdm
 
-from circuits.driver import Run, drive, full_forward
 from circuits.measure import SinkMeasurement, SinkMeter, provenance
-from circuits.meter import SubBatch, axes_of
+from circuits.meter import axes_of
 from circuits.output import exclusive, write_json
 from circuits.probes import TokenBatch, as_batch
-from interventions.base import HookFactory, Intervention, InterventionError, checked_hooks, hook_layer, hooks_for
-from interventions.effect import (
-    EffectError,
-    EffectSettings,
-    _check_batch_size,
-    as_intervention,
-    compare,
-    first_token_resid_hooks,
-    kl_divergence,
-    spec_text,
-    target_of,
-    vary,
-)
-from interventions.forward import capture_resid_pre, run_from_layer
+from interventions.base import HookFactory, Intervention, hooks_for
+from interventions.effect import as_intervention, compare, spec_text, target_of, vary
+from interventions.paired import Arm, PairedRunner
+from interventions.settings import EffectError, EffectSettings, RunSettings
 
 SCHEMA = "sinkscope.sweep/1"
 Format = Literal["parquet", "csv"]
@@ -108,15 +99,6 @@ class _Item:
     spec: str
     key: str
     start: int | None  # first block to run; None: the full forward (hooks outside the blocks)
-
-
-@dataclass
-class _CleanChunk:
-    """What the clean pass keeps of one sub-batch for the items."""
-
-    resid: dict[int, Tensor] = field(default_factory=dict)  # residual entering each start block
-    firsts: dict[int, Tensor] = field(default_factory=dict)  # h_0^l of the clean run: seeds the primary-sink directions
-    logits: Tensor | None = None  # [b, pos, vocab]: the clean logits, for the KL of every item
 
 
 # --------------------------------------------------------------------------- items
@@ -201,15 +183,15 @@ def sweep(
     out: str | Path,
     *,
     format: Format = "parquet",
-    batch_size: int = 8,
-    eps: float = 0.3,
-    layers: Sequence[int] | None = None,
-    positions: Sequence[int] | Literal["target"] | None = "target",
+    batch_size: int = RunSettings.batch_size,
+    eps: float = EffectSettings.eps,
+    layers: Sequence[int] | None = EffectSettings.layers,
+    positions: Sequence[int] | Literal["target"] | None = EffectSettings.positions,
     side_effects: bool = True,
-    n_resamples: int = 1000,
-    confidence: float = 0.95,
-    seed: int = 0,
-    progress: bool = True,
+    n_resamples: int = EffectSettings.n_resamples,
+    confidence: float = EffectSettings.confidence,
+    seed: int = EffectSettings.seed,
+    progress: bool = RunSettings.progress,
     metadata: dict | None = None,
 ) -> SweepResult:
     """Run ``make_intervention`` over ``grid`` on ``batch``; resumable; returns the consolidated table.
@@ -235,7 +217,7 @@ def sweep(
     if format not in ("parquet", "csv"):
         raise EffectError(f"format must be 'parquet' or 'csv', got {format!r}")
     summary = EffectSettings(eps=eps, layers=layers, positions=positions, confidence=confidence, n_resamples=n_resamples, seed=seed)
-    _check_batch_size(batch_size)
+    run = RunSettings(batch_size=batch_size, progress=progress)
     batch = as_batch(model, batch)
     make, made_by = _maker(make_intervention)
     out = Path(out)
@@ -274,15 +256,22 @@ def sweep(
         started = time.perf_counter()
         if pending:
             items_dir.mkdir(parents=True, exist_ok=True)
-            run = {"batch_size": batch_size, "side_effects": side_effects, "meta": meta}
-            clean, chunks = _clean_pass(model, batch, sorted({i.start for i in pending if i.start is not None}), **run)
+            runner = PairedRunner(model, batch, run, logits=side_effects)
+            clean_meter = SinkMeter(model)
+            runner.clean_once([i.start for i in pending if i.start is not None], clean_meters=[clean_meter])
+            clean = clean_meter.result(meta)
             bar = tqdm(total=len(items), initial=len(items) - len(pending), desc="sweep", unit="item", disable=not progress)
             try:
                 for group in _groups(pending, max(1, batch_size // min(batch_size, len(batch)))):
-                    for item, (meas, kl, names) in zip(group, _run_group(model, batch, group, factories, clean, chunks, **run)):
+                    arms = [Arm(item.intervention, factories[item.index], SinkMeter(model), item.start) for item in group]
+                    runner.stacked(arms)
+                    for item, arm in zip(group, arms):
+                        meas = arm.meter.result(meta)
+                        if item.start is not None:
+                            meas = splice_prefix(meas, clean, item.start)
                         effect = compare(
-                            clean, meas, target=target_of(item.intervention, names, n_layers), intervention=item.intervention,
-                            kl=kl, settings=summary,
+                            clean, meas, target=target_of(item.intervention, arm.names, n_layers), intervention=item.intervention,
+                            kl=arm.kl, settings=summary,
                         )
                         _write_atomic(_item_frame(effect.frame, item), path_of(item), format)
                         bar.update(1)
@@ -342,41 +331,6 @@ def _read_items(paths: Sequence[Path], format: Format) -> pd.DataFrame:
 # --------------------------------------------------------------------------- running items
 
 
-def _key(sub: SubBatch) -> tuple[int, ...]:
-    return tuple(sub.rows)
-
-
-def _clean_pass(
-    model, batch: TokenBatch, starts: list[int], *, batch_size: int, side_effects: bool, meta: dict
-) -> tuple[SinkMeasurement, dict[tuple[int, ...], _CleanChunk]]:
-    """The clean pass, once: measured, and per sub-batch ``h_0^l``, the residual entering every
-    start block (prefix reuse) and, with side effects, the clean logits."""
-    n_layers = int(model.cfg.n_layers)
-    meter = SinkMeter(model)
-    chunks: dict[tuple[int, ...], _CleanChunk] = {}
-
-    def keep_firsts(sub: SubBatch):
-        chunk = chunks[_key(sub)] = _CleanChunk()
-        return first_token_resid_hooks(n_layers, chunk.firsts)
-
-    def capture(model, sub: SubBatch, hooks, logits: bool, copies: int) -> Tensor | None:
-        if not starts:
-            return full_forward(model, sub, hooks, logits, copies)
-        chunk, tokens = chunks[_key(sub)], sub.tokens.to(model.cfg.device)
-        with model.hooks(fwd_hooks=hooks):
-            if logits:
-                out, chunk.resid = capture_resid_pre(model, tokens, starts, run="logits")
-                return out
-            chunk.resid = capture_resid_pre(model, tokens, starts, run="all_blocks")
-        return None
-
-    def keep_logits(sub: SubBatch, run: int, logits: Tensor | None) -> None:
-        chunks[_key(sub)].logits = logits
-
-    drive(model, batch, Run([meter], keep_firsts), batch_size=batch_size, logits=side_effects, forward=capture, on_logits=keep_logits)
-    return meter.result(meta), chunks
-
-
 def _groups(items: list[_Item], k: int) -> Iterator[list[_Item]]:
     """Items that start at the same block, ``k`` at a time (``k`` copies fit in ``batch_size``).
 
@@ -391,65 +345,6 @@ def _groups(items: list[_Item], k: int) -> Iterator[list[_Item]]:
     for group in by_start.values():
         for i in range(0, len(group), k):
             yield group[i : i + k]
-
-
-def _run_group(
-    model,
-    batch: TokenBatch,
-    group: list[_Item],
-    factories: dict[int, HookFactory],
-    clean: SinkMeasurement,
-    chunks: dict[tuple[int, ...], _CleanChunk],
-    *,
-    batch_size: int,
-    side_effects: bool,
-    meta: dict,
-) -> list[tuple[SinkMeasurement, np.ndarray | None, set[str]]]:
-    """The items of one group as stacked runs of the driver, from their start block: per item its
-    measurement (layers below the start copied from ``clean``), KL to the clean run and hook names."""
-    start = group[0].start
-    meters = [SinkMeter(model) for _ in group]
-    names: list[set[str]] = [set() for _ in group]
-    kls = [np.full((len(batch), int(batch.lengths.max())), np.nan) for _ in group]
-
-    def item_hooks(i: int, item: _Item):
-        def hooks(sub: SubBatch):
-            ctx = factories[item.index].context(sub, sink_directions=chunks[_key(sub)].firsts)
-            hooks = checked_hooks(model, item.intervention, ctx)
-            below = [n for n, _ in hooks if start is not None and 0 <= hook_layer(n) < start]
-            if below:
-                raise InterventionError(
-                    f"{type(item.intervention).__name__}: min_layer is {start} but it hooks {below}; fix layers_touched()"
-                )
-            names[i].update(n for n, _ in hooks)
-            return hooks
-
-        return hooks
-
-    def from_start(model, sub: SubBatch, hooks, logits: bool, copies: int) -> Tensor | None:
-        if start is None:
-            return full_forward(model, sub, hooks, logits, copies)
-        # the meters' hooks on blocks below the start do not fire: those layers come from the clean run
-        hooks = [(n, fn) for n, fn in hooks if not 0 <= hook_layer(n) < start]
-        resid = chunks[_key(sub)].resid[start].repeat(copies, 1, 1)
-        out = run_from_layer(model, resid, start, fwd_hooks=hooks, return_type="logits" if logits else "resid")
-        return out if logits else None
-
-    def kl_to_clean(sub: SubBatch, i: int, logits: Tensor) -> None:
-        kls[i][sub.rows, : sub.tokens.shape[1]] = kl_divergence(chunks[_key(sub)].logits, logits, sub.valid).numpy()
-
-    runs = [Run([meter], item_hooks(i, item)) for i, (meter, item) in enumerate(zip(meters, group))]
-    drive(
-        model, batch, runs, batch_size=batch_size, logits=side_effects, stacked=True, forward=from_start,
-        on_logits=kl_to_clean if side_effects else None,
-    )
-    results = []
-    for i, meter in enumerate(meters):
-        meas = meter.result(meta)
-        if start is not None:
-            meas = splice_prefix(meas, clean, start)
-        results.append((meas, kls[i] if side_effects else None, names[i]))
-    return results
 
 
 __all__ = ["LAYER_FIELDS", "OTHER_FIELDS", "SweepResult", "grid_items", "splice_prefix", "sweep"]

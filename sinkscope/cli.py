@@ -363,7 +363,7 @@ def _write_effect(args, model, batch, effect, intervention, strengths, settings)
             partial = _sweep_partial(args, batch, intervention, strengths, settings)
             try:
                 result = sweep(model, batch, intervention, {"strength": strengths}, partial, format="csv",
-                               progress=True, **settings)
+                               positions="target", progress=True, **settings)
             except KeyboardInterrupt:
                 done = len(list((partial / "items").glob("*.csv")))
                 if not done:

@@ -107,10 +107,10 @@ def test_strengths_share_one_forward(llama, batch, tmp_path):
     grid = {"strength": [0.5, 1.0, 2.0, 4.0]}
     iv = "amplify-variance:layer=1,positions=4,factor={strength}"
     with forward_counter(llama) as calls:
-        stacked = sweep(llama, batch, iv, grid, tmp_path / "stacked", batch_size=4 * len(batch), progress=False)
+        stacked = sweep(llama, batch, iv, grid, tmp_path / "stacked", batch_size=4 * len(batch), positions="target", progress=False)
     assert len(calls) == 2  # one clean forward, one forward for the four stacked copies
     with forward_counter(llama) as calls:
-        single = sweep(llama, batch, iv, grid, tmp_path / "single", batch_size=len(batch), progress=False)
+        single = sweep(llama, batch, iv, grid, tmp_path / "single", batch_size=len(batch), positions="target", progress=False)
     assert len(calls) == 5
     for strength in grid["strength"]:
         pick = lambda f, s=strength: f[f["iv_strength"] == s].reset_index(drop=True)  # noqa: E731
@@ -172,7 +172,7 @@ def test_interrupted_sweep_resumes_to_the_same_table(llama, batch, tmp_path):
 
 
 def test_table_layout_and_metadata(llama, batch, tmp_path):
-    result = sweep(llama, batch, TEMPLATE, GRID, tmp_path, format="csv", progress=False)
+    result = sweep(llama, batch, TEMPLATE, GRID, tmp_path, format="csv", positions="target", progress=False)
     frame = result.frame
     assert (tmp_path / "sweep.csv").is_file() and (tmp_path / "sweep.json").is_file()
     assert list(frame.columns[:5]) == ["item", "item_key", "spec", "iv_layer", "iv_position"]
