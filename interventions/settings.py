@@ -19,14 +19,11 @@ forward pass.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, Sequence
+from typing import Literal, Sequence
 
 from circuits.checks import check_eps, check_float, check_int
 from circuits.driver import BATCH_SIZE
 from circuits.errors import SinkscopeError
-
-if TYPE_CHECKING:  # annotations only: the targets and the statistics read these settings
-    from interventions.effect import Cells, Target
 
 
 class EffectError(SinkscopeError, ValueError):
@@ -100,24 +97,25 @@ class EffectSettings:
             raise EffectError(f"layers {bad} are out of range; the model has {n_layers} layers (0..{n_layers - 1})")
         return chosen
 
-    def select_positions(self, width: int, targets: Sequence[Target] = ()) -> list[int]:
-        """The positions of the per-cell rows, sorted (``"target"``: 0 and the targets' positions)."""
+    def select_positions(self, width: int, target_positions: Sequence[Sequence[int]] = ()) -> list[int]:
+        """The positions of the per-cell rows, sorted (``"target"``: 0 and the positions of every
+        run's target, :attr:`interventions.targets.Target.positions`)."""
         if self.positions is None:
             return list(range(width))
-        chosen = {0, *(p for t in targets for p in t.positions)} if self.positions == "target" else set(self.positions)
+        chosen = {0, *(p for t in target_positions for p in t)} if self.positions == "target" else set(self.positions)
         bad = [p for p in chosen if not 0 <= p < width]
         if bad:
             raise EffectError(f"positions {sorted(bad)} are out of range; the longest sequence has {width} tokens")
         return sorted(chosen)
 
-    def describe(self, cells: Cells) -> dict:
-        """The ``settings`` of ``effect.json``."""
+    def describe(self, layers: Sequence[int], positions: Sequence[int]) -> dict:
+        """The ``settings`` of ``effect.json``, with the selected ``layers`` and ``positions``."""
         return {
             "eps": self.eps, "confidence": self.confidence, "n_resamples": self.n_resamples, "seed": self.seed,
             "bootstrap": "off (n_resamples=0)" if self.n_resamples == 0 else
             "scipy.stats.bootstrap over sequences, paired (mean of per-sequence deltas), BCa",
-            "layers": cells.layers if self.layers is not None else "all",
-            "positions": cells.positions if self.positions is not None else "all",
+            "layers": list(layers) if self.layers is not None else "all",
+            "positions": list(positions) if self.positions is not None else "all",
         }
 
 

@@ -65,9 +65,11 @@ from circuits.meter import axes_of
 from circuits.output import exclusive, write_json
 from circuits.probes import TokenBatch, as_batch
 from interventions.base import HookFactory, Intervention, hooks_for
-from interventions.effect import as_intervention, compare, spec_text, target_of, vary
+from interventions.effect import as_intervention, compare, spec_text
+from interventions.moves import vary
 from interventions.paired import Arm, PairedRunner
 from interventions.settings import EffectError, EffectSettings, RunSettings
+from interventions.targets import target_of
 
 SCHEMA = "sinkscope.sweep/1"
 Format = Literal["parquet", "csv"]
