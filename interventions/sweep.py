@@ -39,8 +39,9 @@ Each item's rows are :attr:`interventions.effect.Effect.frame` (via
 :func:`interventions.effect.compare`) restricted by ``layers``/``positions`` (the defaults of
 :class:`~interventions.settings.EffectSettings`, every cell; ``positions="target"`` keeps position
 0 and the item's target positions), with the grid values in ``iv_<key>``
-columns, the item's index, key and spec. Random controls are not part of sweeps: sweep the
-control positions or layers as items of their own.
+columns, the item's index, key and spec. With ``control=`` every item also gets the seeded random
+control :func:`interventions.effect.measure_effect` would give it, and its rows the control's
+columns (``control``, ``control_delta``, ``did``, ``did_ci_low``, ``did_ci_high``).
 """
 
 from __future__ import annotations
@@ -60,16 +61,17 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from circuits.checks import check_float
 from circuits.measure import SinkMeasurement, SinkMeter, provenance
 from circuits.meter import axes_of
 from circuits.output import exclusive, write_json
 from circuits.probes import TokenBatch, as_batch
-from interventions.base import HookFactory, Intervention, hooks_for
+from interventions.base import HookFactory, Intervention, hooks_for, shortest_length
 from interventions.effect import as_intervention, compare, spec_text
-from interventions.moves import vary
+from interventions.moves import ControlMode, check_control, random_control, vary
 from interventions.paired import Arm, PairedRunner
 from interventions.settings import EffectError, EffectSettings, RunSettings
-from interventions.targets import target_of
+from interventions.targets import Target, target_of
 
 SCHEMA = "sinkscope.sweep/1"
 Format = Literal["parquet", "csv"]
@@ -101,6 +103,7 @@ class _Item:
     spec: str
     key: str
     start: int | None  # first block to run; None: the full forward (hooks outside the blocks)
+    control_spec: str | None = None  # the item's random control, once drawn
 
 
 # --------------------------------------------------------------------------- items
@@ -193,6 +196,8 @@ def sweep(
     n_resamples: int = EffectSettings.n_resamples,
     confidence: float = EffectSettings.confidence,
     seed: int = EffectSettings.seed,
+    control: ControlMode | None = None,
+    flag_percent: float = 5.0,
     progress: bool = RunSettings.progress,
     metadata: dict | None = None,
 ) -> SweepResult:
@@ -210,6 +215,13 @@ def sweep(
         batch_size: rows per forward pass, stacked copies included (see the module docstring).
         eps, layers, positions, n_resamples, confidence, seed: as in
             :func:`interventions.effect.compare`, for every item.
+        control, flag_percent: a seeded random control of every item, as in
+            :func:`interventions.effect.measure_effect` (``"random"``, ``"position"``, ``"layer"``
+            or ``"direction"``; :func:`interventions.moves.random_control` with ``seed``): the
+            item's rows then also hold ``control``, ``control_delta`` and the difference of
+            differences ``did`` with its CI, and ``control_spec`` names the control. Controls are
+            drawn after the clean pass (a position control avoids the clean run's sinks) and run
+            from their first block when the clean pass kept it, else as full forwards.
         side_effects: compute the next-token loss and KL (needs logits; the clean
             logits of the whole batch are kept in memory, ``N × T × vocab`` floats).
             Without them each forward stops before the unembedding.
@@ -220,6 +232,7 @@ def sweep(
         raise EffectError(f"format must be 'parquet' or 'csv', got {format!r}")
     summary = EffectSettings(eps=eps, layers=layers, positions=positions, confidence=confidence, n_resamples=n_resamples, seed=seed)
     run = RunSettings(batch_size=batch_size, progress=progress)
+    check_float(flag_percent, "flag_percent", low=0, high=100, error=EffectError)
     batch = as_batch(model, batch)
     make, made_by = _maker(make_intervention)
     out = Path(out)
@@ -230,6 +243,7 @@ def sweep(
         "eps": summary.eps, "layers": None if summary.layers is None else list(summary.layers),
         "positions": summary.positions if summary.positions is None or isinstance(summary.positions, str) else list(summary.positions),
         "side_effects": side_effects, "n_resamples": n_resamples, "confidence": confidence, "seed": seed,
+        **({} if control is None else {"control": control, "flag_percent": flag_percent}),
     }
     context = _digest({
         "schema": SCHEMA, "model": meta["model"], "model_source": meta.get("model_source"), "n_layers": n_layers,
@@ -243,6 +257,8 @@ def sweep(
     for index, values in enumerate(grid_items(grid)):
         iv = make(**values)
         factory = hooks_for(model, iv, batch)  # validates
+        if control is not None:
+            check_control(iv, control)
         factory.shared = shared  # reference statistics are computed once for all items
         spec = spec_text(iv)
         plain = {k: _plain(v) for k, v in values.items()}
@@ -260,20 +276,36 @@ def sweep(
             items_dir.mkdir(parents=True, exist_ok=True)
             runner = PairedRunner(model, batch, run, logits=side_effects)
             clean_meter = SinkMeter(model)
-            runner.clean_once([i.start for i in pending if i.start is not None], clean_meters=[clean_meter])
+            starts = sorted({i.start for i in pending if i.start is not None})
+            runner.clean_once(starts, clean_meters=[clean_meter])
             clean = clean_meter.result(meta)
+            arms = {item.index: [Arm(item.intervention, factories[item.index], SinkMeter(model), item.start)] for item in pending}
+            if control is not None:
+                for item in pending:
+                    ctrl_iv, _ = random_control(item.intervention, clean, control, model=model, n_positions=shortest_length(batch),
+                                                seed=seed, eps=eps, flag_percent=flag_percent)
+                    ctrl_factory = hooks_for(model, ctrl_iv, batch)
+                    ctrl_factory.shared = shared
+                    ctrl_start = ctrl_iv.min_layer
+                    arms[item.index].append(Arm(ctrl_iv, ctrl_factory, SinkMeter(model), ctrl_start if ctrl_start in starts else None))
+                    item.control_spec = spec_text(ctrl_iv)
+            owner = {id(arm): item for item in pending for arm in arms[item.index]}
+            left = {item.index: len(arms[item.index]) for item in pending}
             bar = tqdm(total=len(items), initial=len(items) - len(pending), desc="sweep", unit="item", disable=not progress)
             try:
-                for group in _groups(pending, max(1, batch_size // min(batch_size, len(batch)))):
-                    arms = [Arm(item.intervention, factories[item.index], SinkMeter(model), item.start) for item in group]
-                    runner.stacked(arms)
-                    for item, arm in zip(group, arms):
-                        meas = arm.meter.result(meta)
-                        if item.start is not None:
-                            meas = splice_prefix(meas, clean, item.start)
+                for group in _groups([arm for item in pending for arm in arms[item.index]], max(1, batch_size // min(batch_size, len(batch)))):
+                    runner.stacked(group)
+                    for arm in group:
+                        item = owner[id(arm)]
+                        left[item.index] -= 1
+                        if left[item.index]:
+                            continue
+                        main, *ctrl = [_spliced(a, clean, meta) for a in arms[item.index]]
                         effect = compare(
-                            clean, meas, target=target_of(item.intervention, arm.names, n_layers), intervention=item.intervention,
-                            kl=arm.kl, settings=summary,
+                            clean, main[0], target=main[1], intervention=item.intervention, kl=main[2],
+                            control=ctrl[0][0] if ctrl else None, control_target=ctrl[0][1] if ctrl else None,
+                            control_kl=ctrl[0][2] if ctrl else None,
+                            control_intervention=arms[item.index][1].intervention if ctrl else None, settings=summary,
                         )
                         _write_atomic(_item_frame(effect.frame, item), path_of(item), format)
                         bar.update(1)
@@ -308,8 +340,18 @@ def sweep(
         return SweepResult(frame, doc, table_path, metadata_path)
 
 
+def _spliced(arm: Arm, clean: SinkMeasurement, meta: dict) -> tuple[SinkMeasurement, Target, np.ndarray | None]:
+    """An arm's measurement (layers below its start taken from ``clean``), target and KL."""
+    meas = arm.meter.result(meta)
+    if arm.start is not None:
+        meas = splice_prefix(meas, clean, arm.start)
+    return meas, target_of(arm.intervention, arm.names, clean.n_layers), arm.kl
+
+
 def _item_frame(frame: pd.DataFrame, item: _Item) -> pd.DataFrame:
     front = {"item": item.index, "item_key": item.key, "spec": item.spec}
+    if item.control_spec is not None:
+        front["control_spec"] = item.control_spec
     for k, v in item.values.items():
         front[f"iv_{k}"] = v if isinstance(v, (int, float, str, bool)) or v is None else json.dumps(v)
     head = pd.DataFrame({k: [v] * len(frame) for k, v in front.items()})
@@ -333,17 +375,18 @@ def _read_items(paths: Sequence[Path], format: Format) -> pd.DataFrame:
 # --------------------------------------------------------------------------- running items
 
 
-def _groups(items: list[_Item], k: int) -> Iterator[list[_Item]]:
-    """Items that start at the same block, ``k`` at a time (``k`` copies fit in ``batch_size``).
+def _groups(arms: list[Arm], k: int) -> Iterator[list[Arm]]:
+    """Runs (items and their controls) that start at the same block, ``k`` at a time (``k``
+    copies fit in ``batch_size``).
 
-    Items whose hooks need the attention pattern are stacked only with each other: a stacked
+    Runs whose hooks need the attention pattern are stacked only with each other: a stacked
     forward runs one attention path per layer (eager wherever any copy hooks the pattern,
-    fused elsewhere: :mod:`circuits.fused_attention`), so this keeps every item on the path its
+    fused elsewhere: :mod:`circuits.fused_attention`), so this keeps every run on the path its
     own forward takes.
     """
-    by_start: dict[tuple[int | None, bool], list[_Item]] = {}
-    for item in items:
-        by_start.setdefault((item.start, item.intervention.touches_pattern()), []).append(item)
+    by_start: dict[tuple[int | None, bool], list[Arm]] = {}
+    for arm in arms:
+        by_start.setdefault((arm.start, arm.intervention.touches_pattern()), []).append(arm)
     for group in by_start.values():
         for i in range(0, len(group), k):
             yield group[i : i + k]

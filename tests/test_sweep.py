@@ -234,3 +234,30 @@ def test_every_measurement_array_is_spliced_or_known():
     }
     assert arrays == set(LAYER_FIELDS) | set(OTHER_FIELDS)
     assert set(LAYER_FIELDS) == {"alpha", "sink_score", "resid_norm", "cos_to_first", "first_resid", "top_dims", "top_values", "median_abs"}
+
+
+# --------------------------------------------------------------------------- random controls
+
+
+@pytest.mark.numerical
+@pytest.mark.parametrize("mode", ["position", "layer"])
+def test_sweep_controls_equal_measure_effect_controls(llama, batch, tmp_path, mode):
+    """A sweep item with ``control=`` gets the control measure_effect draws for the same
+    intervention and seed, and the same control and difference-of-differences columns, within
+    the rounding of prefix reuse and stacking."""
+    specs = ["ablate-mlp:layers=1,positions=3", "amplify-variance:layers=2,positions=4,factor=3.0"]
+    result = sweep(llama, batch, "{spec}", {"spec": specs}, tmp_path, control=mode, seed=2, n_resamples=200, positions=None)
+    for spec in specs:
+        item = result.frame[result.frame["iv_spec"] == spec].reset_index(drop=True)
+        effect = measure_effect(llama, batch, spec, control=mode, seed=2, n_resamples=200)
+        assert item["control_spec"].iloc[0] == effect.control_spec
+        assert_frames_agree(item, effect.frame, effect, llama, batch.tokens, what=f"{spec}: ")
+        for col in ("control", "control_delta", "did"):
+            np.testing.assert_allclose(item[col].to_numpy(float), effect.frame[col].to_numpy(float), rtol=1e-4, atol=1e-5,
+                                       err_msg=f"{spec}: {col}")
+
+
+def test_sweep_control_that_cannot_be_placed_fails_before_any_forward(llama, batch, tmp_path):
+    with forward_counter(llama) as calls, pytest.raises(EffectError, match="names no positions"):
+        sweep(llama, batch, "ablate-mlp:layers={layer}", {"layer": [1]}, tmp_path, control="position")
+    assert calls == [] and registered_hooks(llama) == {}
