@@ -29,6 +29,27 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "parse": ("interventions.registry", "parse_spec"),
     "view": ("circuits.view", "view"),
     "reproduce": ("sinkscope.reproduce", None),  # the package, callable: ss.reproduce(model, out, size="ci")
+    # inputs
+    "probe_texts": ("circuits.probes", "probe_texts"),
+    "default_prepend_bos": ("circuits.probes", "default_prepend_bos"),
+    "model_traces": ("circuits.probes", "model_traces"),
+    "has_traces": ("circuits.probes", "has_traces"),
+    "observe_long_inputs": ("circuits.long_inputs", "observe_long_inputs"),
+    # acting
+    "output_change": ("interventions.effect", "output_change"),
+    "Intervention": ("interventions.base", "Intervention"),
+    "register": ("interventions.registry", "register"),
+    "spec": ("interventions.registry", "spec"),
+    # figures
+    "show": ("circuits.paper_plots", "show"),
+    # the modules a notebook reads further in (the analyses, the sink anatomy, the figures, the
+    # intervention recipes, the pre-training lab), each by its own name
+    "analyses": ("circuits.analyses", None),
+    "anatomy": ("circuits.anatomy", None),
+    "plots": ("circuits.plots", None),
+    "paper_plots": ("circuits.paper_plots", None),
+    "recipes": ("interventions.recipes", None),
+    "lab": ("sinkscope.lab", None),
 }
 
 __all__ = sorted(_EXPORTS)

@@ -23,6 +23,30 @@ def test_each_name_is_the_layers_own_function():
     assert set(ss.__all__) <= set(dir(ss))
 
 
+def test_every_export_is_what_its_layer_defines():
+    """Each of ``ss``'s names is the very object of the module that owns it, functions and the
+    modules a notebook reads further in alike, so ``ss`` adds no second copy of anything."""
+    import importlib
+
+    from sinkscope import _EXPORTS
+
+    for name, (module, attribute) in _EXPORTS.items():
+        owner = importlib.import_module(module)
+        assert getattr(ss, name) is (owner if attribute is None else getattr(owner, attribute)), name
+
+
+def test_the_notebooks_work_through_ss():
+    """Every notebook imports ``sinkscope as ss`` and reaches the layers through it (the paper
+    modules and the lab's configuration come from their own ``sinkscope`` packages)."""
+    import json
+    from pathlib import Path
+
+    for path in sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb")):
+        code = "\n".join("".join(c["source"]) for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "code")
+        assert "import sinkscope as ss" in code, path.name
+        assert not [line for line in code.splitlines() if line.startswith(("from circuits", "from interventions", "import circuits"))], path.name
+
+
 def test_an_unknown_name_says_what_is_exported():
     with pytest.raises(AttributeError, match="has no attribute 'mesure'; it exports .*measure"):
         ss.mesure  # noqa: B018
