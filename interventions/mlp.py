@@ -24,6 +24,7 @@ against the shortest one). Pad positions are never written with reference statis
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, ClassVar, Literal, get_args
 
 import torch
@@ -162,14 +163,15 @@ class AblateMLP(Intervention):
 
     # -- hooks -----------------------------------------------------------------------------
     def hooks(self, model, ctx: RunContext) -> list[Hook]:
-        state = ctx.state(self)
         valid = ctx.batch.valid.to(model.cfg.device)
-        return [(mlp_hook(l), self._hook(None if state is None else state[l], valid)) for l in self.layers]
+        return [(mlp_hook(l), self._hook(ctx, l, valid)) for l in self.layers]
 
-    def _hook(self, replacement: Tensor | None, valid):
-        positions, mode, mean_over = self.positions, self.mode, self.mean_over
+    def _hook(self, ctx: RunContext, layer: int, valid):
+        iv, positions, mode, mean_over = self, self.positions, self.mode, self.mean_over
 
         def hook(mlp_out: Float[Tensor, "batch pos d_model"], hook) -> Tensor:
+            state = ctx.state(iv)  # prepared means or sources, read when the hook fires
+            replacement = None if state is None else state[layer]
             t = mlp_out.shape[1]
             idx = _position_index(positions, t, mlp_out.device)
             if mode == "zero":
@@ -295,13 +297,13 @@ class PatchActivation(Intervention):
         return self.hook_name.endswith(("hook_pattern", "hook_attn_scores", "hook_attn_pattern"))
 
     def hooks(self, model, ctx: RunContext) -> list[Hook]:
-        src = ctx.state(self)
+        iv = self
         axis = position_axis(model, self.hook_name)
         positions, source_position = self.positions, self.source_position
 
         def hook(act: Tensor, hook) -> Tensor:
             a = act.movedim(axis, 1)
-            s = src.to(act.device, act.dtype).movedim(axis, 1)
+            s = ctx.state(iv).to(act.device, act.dtype).movedim(axis, 1)  # the source, read when the hook fires
             idx = _position_index(positions, a.shape[1], act.device)
             sidx = idx if source_position is None else torch.full_like(idx, source_position)
             out = a.clone()
@@ -333,17 +335,21 @@ class PatchMLP(Intervention):
             tuple(PatchActivation(mlp_hook(l), self.positions, self.source_text, self.source_position) for l in self.layers)
         )
 
+    @cached_property
+    def _parts(self) -> Compose:
+        """The compose this instance runs: one object, so the parts' prepared sources (kept by
+        the context per object) are found again when their hooks fire."""
+        return self.as_compose()
+
     def validate(self, model, n_positions: int | None = None) -> None:
         super().validate(model, n_positions)
-        self.as_compose().validate(model, n_positions)
+        self._parts.validate(model, n_positions)
 
-    def prepare(self, model, ctx: RunContext) -> Compose:
-        parts = self.as_compose()
-        ctx.prepare(model, parts)
-        return parts
+    def prepare(self, model, ctx: RunContext) -> None:
+        ctx.prepare(model, self._parts)
 
     def hooks(self, model, ctx: RunContext) -> list[Hook]:
-        return ctx.state(self).hooks(model, ctx)
+        return self._parts.hooks(model, ctx)
 
 
 # --------------------------------------------------------------------------- sink direction
@@ -433,13 +439,13 @@ class RescaleAlongSink(Intervention):
         return {l: d.float() / d.float().norm(dim=-1, keepdim=True).clamp_min(1e-12) for l, d in dirs.items()}
 
     def hooks(self, model, ctx: RunContext) -> list[Hook]:
-        units = ctx.state(self)
-        return [(mlp_hook(l), self._hook(units[l])) for l in self.layers]
+        return [(mlp_hook(l), self._hook(ctx, l)) for l in self.layers]
 
-    def _hook(self, u: Float[Tensor, "batch d_model"] | None):
+    def _hook(self, ctx: RunContext, layer: int):
         iv = self
 
         def hook(mlp_out: Float[Tensor, "batch pos d_model"], hook) -> Tensor:
+            u: Float[Tensor, "batch d_model"] | None = ctx.state(iv)[layer]  # the sink direction, read when the hook fires
             m = mlp_out.float()
             if u is None:  # reference=mlp_out: the first token's MLP output of this pass
                 first = m[:, 0]
@@ -566,7 +572,11 @@ class TokenMLPEdit(Intervention):
         elif self.mode == "rescale":
             dirs = ctx.primary_sink_directions(model, layers)
             state["unit"] = {l: d.float() / d.float().norm(dim=-1, keepdim=True).clamp_min(1e-12) for l, d in dirs.items()}
-        # cells of this sub-batch: layer -> (rows, positions)
+        return state
+
+    def cells(self, ctx: RunContext) -> dict[int, tuple[list[int], list[int]]]:
+        """The cells of ``ctx.batch``, ``layer -> (rows, positions)``: which layers it hooks
+        depends on the sequences the (sub-)batch holds, never on prepared data."""
         index = ctx.sequence_indices(ctx.reference_batch)
         cells: dict[int, tuple[list[int], list[int]]] = {}
         for s, l, p in zip(self.sequences, self.layers, self.positions):
@@ -575,17 +585,16 @@ class TokenMLPEdit(Intervention):
                     rows, pos = cells.setdefault(l, ([], []))
                     rows.append(row)
                     pos.append(p)
-        state["cells"] = cells
-        return state
+        return cells
 
     def hooks(self, model, ctx: RunContext) -> list[Hook]:
-        state = ctx.state(self)
-        return [(mlp_hook(l), self._hook(l, rows, pos, state)) for l, (rows, pos) in state["cells"].items()]
+        return [(mlp_hook(l), self._hook(ctx, l, rows, pos)) for l, (rows, pos) in self.cells(ctx).items()]
 
-    def _hook(self, layer: int, rows: list[int], pos: list[int], state: dict):
+    def _hook(self, ctx: RunContext, layer: int, rows: list[int], pos: list[int]):
         iv = self
 
         def hook(mlp_out: Float[Tensor, "batch pos d_model"], hook) -> Tensor:
+            state = ctx.state(iv)  # means or sink directions, read when the hook fires
             r = torch.tensor(rows, device=mlp_out.device)
             p = torch.tensor(pos, device=mlp_out.device)
             m = mlp_out[r, p].float()  # [cells, d_model]
