@@ -87,9 +87,6 @@ class IsolateAggregation(Intervention):
         block[heads[:, None], torch.tensor(self.queries, device=device)[None, :]] = ~allowed
         return block
 
-    def touches_pattern(self) -> bool:
-        return True  # it edits the pre-softmax scores
-
     def hooks(self, model, ctx: RunContext) -> list[Hook]:
         iv = self
 
@@ -201,9 +198,6 @@ class SigmoidAttention(Intervention):
         if self.bias is not None:
             return torch.full((len(ctx.batch),), self.bias)
         return -torch.log(ctx.batch.lengths.to(torch.float32))
-
-    def touches_pattern(self) -> bool:
-        return True  # its hooks rewrite the scores and the pattern
 
     def hooks(self, model, ctx: RunContext) -> list[Hook]:
         bias = self.biases(ctx).to(model.cfg.device)[:, None, None, None]

@@ -25,7 +25,10 @@ The life of an intervention on one batch
    and so that a caller that already has it (e.g. the clean measurement) can seed it.
 4. **Hooks** (:meth:`Intervention.hooks`): a list of ``(hook_name, fn)`` pairs, registered by
    :func:`applied` with ``model.hooks(...)`` (removed on exit, exceptions included), or handed
-   to :func:`circuits.measure.measure` through :func:`hooks_for`.
+   to :func:`circuits.measure.measure` through :func:`hooks_for`. The names are where the
+   intervention acts (:meth:`Intervention.reach`, :mod:`interventions.hookpoints`); they never
+   depend on prepared data, which the hook functions read when they fire, so
+   :func:`hook_points` knows them before any forward pass.
 
 Example::
 
@@ -43,7 +46,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Iterator, Literal, Sequence
@@ -55,6 +57,7 @@ from torch import Tensor
 from circuits.errors import SinkscopeError
 from circuits.meter import Hook
 from circuits.probes import TokenBatch, TokenizationError, tokenize
+from interventions.hookpoints import Reach, hook_layer
 
 REFERENCE_CHUNK = 8  #: sequences per reference forward pass (memory stays at one small batch)
 
@@ -201,15 +204,6 @@ def check_hook_name(owner: Any, field_name: str, name: str, model) -> None:
         raise fail(owner, field_name, f"hook {name!r} never fires unless model.cfg.{reason} is set (call model.set_{reason}(True))")
 
 
-_BLOCK_HOOK = re.compile(r"^blocks\.(\d+)\.")
-
-
-def hook_layer(name: str) -> int:
-    """Block index of a hook name; -1 for hooks outside the blocks (see :attr:`Intervention.min_layer`)."""
-    match = _BLOCK_HOOK.match(name)
-    return int(match.group(1)) if match else -1
-
-
 def position_axis(model, name: str) -> int:
     """The position axis of a hook's activation: dim 1, the query axis -2 of patterns/scores,
     or whatever the hook point declares in ``pos_dim``."""
@@ -289,6 +283,9 @@ class RunContext:
             ``{l: meas.first_resid[rows, l]}`` (tensors or arrays) to skip the reference run.
         shared: a cache that outlives one sub-batch (reference means, tokenized reference
             texts); :func:`hooks_for` passes the same dict to every sub-batch.
+        planning: a context that is never prepared, only used to read the hook *names*
+            (:func:`hook_points`); it refuses to hand out prepared or clean data, which a
+            kind reads inside its hook functions, so naming the hooks costs no forward.
     """
 
     batch: TokenBatch
@@ -297,6 +294,7 @@ class RunContext:
     sink_directions: dict[int, Float[Tensor, "batch d_model"]] = field(default_factory=dict)
     shared: dict[Any, Any] = field(default_factory=dict)
     states: dict[int, Any] = field(default_factory=dict, repr=False)
+    planning: bool = field(default=False, repr=False)
 
     @property
     def reference_batch(self) -> TokenBatch:
@@ -308,7 +306,16 @@ class RunContext:
         if id(intervention) not in self.states:
             self.states[id(intervention)] = intervention.prepare(model, self)
 
+    def _refuse_when_planning(self, what: str, owner: Any = None) -> None:
+        if self.planning:
+            who = "an intervention's hooks()" if owner is None else f"{_name(owner)}.hooks"
+            raise InterventionError(
+                f"{who} read {what} while building its hook list; read it inside the hook function instead: "
+                "the hook names must be known before any forward (they say where it acts, see hook_points)"
+            )
+
     def state(self, intervention: "Intervention") -> Any:
+        self._refuse_when_planning("its prepared state (ctx.state)", intervention)
         try:
             return self.states[id(intervention)]
         except KeyError:
@@ -320,6 +327,7 @@ class RunContext:
     # -- reference data ----------------------------------------------------------------------
     def clean_activations(self, model, names: Sequence[str]) -> dict[str, Tensor]:
         """Clean activations of :attr:`batch` at ``names``: one reference run for the missing ones."""
+        self._refuse_when_planning("clean activations")
         missing = [n for n in names if n not in self.clean]
         if missing:
             self.clean.update(capture(model, self.batch.tokens, missing))
@@ -327,6 +335,7 @@ class RunContext:
 
     def primary_sink_directions(self, model, layers: Sequence[int]) -> dict[int, Float[Tensor, "batch d_model"]]:
         """``h_0^l`` of the clean run for each layer (block output at position 0)."""
+        self._refuse_when_planning("the primary-sink directions")
         missing = [l for l in layers if l not in self.sink_directions]
         if missing:
             names = [f"blocks.{l}.hook_resid_post" for l in missing]
@@ -351,17 +360,21 @@ class RunContext:
         return [where.get(tuple(ids), i) for i, ids in enumerate(self.batch.token_ids)]
 
 
-# --------------------------------------------------------------------------- where it acts
+# --------------------------------------------------------------------------- site fields
 
 
 @dataclass(frozen=True)
 class Sites:
-    """Which fields of an intervention say *where* it acts, declared once per class.
+    """Which *fields* of an intervention name its layers, positions, keys, heads or direction,
+    declared once per class.
 
-    Validation (range checks), targets (which cells ``measure_effect`` scores), random
-    controls (what a control moves) and ``vary`` (what a sweep sets) all read this
-    declaration, so a new kind with its own field names needs no edit anywhere else. Each
-    attribute names a dataclass field, or is None when the kind has no such site.
+    This is about editing and checking the fields, not about where the hooks land: validation
+    (range checks), the target positions ``measure_effect`` scores, random controls (which
+    field a control moves) and ``vary`` (which field a sweep sets) read it, so a new kind with
+    its own field names needs no edit anywhere else. The blocks an intervention hooks, the
+    block a sweep starts at and whether it needs the attention pattern are read from its hook
+    names instead (:meth:`Intervention.reach`). Each attribute names a dataclass field, or is
+    None when the kind has no such site.
 
     Attributes:
         layers: block index (an ``int`` field) or indices (a tuple field) that are edited;
@@ -423,7 +436,8 @@ class Intervention:
         kind: the registry name (``"ablate-mlp"``).
         strength_field: the name of the scalar field a sweep varies (``"factor"``), or None
             when the intervention has no natural strength.
-        sites: which fields say where it acts (:class:`Sites`); None: the conventional names.
+        sites: which fields name its layers, positions, heads... (:class:`Sites`); None: the
+            conventional names. Where its hooks land is read from the hooks (:meth:`reach`).
     """
 
     kind: ClassVar[str] = ""
@@ -454,41 +468,25 @@ class Intervention:
         available to :meth:`hooks` as ``ctx.state(self)``. Runs before the intervention's
         hooks are registered, so a forward pass here is a clean run (hooks that an enclosing
         ``applied`` block registered do fire). Batch-dependent problems found here raise
-        :class:`InterventionError` before any reference forward pass."""
+        :class:`InterventionError` before any reference forward pass. Hook functions read it
+        when they fire, never while :meth:`hooks` builds the list (see :func:`hook_points`)."""
         return None
 
     def hooks(self, model, ctx: RunContext) -> list[Hook]:
-        """The ``(hook_name, fn)`` pairs that carry out the intervention on ``ctx.batch``."""
+        """The ``(hook_name, fn)`` pairs that carry out the intervention on ``ctx.batch``.
+
+        The names are where it acts (:meth:`reach`), so they may depend on the fields, the
+        model and the batch but not on prepared data: read ``ctx.state(self)`` (and clean
+        activations, sink directions) inside the hook functions, when they fire.
+        """
         raise NotImplementedError(f"{type(self).__name__} must implement hooks(model, ctx)")
 
-    def layers_touched(self) -> tuple[int, ...]:
-        """Block indices whose hooks this intervention edits (-1: a hook outside the blocks).
-        Default: its layers site, where None (every layer) counts from block 0; a kind whose
-        layers are implicit (a hook name) overrides this."""
-        if sites_of(self).layers is None:
-            raise NotImplementedError(f"{type(self).__name__} must declare a layers site or implement layers_touched()")
-        layers = site_value(self, "layers")
-        return (0,) if layers is None else tuple(int(l) for l in layers)
-
-    def touches_pattern(self) -> bool:
-        """Whether its hooks read or edit ``attn.hook_attn_scores`` / ``attn.hook_pattern``.
-
-        Those layers then run eager attention (the full ``T x T`` pattern, see
-        :mod:`circuits.fused_attention`), and a sweep stacks such items only with each other, so
-        every item is computed on the same attention path as its own forward. Default False;
-        the kinds that hook the pattern override it.
-        """
-        return False
-
     # -- derived ---------------------------------------------------------------------------
-    @property
-    def min_layer(self) -> int:
-        """The lowest block whose activations change: a prefix-reuse driver may start there.
-
-        -1 means the intervention edits a hook outside the blocks (embedding, final norm),
-        so the full forward must run.
-        """
-        return min(self.layers_touched())
+    def reach(self, model, batch: TokenBatch) -> Reach:
+        """Where it acts on ``model`` for ``batch`` — the blocks it hooks, the block a
+        prefix-reusing run starts at, whether it needs the attention pattern — read from the
+        hook names it registers (:func:`hook_points`), without a forward pass."""
+        return Reach.of(model, hook_points(model, self, batch))
 
     @property
     def strength(self) -> float | None:
@@ -546,12 +544,6 @@ class Compose(Intervention):
 
     def hooks(self, model, ctx: RunContext) -> list[Hook]:
         return [hook for part in self.parts for hook in part.hooks(model, ctx)]
-
-    def layers_touched(self) -> tuple[int, ...]:
-        return tuple(sorted({l for part in self.parts for l in part.layers_touched()}))
-
-    def touches_pattern(self) -> bool:
-        return any(part.touches_pattern() for part in self.parts)
 
     def strength_name(self) -> str | None:
         return None
@@ -666,6 +658,20 @@ class HookFactory:
 
     def __repr__(self) -> str:
         return f"HookFactory({self.intervention!r}, batch of {len(self.batch)})"
+
+
+def hook_points(model, intervention: Intervention, batch: TokenBatch) -> tuple[str, ...]:
+    """The hook names ``intervention`` registers on ``model`` for ``batch`` (the whole batch, as
+    :func:`hooks_for` prepares it), in order, without repeats, and without any forward pass.
+
+    ``hooks()`` is called on a planning :class:`RunContext`: the batch, unprepared, which
+    refuses prepared data (see :mod:`interventions.hookpoints`). Names the model does not have
+    are refused as by :func:`checked_hooks`.
+    """
+    if not isinstance(intervention, Intervention):
+        raise InterventionError(f"expected an Intervention, got {type(intervention).__name__}")
+    ctx = RunContext(batch, reference=batch, planning=True)
+    return tuple(dict.fromkeys(name for name, _ in checked_hooks(model, intervention, ctx)))
 
 
 def hooks_for(model, intervention: Intervention, batch: TokenBatch) -> HookFactory:

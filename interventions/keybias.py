@@ -72,9 +72,6 @@ class ZeroSinkValue(Intervention):
         object.__setattr__(self, "positions", coerce_ints(self, "positions", self.positions, allow_none=False))
         coerce_bool(self, "include_self", self.include_self)
 
-    def touches_pattern(self) -> bool:
-        return not self.include_self  # the pattern's column, or (include_self) the values
-
     def hooks(self, model, ctx: RunContext) -> list[Hook]:
         positions = list(self.positions)
         layers = _layers(self.layers, model)
@@ -162,9 +159,6 @@ class DropSinkAttention(Intervention):
     def __post_init__(self) -> None:
         object.__setattr__(self, "layers", coerce_ints(self, "layers", self.layers))
         object.__setattr__(self, "keys", coerce_ints(self, "keys", self.keys, allow_none=False))
-
-    def touches_pattern(self) -> bool:
-        return True  # it edits the pre-softmax scores
 
     def hooks(self, model, ctx: RunContext) -> list[Hook]:
         keys = self.keys

@@ -49,7 +49,6 @@ from interventions.base import (
     coerce_ints,
     coerce_texts,
     fail,
-    hook_layer,
     position_axis,
 )
 from interventions.registry import register
@@ -265,9 +264,6 @@ class PatchActivation(Intervention):
         if self.source_position is not None:
             object.__setattr__(self, "source_position", coerce_int(self, "source_position", self.source_position))
 
-    def layers_touched(self) -> tuple[int, ...]:
-        return (hook_layer(self.hook_name),)
-
     def validate(self, model, n_positions: int | None = None) -> None:
         check_hook_name(self, "hook_name", self.hook_name, model)
         super().validate(model, n_positions)
@@ -292,9 +288,6 @@ class PatchActivation(Intervention):
         if key not in ctx.shared:
             ctx.shared[key] = capture(model, src_batch.tokens, [self.hook_name])[self.hook_name]
         return ctx.shared[key]
-
-    def touches_pattern(self) -> bool:
-        return self.hook_name.endswith(("hook_pattern", "hook_attn_scores", "hook_attn_pattern"))
 
     def hooks(self, model, ctx: RunContext) -> list[Hook]:
         iv = self

@@ -42,8 +42,9 @@ from circuits.driver import BY_LENGTH, Run, drive, full_forward
 from circuits.measure import SinkMeter
 from circuits.meter import Hook, Meter, SubBatch
 from circuits.probes import TokenBatch
-from interventions.base import HookFactory, Intervention, InterventionError, checked_hooks, hook_layer
+from interventions.base import HookFactory, Intervention, InterventionError, checked_hooks
 from interventions.forward import capture_resid_pre, run_from_layer
+from interventions.hookpoints import hook_layer
 from interventions.settings import RunSettings
 
 #: ``on_pair(sub, arm_index, clean_logits, logits, kl)``: after an arm's forward of a sub-batch
@@ -99,6 +100,9 @@ class Arm:
         meter: measures the intervened run (None: nothing measured, e.g. the output change).
         start: the first block the run executes in :meth:`PairedRunner.stacked` (prefix reuse;
             None: the full forward). Hooks below it are refused.
+        pattern: whether its hooks need the attention pattern (from its hook names,
+            :meth:`~interventions.base.Intervention.reach`); a sweep stacks such arms only with
+            each other.
         kl: ``[N, T]`` KL(clean || this run) per position, NaN at pads and without logits.
         names: the hook names the intervention registered, over all sub-batches.
     """
@@ -107,6 +111,7 @@ class Arm:
     factory: HookFactory
     meter: SinkMeter | None = None
     start: int | None = None
+    pattern: bool = False
     kl: Float[np.ndarray, "seq pos"] | None = None
     names: set[str] = field(default_factory=set)
 

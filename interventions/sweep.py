@@ -13,7 +13,8 @@ The clean and intervened forwards are the paired runner's (:class:`interventions
 * **Prefix reuse.** The clean pass runs once per sub-batch, with the measurement hooks, and keeps
   the residual entering every block an item starts at (:func:`interventions.forward.capture_resid_pre`)
   and the clean logits (for the side effects). An item whose hooks start at block
-  ``l`` (:attr:`~interventions.base.Intervention.min_layer`) then runs only blocks ``l..`` with
+  ``l`` (the ``start`` of its :class:`~interventions.hookpoints.Reach`, read from its hook names
+  before the clean pass: :meth:`~interventions.base.Intervention.reach`) then runs only blocks ``l..`` with
   :func:`interventions.forward.run_from_layer`; its statistics below ``l`` are copied from the
   clean measurement (:func:`splice_prefix`, every field with a ``layer`` axis), which they equal
   by construction (a test checks the whole item against a full intervened forward on a tiny
@@ -103,6 +104,7 @@ class _Item:
     spec: str
     key: str
     start: int | None  # first block to run; None: the full forward (hooks outside the blocks)
+    pattern: bool  # its hooks need the attention pattern (stacked only with such items)
     control_spec: str | None = None  # the item's random control, once drawn
 
 
@@ -263,8 +265,8 @@ def sweep(
         spec = spec_text(iv)
         plain = {k: _plain(v) for k, v in values.items()}
         key = _digest({"context": context, "spec": spec, "item": plain})[:24]
-        start = iv.min_layer
-        items.append(_Item(index, plain, iv, spec, key, None if start < 0 else start))
+        reach = iv.reach(model, batch)  # from its hook names, no forward
+        items.append(_Item(index, plain, iv, spec, key, reach.start, reach.pattern))
         factories[index] = factory
     path_of = lambda item: items_dir / f"{item.key}.{format}"  # noqa: E731
     pending = [item for item in items if not path_of(item).is_file()]
@@ -279,15 +281,17 @@ def sweep(
             starts = sorted({i.start for i in pending if i.start is not None})
             runner.clean_once(starts, clean_meters=[clean_meter])
             clean = clean_meter.result(meta)
-            arms = {item.index: [Arm(item.intervention, factories[item.index], SinkMeter(model), item.start)] for item in pending}
+            arms = {item.index: [Arm(item.intervention, factories[item.index], SinkMeter(model), item.start, pattern=item.pattern)]
+                    for item in pending}
             if control is not None:
                 for item in pending:
                     ctrl_iv, _ = random_control(item.intervention, clean, control, model=model, n_positions=shortest_length(batch),
                                                 seed=seed, eps=eps, flag_percent=flag_percent)
                     ctrl_factory = hooks_for(model, ctrl_iv, batch)
                     ctrl_factory.shared = shared
-                    ctrl_start = ctrl_iv.min_layer
-                    arms[item.index].append(Arm(ctrl_iv, ctrl_factory, SinkMeter(model), ctrl_start if ctrl_start in starts else None))
+                    ctrl_reach = ctrl_iv.reach(model, batch)
+                    ctrl_start = ctrl_reach.start if ctrl_reach.start in starts else None
+                    arms[item.index].append(Arm(ctrl_iv, ctrl_factory, SinkMeter(model), ctrl_start, pattern=ctrl_reach.pattern))
                     item.control_spec = spec_text(ctrl_iv)
             owner = {id(arm): item for item in pending for arm in arms[item.index]}
             left = {item.index: len(arms[item.index]) for item in pending}
@@ -386,7 +390,7 @@ def _groups(arms: list[Arm], k: int) -> Iterator[list[Arm]]:
     """
     by_start: dict[tuple[int | None, bool], list[Arm]] = {}
     for arm in arms:
-        by_start.setdefault((arm.start, arm.intervention.touches_pattern()), []).append(arm)
+        by_start.setdefault((arm.start, arm.pattern), []).append(arm)
     for group in by_start.values():
         for i in range(0, len(group), k):
             yield group[i : i + k]

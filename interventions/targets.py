@@ -5,8 +5,9 @@ change, and no others: the positions it edits (position 0, the primary sink, whe
 every position) over the layers from the first block whose attention it can change to the last.
 :func:`target_of` states that rule once, for :func:`interventions.effect.measure_effect`, the
 sweep and the random controls (each run is scored at its *own* target). The layers come from the
-hook names the intervention actually registered (:func:`first_affected_layer`), not from what it
-declares, so a user kind gets the right target without saying anything more.
+hook names the intervention actually registered
+(:func:`interventions.hookpoints.first_affected_layer`), not from what it declares, so a user kind
+gets the right target without saying anything more.
 
 The checks here (:func:`check_target_positions`) run before any forward pass; an empty target
 is explained, never a bare NaN (:func:`empty_target_note`).
@@ -23,17 +24,9 @@ from jaxtyping import Float
 from circuits.measure import SinkMeasurement
 from circuits.probes import TokenBatch
 from circuits.stats import nanmean
-from interventions.base import Compose, Intervention, SiteRole, hook_layer, site_value
+from interventions.base import Compose, Intervention, SiteRole, site_value
+from interventions.hookpoints import first_affected_layer
 from interventions.settings import EffectError
-
-# Hooks of block l that sit after its attention pattern: an edit there first changes the
-# attention (hence the sink score) of block l + 1. Anything else in block l (its input, ln1,
-# q/k/v, scores, pattern) can change block l's own pattern.
-_AFTER_PATTERN = (
-    "attn.hook_z", "attn.hook_result", "attn.o.", "attn.hook_out", "hook_attn_out", "ln2", "hook_resid_mid",
-    "hook_mlp_in", "mlp.", "hook_mlp_out", "hook_resid_post", "hook_out",
-)
-
 
 
 @dataclass(frozen=True)
@@ -68,27 +61,6 @@ def intervention_positions(iv: Intervention) -> tuple[int, ...] | None:
 def intervention_layers(iv: Intervention) -> tuple[int, ...] | None:
     """The declared layers site over all parts (None when no part names layers)."""
     return _site_union(iv, "layers")
-
-
-def first_affected_layer(hook_names: Iterable[str]) -> int:
-    """The first block whose attention pattern hooks named ``hook_names`` can change.
-
-    An edit before or at block l's pattern (its input, ``ln1``, q/k/v, scores, the pattern
-    itself) changes block l; an edit after it (``hook_z``, attention output, MLP, block output)
-    first reaches block l + 1. Hooks outside the blocks (embedding) change block 0.
-    """
-    first = None
-    for name in hook_names:
-        layer = hook_layer(name)
-        if layer < 0:
-            layer_seen = 0
-        else:
-            rest = name.split(".", 2)[2] if name.count(".") >= 2 else ""
-            layer_seen = layer + 1 if rest.startswith(_AFTER_PATTERN) else layer
-        first = layer_seen if first is None else min(first, layer_seen)
-    if first is None:
-        raise EffectError("the intervention registered no hook")
-    return first
 
 
 def target_of(intervention: Intervention, hook_names: Iterable[str], n_layers: int) -> Target:

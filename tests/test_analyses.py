@@ -283,7 +283,7 @@ def test_keybias_specs_and_validation(llama):
         ZeroSinkValue(positions=(50,)).validate(llama, int(batch.lengths.min()))
     with pytest.raises(InterventionError, match="layers"):
         DropSinkAttention(layers=(9,)).validate(llama)
-    assert ZeroSinkValue().min_layer == 0
+    assert ZeroSinkValue().reach(llama, batch).start == 0
 
 
 def test_output_change_identity_and_effect(llama):

@@ -141,7 +141,7 @@ def test_patch_mlp_is_patch_activation_per_layer(llama, batch):
     for layer in (0, 2):
         name = f"blocks.{layer}.hook_mlp_out"
         torch.testing.assert_close(hooked[name][:, 4], src_cache[name][0, 4].expand(len(batch), -1), atol=ATOL, rtol=0)
-    assert iv.min_layer == 0
+    assert iv.reach(llama, batch).start == 0
 
 
 def _decompose(hooked, clean, layer):
@@ -287,7 +287,7 @@ def test_amplify_variance_scales_the_deviation_std(llama, batch):
 
 def test_composition_applies_both_in_order(llama, batch):
     iv = AblateMLP(layers=(1,), positions=(4,)) + AmplifyVariance(layers=2, positions=(4,), factor=2.0, site="resid_post", mu="dims")
-    assert isinstance(iv, Compose) and iv.min_layer == 1 and iv.strength == 2.0
+    assert isinstance(iv, Compose) and iv.reach(llama, batch).start == 1 and iv.strength == 2.0
     hooked, _ = run(llama, iv, batch)
     assert torch.all(hooked["blocks.1.hook_mlp_out"][:, 4] == 0)
     alone, _ = run(llama, AblateMLP(layers=(1,), positions=(4,)), batch)
@@ -404,9 +404,6 @@ def test_user_kinds_get_default_range_checks_and_hook_name_checks(llama, batch):
 
     @dataclasses.dataclass(frozen=True)
     class Misnamed(Intervention):
-        def layers_touched(self):
-            return (0,)
-
         def hooks(self, model, ctx):
             return [("blocks.0.hook_mlp_output", lambda act, hook: act)]
 
@@ -417,11 +414,11 @@ def test_user_kinds_get_default_range_checks_and_hook_name_checks(llama, batch):
     assert calls == calls_2 == [] and no_hooks_left(llama)
 
 
-def test_with_strength_and_min_layer():
-    iv = RescaleAlongSink(layers=(4, 2), target_norm=1.0)
-    assert iv.min_layer == 2 and iv.strength == 1.0 and iv.with_strength(7.5).target_norm == 7.5
+def test_with_strength_and_start_block(llama, batch):
+    iv = RescaleAlongSink(layers=(3, 2), target_norm=1.0)
+    assert iv.reach(llama, batch).start == 2 and iv.strength == 1.0 and iv.with_strength(7.5).target_norm == 7.5
     assert RescaleAlongSink(layers=(1,), factor=0.5).with_strength(2).factor == 2.0
-    assert PatchActivation("hook_embed").min_layer == -1
+    assert PatchActivation("hook_embed").reach(llama, batch).start is None  # outside the blocks: the full forward
     with pytest.raises(InterventionError, match="AblateMLP has no strength to vary"):
         AblateMLP(layers=(1,)).with_strength(1.0)
     with pytest.raises(InterventionError, match="AmplifyVariance.factor: must be a finite number, got inf"):

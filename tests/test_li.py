@@ -93,7 +93,8 @@ def test_a_range_of_layers_is_edited_in_order(llama, batch):
     the run that already carries the earlier layers' edits; layer 3 is untouched."""
     iv = parse_spec("amplify-variance:site=attn_out,layers=0-2,positions=4,factor=2")
     assert iv == AmplifyVariance(layers=(0, 1, 2), positions=(4,), factor=2.0)
-    assert iv.min_layer == 0 and iv.layers_touched() == (0, 1, 2)
+    reach = iv.reach(llama, batch)
+    assert reach.start == 0 and reach.layers == (0, 1, 2)
     got = cache(llama, batch, iv)
     # re-run the same edits one layer at a time to recover the pre-edit activation of each layer
     for layer in (0, 1, 2):

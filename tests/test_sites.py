@@ -12,7 +12,6 @@ import typing
 from dataclasses import dataclass
 from typing import ClassVar
 
-import numpy as np
 import pytest
 
 from circuits.probes import tokenize
@@ -73,7 +72,7 @@ def test_validation_reads_the_declared_fields(llama):
 def test_targets_controls_and_vary_follow_the_declaration(llama, batch):
     iv = ScaleTokens(at_layers=(1,), tokens=(3,))
     assert intervention_positions(iv) == (3,) and intervention_layers(iv) == (1,)
-    assert iv.layers_touched() == (1,)
+    assert iv.reach(llama, batch).layers == (1,)  # read from its hooks: nothing more declared
     target = target_of(iv, ["blocks.1.hook_mlp_out"], 4)
     assert target.positions == (3,) and target.layers == (2, 3)  # an MLP edit at 1 is first seen by block 2
     assert vary(iv, layer=2, position=5, strength=3.0) == ScaleTokens(at_layers=(2,), tokens=(5,), scale=3.0)
@@ -168,4 +167,3 @@ def test_sites_of_a_kind_without_a_declaration_are_the_conventional_names():
         positions: tuple[int, ...] | None = None
 
     assert sites_of(Plain) == Sites(layers="layer", positions="positions")
-    assert np.array_equal(Plain(layer=2).layers_touched(), (2,))
