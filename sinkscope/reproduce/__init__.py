@@ -9,11 +9,14 @@ package is laid out the way the work divides:
   decide the verdict;
 * :mod:`~sinkscope.reproduce.wong`, :mod:`~sinkscope.reproduce.li`, :mod:`~sinkscope.reproduce.gu`
   — one module per paper: its ``measure(model, obs, settings)`` returns the numbers its
-  ``CLAIMS`` read (:func:`evaluate` turns them into findings), and its ``FIGURES`` are the
-  report's figures of that paper (:mod:`~sinkscope.reproduce.figures`: file name, caption, title);
-* :mod:`~sinkscope.reproduce.report` — :func:`reproduce` writes ``report.md``, the figures and
-  ``numbers.json``; :func:`redraw` re-renders figures from ``numbers.json``, drawn by the same
-  ``FIGURES`` records;
+  ``CLAIMS`` read (:func:`evaluate` turns them into findings), its ``FIGURES`` are the
+  report's figures of that paper (:mod:`~sinkscope.reproduce.figures`: file name, caption, title),
+  and its ``section`` writes that paper's part of ``report.md``;
+* :mod:`~sinkscope.reproduce.report` — :func:`reproduce` writes ``report.md`` (the header, the
+  verdicts, then each paper's section), the figures and ``numbers.json``; :func:`redraw`
+  re-renders figures from ``numbers.json``, drawn by the same ``FIGURES`` records;
+* :mod:`~sinkscope.reproduce.markdown` — the Markdown table writer the report and the paper
+  sections share;
 * :mod:`~sinkscope.reproduce.settings` — the size knobs, :data:`SIZES` ``"full"`` and ``"ci"``.
 
 Inputs (``size="full"``; ``"ci"`` shrinks every count and length so the notebooks and tests
@@ -52,7 +55,8 @@ import types
 from sinkscope.reproduce import gu, li, wong
 from sinkscope.reproduce.claims import FAILS, HOLDS, PARTLY, Claim, Finding, Measured, evaluate, findings_frame, verdict
 from sinkscope.reproduce.gu import offline_models
-from sinkscope.reproduce.report import CLAIMS, ReproduceError, claims_table, md_table, redraw, reproduce
+from sinkscope.reproduce.markdown import md_table
+from sinkscope.reproduce.report import CLAIMS, ReproduceError, claims_table, redraw, reproduce
 from sinkscope.reproduce.settings import SIZES, Settings, Size
 
 __all__ = [

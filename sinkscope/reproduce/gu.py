@@ -4,8 +4,9 @@ arXiv 2410.10781): the measurements and claims G1-G3 of the reproduction.
 Why this module exists. It holds what is specific to this paper: Sink_1^eps in the paper's own
 setting (natural text, T = 64) for this model and every other model available offline, the
 key and value norms of the first token on the long inputs, the key-bias interventions, and the
-claim records that judge them, and the report's figures of this paper (:data:`FIGURES`, read by the
-report and by :func:`~sinkscope.reproduce.report.redraw`). Sink_1 is position 0 here (the paper numbers positions from 1).
+claim records that judge them, the report's figures of this paper (:data:`FIGURES`, read by the
+report and by :func:`~sinkscope.reproduce.report.redraw`) and its section of ``report.md``
+(:func:`section`). Sink_1 is position 0 here (the paper numbers positions from 1).
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from circuits.probes import default_prepend_bos, probe_texts, tokenize
 from interventions.effect import output_change
 from interventions.keybias import DropSinkAttention, MeanSinkValue, ZeroSinkValue
 from sinkscope.reproduce.claims import AllOf, Claim, Measured, Method, Test
-from sinkscope.reproduce.figures import PaperFigure
+from sinkscope.reproduce.figures import PaperFigure, as_saved
+from sinkscope.reproduce.markdown import Figure, md_table
 from sinkscope.reproduce.settings import Settings
 
 PAPER = "Gu"
@@ -229,4 +231,34 @@ FIGURES = {f.name: f for f in (
 )}
 
 
-__all__ = ["CLAIMS", "FIGURES", "G1", "G2", "G3", "all_sink_rates", "keybias", "measure", "offline_models", "sink_rates"]
+# ------------------------------------------------------------------------------ report section
+
+
+def section(res: Measured, model, obs: LongInputs, s: Settings, figure: Figure) -> str:
+    """Gu et al.'s section: Sink_1^eps across models, key and value norms, key bias."""
+    f, name, saved, fig = res.frames, obs.sinks.model, as_saved(res.numbers), FIGURES
+    failed = res.numbers["failed_models"]
+    wide = f["sink_rates"].pivot(index="eps", columns="model", values="sink_rate").reset_index()
+    lines = [
+        "## Gu et al.: when the sink emerges, and the sink as a key bias",
+        "",
+        f"Sink_1^eps on {s.eps_n} probe passages × {s.eps_tokens} tokens, every model available offline"
+        + (f" (failed to load: {'; '.join(failed)})" if failed else "") + ". Paper references at eps = 0.3: GPT-2 XL ≈ 77 %, "
+        "Llama-2-7B ≈ 92 %, Llama-3-8B ≈ 99 %, Mistral-7B ≈ 97 %, the authors' 60M model ≈ 18 %.",
+        "",
+        figure(fig["gu_sink_rate_eps"], saved, name),
+        md_table(wide), "",
+        f"Key (`{obs.kv.key_hook}`) and value (`attn.hook_v`) norms on the long inputs; ratios are the first token over the median other token.",
+        "",
+        figure(fig["gu_kv_norms"], saved, name),
+        md_table(f["kv_norms"]), "",
+        f"Interventions on {s.keybias_n} probe passages × {s.keybias_tokens} tokens (`interventions.keybias`): KL of the next-token "
+        "distribution from the clean run's, mean over tokens.",
+        "",
+        figure(fig["gu_keybias"], saved, name),
+        md_table(f["keybias"]), "",
+    ]
+    return "\n".join(lines)
+
+
+__all__ = ["CLAIMS", "FIGURES", "G1", "G2", "G3", "all_sink_rates", "keybias", "measure", "offline_models", "section", "sink_rates"]

@@ -6,8 +6,8 @@ need and the claim records that judge them. The observations live in :mod:`circu
 (:func:`circuits.analyses.variance_by_position`, :func:`circuits.analyses.super_neurons`,
 :func:`circuits.anatomy.massive_dimensions`), the planting protocol in
 :func:`interventions.recipes.plant_sink`, the report's figures of this paper in :data:`FIGURES`
-(read by the report and by :func:`~sinkscope.reproduce.report.redraw`), the Markdown in
-:mod:`sinkscope.reproduce.report`. Only the abstract of the paper could be checked, so its
+(read by the report and by :func:`~sinkscope.reproduce.report.redraw`), and its section of
+``report.md`` in :func:`section`. Only the abstract of the paper could be checked, so its
 metrics are the toolkit's documented choices.
 
 Planting (L3, L4) is :func:`~interventions.recipes.plant_sink` on ``Settings.plant_n`` probe
@@ -36,7 +36,8 @@ from circuits.meter import MeterError
 from circuits.probes import probe_texts, tokenize
 from interventions import recipes
 from sinkscope.reproduce.claims import AllOf, Claim, Measured, Method, Test
-from sinkscope.reproduce.figures import PaperFigure
+from sinkscope.reproduce.figures import PaperFigure, as_saved
+from sinkscope.reproduce.markdown import Figure, md_table
 from sinkscope.reproduce.settings import Settings
 
 PAPER = "Li"
@@ -297,4 +298,61 @@ FIGURES = {f.name: f for f in (
 )}
 
 
-__all__ = ["CLAIMS", "FIGURES", "L1", "L2", "L3", "L4", "first_token_dims", "measure", "planting"]
+# ------------------------------------------------------------------------------ report section
+
+
+def section(res: Measured, model, obs: LongInputs, s: Settings, figure: Figure) -> str:
+    """Li et al.'s section: variance discrepancy, super neurons and planting."""
+    f, name, saved, fig = res.frames, obs.sinks.model, as_saved(res.numbers), FIGURES
+    summary = res.numbers["planting_summary"]
+    sn, massive = f["super_neurons"], f["massive"]
+    lines = [
+        "## Li et al.: the structural origin of the sink",
+        "",
+        f"Variance discrepancy as the paper measures it (L1's evidence): {s.variance_n} random-token sequences of {s.variance_tokens} "
+        "tokens (`circuits.analyses.batch_variance`); per layer and position the per-dimension variance *across the batch* of the "
+        "head outputs (`z`) and of the attention output (`out`), position 0 against the median of the others, Spearman ρ of "
+        "variance against position, Kendall τ between the `z` and `out` orderings.",
+        "",
+        md_table(f["batch_variance"]), "",
+        "DomRatio of the first token after each block's input RMSNorm (`DomRatioMeter(where='ln1')`, probe passages):", "",
+        md_table(f["dom_ratio"]), "",
+    ]
+    if len(f["weight_super_neurons"]):
+        cross = res.numbers["super_neuron_cross_check"]
+        lines += [f"Weight-based super neurons (`weight_super_neurons`, norm ratio ≥ 5): {len(f['weight_super_neurons'])}; also "
+                  f"activation-based: {len(cross['both'])} of {cross['n_activations']} activation-based ones.", "",
+                  md_table(f["weight_super_neurons"].head(10)), ""]
+    lines += [
+        "*Within-vector variance* (a different statistic, kept for comparison; not the paper's): the variance over each head's "
+        "`d_head` of its aggregated value output (`hook_z`) on the long inputs, averaged over heads; the other tokens' value is the "
+        "median over positions ≥ 1.",
+        "",
+        figure(fig["li_variance"], saved, name),
+        md_table(f["variance"][["layer", "z_var_first", "z_var_rest", "z_var_ratio", "out_norm_first", "out_norm_rest", "out_norm_ratio"]]),
+        "",
+        "Massive residual dimensions (Sun et al.: |value| ≥ 100 and ≥ 1000 × median):", "",
+        md_table(massive.head(8)) if len(massive) else "(none)", "",
+        figure(fig["li_super_neurons"], saved, name),
+        md_table(sn.sort_values("ratio", ascending=False).head(12)) if len(sn) else "(no super neuron)", "",
+        f"Planting on {s.plant_n} probe passages × {s.plant_tokens} tokens, planted position {s.plant_position}, with "
+        f"`interventions.recipes.plant_sink` (the same protocol as the recipe), in layers {summary['isolate']['edited_layers']}: "
+        "(i) `isolate`, the position attends only to itself; (ii) `amplify-variance`, its attention output's deviation from the "
+        f"sequence mean multiplied by λ in {list(summary['amplify_by_factor'])} (the verdict reads λ = "
+        f"{summary['amplify']['factor']:g}, the recipe's default), and Li et al.'s control, plain "
+        "scaling by that λ. "
+        "Scores are means over the layers after the edit. Controls: the same position in the clean run, and a random control "
+        f"(the same edit moved to a random other position, scored at position {s.plant_position} and at its own position).",
+        "",
+        figure(fig["li_planting"], saved, name),
+        md_table(pd.DataFrame([summary[c] for c in ("isolate", "amplify", "plain_scaling")])), "",
+        "Deviation amplification, planted score over clean by λ: "
+        + ", ".join(f"×{k}: {v:.2f}" for k, v in summary["amplify_by_factor"].items()) + ".",
+        "",
+        figure(fig["li_lambda"], saved, name),
+        md_table(pd.DataFrame(summary["lambda_grid"])), "",
+    ]
+    return "\n".join(lines)
+
+
+__all__ = ["CLAIMS", "FIGURES", "L1", "L2", "L3", "L4", "first_token_dims", "measure", "planting", "section"]

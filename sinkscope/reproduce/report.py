@@ -1,11 +1,13 @@
 """The reproduction report: run the three paper modules on one model, and write what they found.
 
-Why this module exists. Computing a paper's numbers (:mod:`~sinkscope.reproduce.wong`,
-:mod:`~sinkscope.reproduce.li`, :mod:`~sinkscope.reproduce.gu`) and judging them
-(:mod:`~sinkscope.reproduce.claims`) are separate from presenting them; this module only
-presents. :func:`reproduce` runs the shared long-input pass, each paper's ``measure``, evaluates
-each paper's claims on its numbers, and writes into the output folder ``report.md`` (Markdown,
-figures inline), one PNG per figure and ``numbers.json`` (schema ``sinkscope.reproduce/3``: the
+Why this module exists. Each paper module (:mod:`~sinkscope.reproduce.wong`,
+:mod:`~sinkscope.reproduce.li`, :mod:`~sinkscope.reproduce.gu`) holds everything of its paper: its
+numbers (``measure``), its claims, its figures and its section of the report (``section``); the
+claims are judged by :mod:`~sinkscope.reproduce.claims`. This module puts the papers together:
+:func:`reproduce` runs the shared long-input pass, each paper's ``measure``, evaluates each
+paper's claims on its numbers, and writes into the output folder ``report.md`` (the header with
+time and memory, the verdict table, the methods, then each paper's section, figures inline),
+one PNG per figure and ``numbers.json`` (schema ``sinkscope.reproduce/3``: the
 settings, every claim's thresholds under ``rules``, every finding with its evidence numbers
 under ``claims``, the run's time and memory, and each paper's numbers; /3 since Wong et al.'s
 verdicts count each sink once, in the model's own tokens: :data:`sinkscope.reproduce.wong.COUNTING`,
@@ -28,27 +30,24 @@ import time
 from dataclasses import asdict
 from functools import partial
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
-import numpy as np
-import pandas as pd
 import torch
 
-from circuits import anatomy, plots
+from circuits import plots
 from circuits.checks import load_json
 from circuits.errors import SinkscopeError
-from circuits.long_inputs import LongInputs, observe_long_inputs, sliding_layers
+from circuits.long_inputs import observe_long_inputs
 from circuits.measure import provenance
 from circuits.model_info import model_info
 from circuits.models import PACKAGED, load_model
 from circuits.output import to_jsonable, write_json
-from circuits.parts import FORMS
-from circuits.probes import model_traces
-from sinkscope.numbers import number
 from sinkscope.reproduce import gu, li, wong
-from sinkscope.reproduce.claims import FAILS, HOLDS, PARTLY, Finding, Measured, evaluate
-from sinkscope.reproduce.figures import PaperFigure, as_saved
+from sinkscope.reproduce.claims import FAILS, HOLDS, PARTLY, Finding, evaluate
+from sinkscope.reproduce.figures import PaperFigure
+from sinkscope.reproduce.markdown import md_table  # noqa: F401  (importable here as before)
 from sinkscope.reproduce.settings import PAPERS, SIZES, Settings, Size
+from sinkscope.reproduce.wong import counting_paragraph, length_comparison, parts_table  # noqa: F401  (Wong et al.'s text, importable here as before)
 
 SCHEMA = "sinkscope.reproduce/3"
 #: the schemas a ``--compare`` document may have: /2 (before the counting rule: every count per
@@ -57,30 +56,12 @@ READABLE_SCHEMAS = ("sinkscope.reproduce/2", SCHEMA)
 #: every claim of the report, in the order of its verdict table
 CLAIMS = (*wong.CLAIMS, *li.CLAIMS, *gu.CLAIMS)
 
-Figure = Callable[..., str]
-
 
 class ReproduceError(SinkscopeError, ValueError):
     """A reproduction was asked for with settings it does not know."""
 
 
-# ------------------------------------------------------------------------------ Markdown helpers
-
-
-def md_table(frame: pd.DataFrame, digits: int = 3) -> str:
-    """A DataFrame as a Markdown table (no extra dependency)."""
-    def fmt(v):
-        if isinstance(v, (float, np.floating)):
-            return number(v, digits, "adaptive")
-        if isinstance(v, (list, tuple)):
-            return ", ".join(fmt(x) for x in v)
-        return str(v).replace("|", "\\|").replace("\n", "\\n")
-
-    cols = list(frame.columns)
-    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---:" if frame[c].dtype.kind in "fiu" else ":--" for c in cols) + "|"]
-    for row in frame.itertuples(index=False):
-        lines.append("| " + " | ".join(fmt(v) for v in row) + " |")
-    return "\n".join(lines)
+# ------------------------------------------------------------------------------ Markdown
 
 
 def claims_table(findings: Sequence[Finding | dict]) -> str:
@@ -159,249 +140,6 @@ def peak_memory_mb() -> float:
     return peak / 1024 if sys.platform != "darwin" else peak / 2**20
 
 
-# ------------------------------------------------------------------------------ sections
-
-
-def _inputs_phrase(meas) -> str:
-    if meas.metadata.get("inputs") == "generated":
-        decoding = model_traces(meas.model)[0]["settings"]  # as generated, not as the script's defaults say today
-        return ("sessions of the model's own chain of thought on math problems (`circuits/data/traces/`, "
-                f"`scripts/generate_traces.py`: multi-turn, sampled at temperature {decoding['temperature']:g}, "
-                f"top-p {decoding['top_p']:g}), cut to their first tokens")
-    return "hand-written reasoning traces (`circuits/data/reasoning.txt`)"
-
-
-def their_findings_paragraph(tf: dict, n_layers: int) -> str:
-    """Wong et al.'s model-specific findings (on DeepSeek-R1-Distill-Qwen-14B and Qwen3-4B) set
-    against this model's attended secondary sinks (:func:`sinkscope.reproduce.wong.their_findings`)."""
-    head = ("**Against Wong et al.'s specific findings.** On their Qwen-family models the secondary sinks sit most often on the "
-            "single-space token (id 220), are all created at one layer (22 of 48; 16 of 36) and live 22-24 layers (18 on Qwen3-4B). ")
-    if not tf.get("n"):
-        return head + "This run found no counted attended secondary sink to compare."
-    tokens = ", ".join(f"`{plots.token_label(t['token'], 12)}` {100 * t['share']:.0f} %" for t in tf["top_tokens"][:3])
-    lo, hi = tf["lifetime_iqr"]
-    return head + (
-        f"Here, among the counted sinks: the most frequent tokens are {tokens}; the single-space token carries {100 * tf['single_space_share']:.0f} %. "
-        f"Layer {tf['mode_creation_layer']} of {n_layers} creates {100 * tf['mode_creation_share']:.0f} % of them "
-        f"({tf['n_creation_layers']} creation layer(s) in all), and the median lifetime is {tf['lifetime_median']:g} layers "
-        f"(interquartile range {lo:g}-{hi:g}; {100 * tf['lifetime_median'] / n_layers:.0f} % of the depth, against 46-50 % on theirs)."
-    )
-
-
-def counting_paragraph(n: dict) -> str:
-    """Which sinks Wong et al.'s verdicts count in this run (``numbers.json``'s ``wong.counting``)."""
-    scope = n["counting"]["scope"]
-    if scope == "generated":
-        where = ("the model's own generated tokens (`circuits.parts`; the inputs were written "
-                 f"with {FORMS.get(n['counting'].get('form'), 'an unknown form')})")
-    else:
-        where = "every position (these inputs have no template, problem or generated part)"
-    return (f"**Which sinks the verdicts count.** Every count, share and correlation below that a verdict reads takes the "
-            f"attended secondary sinks in {where}, and counts a sink in a prefix that several inputs share once "
-            "(`circuits.anatomy.once_per_context`: its activations are the same in each, so it is one observation). "
-            f"Counted: **{n['n_attended_counted']}** attended secondary sinks ({n['n_candidates_counted']} hidden-state "
-            f"candidates). Per session and in every part (secondary numbers): {n['n_attended']} attended, {n['n_candidates']} "
-            "candidates." + (" Sinks in the template and the problem text are reported beside them, not mixed in:" if scope == "generated" else ""))
-
-
-def parts_table(by_part: dict) -> str:
-    """Where the attended secondary sinks sit: one row per part of the inputs."""
-    rows = []
-    for part, p in by_part.items():
-        layers = ", ".join(f"{k} ({v})" for k, v in sorted(p["creation_layers"].items(), key=lambda kv: int(kv[0])))
-        rows.append({"part": part + (" (counted)" if part == "generated" else ""), "attended, each context once": p["n_attended"],
-                     "attended per session": p["n_attended_per_session"], "candidates, each context once": p["n_candidates"],
-                     "tokens (count)": ", ".join(f"`{plots.token_label(t['token'], 12)}` {t['count']}" for t in p["tokens"][:5]) or "–",
-                     "creation layers (count)": layers or "–"})
-    return md_table(pd.DataFrame(rows))
-
-
-def control_section(c: dict, frame: pd.DataFrame | None) -> list[str]:
-    """The system-prompt control (``numbers.json``'s ``wong.control``): the model's own sinks and
-    the primary-sink score with the project's system prompt and with an empty one."""
-    head = "**System-prompt control.** "
-    if not c.get("run"):
-        return [head + f"Not run: {c.get('reason')}.", ""]
-    w, e = c["with_prompt"], c["empty_prompt"]
-
-    def tokens(side: dict, key: str) -> str:
-        return ", ".join(f"`{plots.token_label(t['token'], 12)}` {t['count']}" for t in side[key][:5]) or "–"
-
-    def layers(side: dict) -> str:
-        return ", ".join(f"{k} ({v})" for k, v in sorted(side["own_creation_layers"].items(), key=lambda kv: int(kv[0]))) or "–"
-
-    rows = pd.DataFrame([
-        {"system message": label, "sessions": side["n_sessions"], "tokens": side["n_tokens"], "generated tokens": side["n_generated_tokens"],
-         "own sinks (each context once)": side["n_attended_own"], "per 1,000 generated": side["own_per_1k_generated"],
-         "own sinks' creation layers (count)": layers(side), "own sinks' tokens": tokens(side, "own_tokens"),
-         "template sinks": side["n_attended_template"], "template sinks' tokens": tokens(side, "template_tokens")}
-        for label, side in (("the project's", w), ("empty", e))
-    ])
-    at = c["prompt_layers"]
-    p = c["primary_in_prompt_layers"]
-    where = (f"In the layers where the system prompt's sinks are live ({anatomy.layer_ranges(at, 'none')}), the primary-sink score is "
-             f"{number(p['with_prompt'], 3)} with the prompt and {number(p['empty_prompt'], 3)} without it."
-             if at else "The report's sessions have no attended sink in the template part, so there are no prompt layers to compare.")
-    lines = [
-        head + f"The same problems, decoding and seeds, generated again with an empty system message instead of "
-        f"\"{c['system_prompt']}\" (`circuits/data/traces/*.empty-system.jsonl`). Rule: {c['rule']}. {where}",
-        "", md_table(rows), "",
-    ]
-    if frame is not None:
-        lines += ["Per layer, both sides (primary-sink score; live counts of the prompt's sinks and of the model's own):", "", md_table(frame), ""]
-    return lines
-
-
-def wong_section(res: Measured, model, obs: LongInputs, s: Settings, figure: Figure) -> str:
-    """Wong et al.'s section: the candidates, the heat map, and one figure per claim."""
-    meas, f, n, saved, fig = obs.sinks, res.frames, res.numbers, as_saved(res.numbers), wong.FIGURES
-    table, every, att, n_layers = f["candidates"], f["attended"], f["counted"], meas.n_layers
-    th = anatomy.SecondaryThresholds.for_depth(n_layers)
-    n_att, name = len(att), meas.model
-    lines = [
-        "## Wong et al.: secondary attention sinks",
-        "",
-        f"{meas.n_sequences} {_inputs_phrase(meas)}, {int(meas.lengths.min())}-{int(meas.lengths.max())} tokens each, first token "
-        f"the tokenizer's BOS: **{meas.prepend_bos}**. Hidden-state rule |cos(h_t, h_0)| > {th.cos}; classes scaled to {n_layers} layers "
-        f"(secondary when {th.min_lifetime} < lifetime < {n_layers - th.primary_margin}). Per session and in every part of the "
-        f"inputs, the rule flags **{len(table)}** tokens ({int((table['kind'] == 'secondary').sum())} secondary-class, "
-        f"{int((table['kind'] == 'primary-like').sum())} primary-like), and **{len(every)}** secondary-class tokens also receive "
-        f"≥ {s.min_score_ratio:g} × the median token's attention at their peak layer (*attended secondary sinks*), "
-        f"{n['n_attended_distinct']} of them in distinct contexts. "
-        f"Positions 0-{n['skip_first'] - 1} are excluded from detection"
-        + (" (a chat template opens the input; Wong et al.'s code excludes 0-2 then)." if n["skip_first"] == 3 else "."),
-        "",
-        counting_paragraph(n),
-        "",
-    ]
-    if n.get("by_part"):
-        lines += [parts_table(n["by_part"]), ""]
-    if n.get("control"):
-        lines += control_section(n["control"], f.get("control"))
-    lines += [their_findings_paragraph(n["their_findings"], n_layers), ""]
-    local, window = sliding_layers(model)
-    if local and window and int(meas.lengths.max()) > window:
-        lines += [
-            f"Note: layers {anatomy.layer_ranges(local, 'none')} use sliding-window attention over {window} tokens, so on these "
-            f"{int(meas.lengths.max())}-token inputs queries beyond position {window - 1} cannot see position 0 there; "
-            "the first token's sink score in those layers is lowered by construction, not only by the model's choice.",
-            "",
-        ]
-    if n_att:
-        top = att.groupby("token").agg(count=("token", "size"), creation_layer=("start_layer", "median"), lifetime=("lifetime", "median"),
-                                       peak_score=("peak_score", "median"), score_ratio=("score_ratio", "median"))
-        top = top.sort_values("count", ascending=False).head(10).reset_index()
-        top["token"] = [f"`{plots.token_label(t, 16)}`" for t in top["token"]]
-        lines += ["Most frequent counted attended secondary sinks (medians):", "", md_table(top), ""]
-    lines.append(figure(fig["wong_heatmap"], res, obs))
-    lines.append(figure(fig["wong_primary_per_layer"], saved, name))
-    lines += [md_table(f["layers"]), ""]
-    lines.append(figure(fig["wong_sink_levels"], res, obs))
-    lines.append(figure(fig["wong_sink_levels_log"], saved, name))
-    lines += ["Detection with the sink-clipper window off and on (`circuits.anatomy.secondary_sinks(use_window=...)`; |cos|, "
-              "lifetime counts flagged layers, not necessarily contiguous):", "", md_table(f["detection_settings"]), ""]
-    sweep = f["norm_sweep"]
-    lines += [f"Norm intervention as in the authors' code: at layer {int(sweep['layer'].iloc[0])} (22 of 48 scaled to depth), every MLP "
-              "output with cos > 0.98 to the first token's MLP output (first token excluded) gets L2 norm `target_norm` "
-              "(`rescale-sink:scope=whole,min_cos=0.98,reference=mlp_out`), on the first "
-              f"{s.dose_traces} trace(s); detection (window off) re-run on the intervened pass (target – = clean):", "",
-              md_table(sweep), ""]
-    lines.append(figure(fig["wong_mlp_sites"], res, obs))
-    lines += [md_table(f["sites"]), "", f"Median |cos(written MLP output, h_0)| at the creation layer: **{res.numbers['median_abs_cos_sink']:.3f}**.", ""]
-    lines.append(figure(fig["wong_norm_scatter"], res, obs))
-    if f["dose"] is not None:
-        lines += [
-            f"Dose response: the {res.numbers['dose_n_sinks']} counted attended secondary sinks of the first {s.dose_traces} traces, each one's "
-            "writing MLP output rescaled at exactly its token (`interventions.recipes.rescale_dose_response`, `edit-token-mlp` "
-            "with `mode=rescale,scope=whole`); score = mean sink score over the sink's clean lifetime layers.",
-            "",
-            figure(fig["wong_dose_response"], saved, name),
-            md_table(f["dose"]), "",
-        ]
-    return "\n".join(lines)
-
-
-def li_section(res: Measured, model, obs: LongInputs, s: Settings, figure: Figure) -> str:
-    """Li et al.'s section: variance discrepancy, super neurons and planting."""
-    f, name, saved, fig = res.frames, obs.sinks.model, as_saved(res.numbers), li.FIGURES
-    summary = res.numbers["planting_summary"]
-    sn, massive = f["super_neurons"], f["massive"]
-    lines = [
-        "## Li et al.: the structural origin of the sink",
-        "",
-        f"Variance discrepancy as the paper measures it (L1's evidence): {s.variance_n} random-token sequences of {s.variance_tokens} "
-        "tokens (`circuits.analyses.batch_variance`); per layer and position the per-dimension variance *across the batch* of the "
-        "head outputs (`z`) and of the attention output (`out`), position 0 against the median of the others, Spearman ρ of "
-        "variance against position, Kendall τ between the `z` and `out` orderings.",
-        "",
-        md_table(f["batch_variance"]), "",
-        "DomRatio of the first token after each block's input RMSNorm (`DomRatioMeter(where='ln1')`, probe passages):", "",
-        md_table(f["dom_ratio"]), "",
-    ]
-    if len(f["weight_super_neurons"]):
-        cross = res.numbers["super_neuron_cross_check"]
-        lines += [f"Weight-based super neurons (`weight_super_neurons`, norm ratio ≥ 5): {len(f['weight_super_neurons'])}; also "
-                  f"activation-based: {len(cross['both'])} of {cross['n_activations']} activation-based ones.", "",
-                  md_table(f["weight_super_neurons"].head(10)), ""]
-    lines += [
-        "*Within-vector variance* (a different statistic, kept for comparison; not the paper's): the variance over each head's "
-        "`d_head` of its aggregated value output (`hook_z`) on the long inputs, averaged over heads; the other tokens' value is the "
-        "median over positions ≥ 1.",
-        "",
-        figure(fig["li_variance"], saved, name),
-        md_table(f["variance"][["layer", "z_var_first", "z_var_rest", "z_var_ratio", "out_norm_first", "out_norm_rest", "out_norm_ratio"]]),
-        "",
-        "Massive residual dimensions (Sun et al.: |value| ≥ 100 and ≥ 1000 × median):", "",
-        md_table(massive.head(8)) if len(massive) else "(none)", "",
-        figure(fig["li_super_neurons"], saved, name),
-        md_table(sn.sort_values("ratio", ascending=False).head(12)) if len(sn) else "(no super neuron)", "",
-        f"Planting on {s.plant_n} probe passages × {s.plant_tokens} tokens, planted position {s.plant_position}, with "
-        f"`interventions.recipes.plant_sink` (the same protocol as the recipe), in layers {summary['isolate']['edited_layers']}: "
-        "(i) `isolate`, the position attends only to itself; (ii) `amplify-variance`, its attention output's deviation from the "
-        f"sequence mean multiplied by λ in {list(summary['amplify_by_factor'])} (the verdict reads λ = "
-        f"{summary['amplify']['factor']:g}, the recipe's default), and Li et al.'s control, plain "
-        "scaling by that λ. "
-        "Scores are means over the layers after the edit. Controls: the same position in the clean run, and a random control "
-        f"(the same edit moved to a random other position, scored at position {s.plant_position} and at its own position).",
-        "",
-        figure(fig["li_planting"], saved, name),
-        md_table(pd.DataFrame([summary[c] for c in ("isolate", "amplify", "plain_scaling")])), "",
-        "Deviation amplification, planted score over clean by λ: "
-        + ", ".join(f"×{k}: {v:.2f}" for k, v in summary["amplify_by_factor"].items()) + ".",
-        "",
-        figure(fig["li_lambda"], saved, name),
-        md_table(pd.DataFrame(summary["lambda_grid"])), "",
-    ]
-    return "\n".join(lines)
-
-
-def gu_section(res: Measured, model, obs: LongInputs, s: Settings, figure: Figure) -> str:
-    """Gu et al.'s section: Sink_1^eps across models, key and value norms, key bias."""
-    f, name, saved, fig = res.frames, obs.sinks.model, as_saved(res.numbers), gu.FIGURES
-    failed = res.numbers["failed_models"]
-    wide = f["sink_rates"].pivot(index="eps", columns="model", values="sink_rate").reset_index()
-    lines = [
-        "## Gu et al.: when the sink emerges, and the sink as a key bias",
-        "",
-        f"Sink_1^eps on {s.eps_n} probe passages × {s.eps_tokens} tokens, every model available offline"
-        + (f" (failed to load: {'; '.join(failed)})" if failed else "") + ". Paper references at eps = 0.3: GPT-2 XL ≈ 77 %, "
-        "Llama-2-7B ≈ 92 %, Llama-3-8B ≈ 99 %, Mistral-7B ≈ 97 %, the authors' 60M model ≈ 18 %.",
-        "",
-        figure(fig["gu_sink_rate_eps"], saved, name),
-        md_table(wide), "",
-        f"Key (`{obs.kv.key_hook}`) and value (`attn.hook_v`) norms on the long inputs; ratios are the first token over the median other token.",
-        "",
-        figure(fig["gu_kv_norms"], saved, name),
-        md_table(f["kv_norms"]), "",
-        f"Interventions on {s.keybias_n} probe passages × {s.keybias_tokens} tokens (`interventions.keybias`): KL of the next-token "
-        "distribution from the clean run's, mean over tokens.",
-        "",
-        figure(fig["gu_keybias"], saved, name),
-        md_table(f["keybias"]), "",
-    ]
-    return "\n".join(lines)
-
-
 def _load(doc: dict) -> str:
     la = doc.get("load_average")
     return "n/a" if not la else " / ".join(f"{x:.1f}" for x in la) + " over 1 / 5 / 15 min"
@@ -458,7 +196,7 @@ def reproduce(
 
     ``compare``: the ``numbers.json`` (document or path) of another run of the same model at
     another length, e.g. the committed 1,024-token report next to a ``"long"`` run: the report
-    then says what changes between the two (:func:`length_comparison`).
+    then says what changes between the two (:func:`~sinkscope.reproduce.wong.length_comparison`).
 
     Writes ``report.md``, the figures (PNG) and ``numbers.json`` into ``out_folder`` (which
     must exist; the CLI stages it atomically). Returns the ``numbers.json`` document.
@@ -485,9 +223,9 @@ def reproduce(
     obs = observe_long_inputs(model, s.n_traces, s.max_tokens, inputs=s.inputs, batch_size=s.batch_size, progress=progress)
     timings["main_pass"] = time.perf_counter() - t0
     papers = [paper for paper in (
-        ("wong", wong, lambda: wong.measure(model, obs, s), wong_section),
-        ("li", li, lambda: li.measure(model, obs, s), li_section),
-        ("gu", gu, lambda: gu.measure(model, obs, s, progress, checkpoints), gu_section),
+        ("wong", wong, lambda: wong.measure(model, obs, s), wong.section),
+        ("li", li, lambda: li.measure(model, obs, s), li.section),
+        ("gu", gu, lambda: gu.measure(model, obs, s, progress, checkpoints), gu.section),
     ) if paper[0] in s.papers]
     numbers, findings, sections = {}, [], []
     for key, module, run, section in papers:
@@ -525,7 +263,7 @@ def reproduce(
 def read_compare(compare: dict | str | Path | None) -> dict | None:
     """The other run of ``reproduce(..., compare=...)``, read and checked before any work: a
     ``numbers.json`` (document or path) of a reproduce run that names its model and holds
-    everything :func:`length_comparison` reads (tried on it here), so a file that lacks a field
+    everything :func:`~sinkscope.reproduce.wong.length_comparison` reads (tried on it here), so a file that lacks a field
     is one :class:`ReproduceError`, not a ``KeyError`` after the long-input pass."""
     if compare is None:
         return None
@@ -551,77 +289,6 @@ def read_compare(compare: dict | str | Path | None) -> dict | None:
 
 
 
-def _token_count(doc: dict) -> str:
-    lengths = doc.get("tokens")
-    if lengths:  # runs since the long size; earlier ones store only the settings
-        return f"{len(lengths)} × {min(lengths):,}" + (f"-{max(lengths):,}" if max(lengths) != min(lengths) else "")
-    return f"{doc['wong']['n_sequences']} × ≤ {doc['settings']['max_tokens']:,}"
-
-
-def _fmt(x, digits: int = 2) -> str:
-    """A number of a ``numbers.json``: NaN is stored as null; both print as "–"."""
-    return number(x, digits)
-
-
-def length_comparison(short: dict, long: dict) -> str:
-    """What changes in Wong et al.'s claims between two runs of one model on inputs of two
-    lengths: each shared claim's verdict and evidence side by side, then the numbers behind them."""
-    a, b = short["settings"]["max_tokens"], long["settings"]["max_tokens"]
-    if a > b:
-        short, long, a, b = long, short, b, a
-    claims = [{c["id"]: c for c in doc["claims"]} for doc in (short, long)]
-    shared = [cid for cid in claims[1] if cid in claims[0]]
-    rows = []
-    for cid in shared:
-        c0, c1 = claims[0][cid], claims[1][cid]
-        moved = "" if c0["verdict"] == c1["verdict"] else " (changed)"
-        rows.append({"claim": f"{cid} {c1['claim']}", f"{a:,} tokens": f"**{c0['verdict']}**: {c0['evidence']}",
-                     f"{b:,} tokens": f"**{c1['verdict']}**{moved}: {c1['evidence']}"})
-
-    def numbers(doc: dict) -> dict:
-        w = doc["wong"]
-        found = w.get("their_findings", {})
-        sinks = w.get("n_attended_counted", w["n_attended"])  # what the verdicts count (before the rule: every sink per session)
-        if doc.get("tokens"):
-            rate = f"{1000 * sinks / sum(doc['tokens']):.2f}"
-        else:  # an earlier run stored no lengths: at most max_tokens each, so the rate is a lower bound
-            rate = f"≥ {1000 * sinks / (w['n_sequences'] * doc['settings']['max_tokens']):.2f}"
-        counting = w.get("counting", {}).get("scope")
-        return {
-            "verdicts count": ("every attended sink, per session, every part (an earlier rule)" if counting is None
-                               else f"attended sinks in {'the model’s own tokens' if counting == 'generated' else counting}, each context once"),
-            "sequences × tokens": _token_count(doc),
-            "counted attended secondary sinks (the verdicts')": w.get("n_attended_counted", "not counted (an earlier rule)"),
-            "attended secondary sinks per session, every part": w["n_attended"],
-            "of them in distinct contexts": w.get("n_attended_distinct", "not stored"),
-            "the verdicts' sinks per 1,000 tokens": rate,
-            "creation layers holding them (levels)": ", ".join(map(str, w["levels"])) or "none",
-            "mode creation layer (share)": (f"{found['mode_creation_layer']} ({found['mode_creation_share']:.0%})" if found.get("n") else "–"),
-            "median lifetime (layers)": (f"{found['lifetime_median']:.0f}" if found.get("n") else "–"),
-            "share on the single-space token": (f"{found['single_space_share']:.0%}" if found.get("n") else "–"),
-            "primary sink score, live layers / others": _fmt(w["primary_ratio_live_vs_other"]),
-            "Spearman ρ, written norm vs peak score": _fmt(w["corr_norm_score"].get("spearman")),
-            "dose response: sinks rescaled": w["dose_n_sinks"],
-        }
-
-    n0, n1 = numbers(short), numbers(long)
-    table = pd.DataFrame({"": list(n0), f"{a:,} tokens": list(n0.values()), f"{b:,} tokens": [n1[k] for k in n0]})
-    changed = sum(claims[0][cid]["verdict"] != claims[1][cid]["verdict"] for cid in shared)
-    return "\n".join([
-        f"## What changes between {a:,} and {b:,} tokens",
-        "",
-        f"The same claims and rules on the same model's long inputs: the {a:,}-token run ({_token_count(short)} tokens, "
-        f"{short['size']} size) against this run at {b:,} tokens ({_token_count(long)}). {changed} of {len(shared)} verdicts "
-        "change. A session is the same conversation at both lengths only as far as the shorter run reads it; the longer run "
-        "may read other sessions (only the longest sessions reach it).",
-        "",
-        md_table(pd.DataFrame(rows)),
-        "",
-        md_table(table),
-        "",
-    ])
-
-
 def redraw(folder: str | Path) -> list[Path]:
     """Re-render, from a report's ``numbers.json``, every figure that is a pure function of it
     (after a change of figure style; no model is run, no number changes): the redrawable
@@ -643,6 +310,6 @@ def redraw(folder: str | Path) -> list[Path]:
 
 
 __all__ = [
-    "CLAIMS", "READABLE_SCHEMAS", "VERDICT_MARKERS", "ReproduceError", "SCHEMA", "claims_table", "committed_reports", "counting_paragraph",
-    "cpu_seconds", "length_comparison", "md_table", "parts_table", "peak_memory_mb", "redraw", "render", "reproduce", "verdict_table",
+    "CLAIMS", "READABLE_SCHEMAS", "VERDICT_MARKERS", "ReproduceError", "SCHEMA", "claims_table", "committed_reports", "cpu_seconds",
+    "peak_memory_mb", "redraw", "render", "reproduce", "verdict_table",
 ]

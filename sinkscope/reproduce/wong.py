@@ -8,7 +8,10 @@ and one intervention, and the claim records that judge them. The observations th
 :mod:`circuits.analyses`), the intervention protocol in :mod:`interventions.recipes`
 (:func:`~interventions.recipes.secondary_sink_mlps`, :func:`~interventions.recipes.rescale_dose_response`),
 the report's figures of this paper in :data:`FIGURES` (read by the report and by
-:func:`~sinkscope.reproduce.report.redraw`), the Markdown in :mod:`sinkscope.reproduce.report`.
+:func:`~sinkscope.reproduce.report.redraw`). Its section of ``report.md`` is written here too
+(:func:`section` and its paragraphs), as is the comparison of two runs at different lengths
+(:func:`length_comparison`, which reads Wong et al.'s numbers only);
+:mod:`~sinkscope.reproduce.report` only assembles the sections.
 
 *Attended* secondary sinks are the tokens the hidden-state rule classes as secondary
 (classes scaled to depth) that also receive at least ``Settings.min_score_ratio`` times the
@@ -43,15 +46,17 @@ import numpy as np
 import pandas as pd
 
 from circuits import analyses, anatomy, paper_plots, plots
-from circuits.long_inputs import LongInputs
+from circuits.long_inputs import LongInputs, sliding_layers
 from circuits.measure import measure as measure_sinks
 from circuits.model_info import model_info
-from circuits.parts import OWN, PARTS, part_column, to_spans
+from circuits.parts import FORMS, OWN, PARTS, part_column, to_spans
 from circuits.probes import has_traces, model_traces, trace_batch
 from interventions import recipes
 from interventions.mlp import RescaleAlongSink
+from sinkscope.numbers import number
 from sinkscope.reproduce.claims import AllOf, AnyOf, Claim, Measured, Method, Test
-from sinkscope.reproduce.figures import PaperFigure
+from sinkscope.reproduce.figures import PaperFigure, as_saved
+from sinkscope.reproduce.markdown import Figure, md_table
 from sinkscope.reproduce.settings import Settings
 
 PAPER = "Wong"
@@ -594,7 +599,243 @@ FIGURES = {f.name: f for f in (
 )}
 
 
+# ------------------------------------------------------------------------------ report section
+
+
+def _inputs_phrase(meas) -> str:
+    """What the long inputs were, as the section's first paragraph names them."""
+    if meas.metadata.get("inputs") == "generated":
+        decoding = model_traces(meas.model)[0]["settings"]  # as generated, not as the script's defaults say today
+        return ("sessions of the model's own chain of thought on math problems (`circuits/data/traces/`, "
+                f"`scripts/generate_traces.py`: multi-turn, sampled at temperature {decoding['temperature']:g}, "
+                f"top-p {decoding['top_p']:g}), cut to their first tokens")
+    return "hand-written reasoning traces (`circuits/data/reasoning.txt`)"
+
+
+def their_findings_paragraph(tf: dict, n_layers: int) -> str:
+    """Wong et al.'s model-specific findings (on DeepSeek-R1-Distill-Qwen-14B and Qwen3-4B) set
+    against this model's attended secondary sinks (:func:`sinkscope.reproduce.wong.their_findings`)."""
+    head = ("**Against Wong et al.'s specific findings.** On their Qwen-family models the secondary sinks sit most often on the "
+            "single-space token (id 220), are all created at one layer (22 of 48; 16 of 36) and live 22-24 layers (18 on Qwen3-4B). ")
+    if not tf.get("n"):
+        return head + "This run found no counted attended secondary sink to compare."
+    tokens = ", ".join(f"`{plots.token_label(t['token'], 12)}` {100 * t['share']:.0f} %" for t in tf["top_tokens"][:3])
+    lo, hi = tf["lifetime_iqr"]
+    return head + (
+        f"Here, among the counted sinks: the most frequent tokens are {tokens}; the single-space token carries {100 * tf['single_space_share']:.0f} %. "
+        f"Layer {tf['mode_creation_layer']} of {n_layers} creates {100 * tf['mode_creation_share']:.0f} % of them "
+        f"({tf['n_creation_layers']} creation layer(s) in all), and the median lifetime is {tf['lifetime_median']:g} layers "
+        f"(interquartile range {lo:g}-{hi:g}; {100 * tf['lifetime_median'] / n_layers:.0f} % of the depth, against 46-50 % on theirs)."
+    )
+
+
+def counting_paragraph(n: dict) -> str:
+    """Which sinks Wong et al.'s verdicts count in this run (``numbers.json``'s ``wong.counting``)."""
+    scope = n["counting"]["scope"]
+    if scope == "generated":
+        where = ("the model's own generated tokens (`circuits.parts`; the inputs were written "
+                 f"with {FORMS.get(n['counting'].get('form'), 'an unknown form')})")
+    else:
+        where = "every position (these inputs have no template, problem or generated part)"
+    return (f"**Which sinks the verdicts count.** Every count, share and correlation below that a verdict reads takes the "
+            f"attended secondary sinks in {where}, and counts a sink in a prefix that several inputs share once "
+            "(`circuits.anatomy.once_per_context`: its activations are the same in each, so it is one observation). "
+            f"Counted: **{n['n_attended_counted']}** attended secondary sinks ({n['n_candidates_counted']} hidden-state "
+            f"candidates). Per session and in every part (secondary numbers): {n['n_attended']} attended, {n['n_candidates']} "
+            "candidates." + (" Sinks in the template and the problem text are reported beside them, not mixed in:" if scope == "generated" else ""))
+
+
+def parts_table(by_part: dict) -> str:
+    """Where the attended secondary sinks sit: one row per part of the inputs."""
+    rows = []
+    for part, p in by_part.items():
+        layers = ", ".join(f"{k} ({v})" for k, v in sorted(p["creation_layers"].items(), key=lambda kv: int(kv[0])))
+        rows.append({"part": part + (" (counted)" if part == "generated" else ""), "attended, each context once": p["n_attended"],
+                     "attended per session": p["n_attended_per_session"], "candidates, each context once": p["n_candidates"],
+                     "tokens (count)": ", ".join(f"`{plots.token_label(t['token'], 12)}` {t['count']}" for t in p["tokens"][:5]) or "–",
+                     "creation layers (count)": layers or "–"})
+    return md_table(pd.DataFrame(rows))
+
+
+def control_section(c: dict, frame: pd.DataFrame | None) -> list[str]:
+    """The system-prompt control (``numbers.json``'s ``wong.control``): the model's own sinks and
+    the primary-sink score with the project's system prompt and with an empty one."""
+    head = "**System-prompt control.** "
+    if not c.get("run"):
+        return [head + f"Not run: {c.get('reason')}.", ""]
+    w, e = c["with_prompt"], c["empty_prompt"]
+
+    def tokens(side: dict, key: str) -> str:
+        return ", ".join(f"`{plots.token_label(t['token'], 12)}` {t['count']}" for t in side[key][:5]) or "–"
+
+    def layers(side: dict) -> str:
+        return ", ".join(f"{k} ({v})" for k, v in sorted(side["own_creation_layers"].items(), key=lambda kv: int(kv[0]))) or "–"
+
+    rows = pd.DataFrame([
+        {"system message": label, "sessions": side["n_sessions"], "tokens": side["n_tokens"], "generated tokens": side["n_generated_tokens"],
+         "own sinks (each context once)": side["n_attended_own"], "per 1,000 generated": side["own_per_1k_generated"],
+         "own sinks' creation layers (count)": layers(side), "own sinks' tokens": tokens(side, "own_tokens"),
+         "template sinks": side["n_attended_template"], "template sinks' tokens": tokens(side, "template_tokens")}
+        for label, side in (("the project's", w), ("empty", e))
+    ])
+    at = c["prompt_layers"]
+    p = c["primary_in_prompt_layers"]
+    where = (f"In the layers where the system prompt's sinks are live ({anatomy.layer_ranges(at, 'none')}), the primary-sink score is "
+             f"{number(p['with_prompt'], 3)} with the prompt and {number(p['empty_prompt'], 3)} without it."
+             if at else "The report's sessions have no attended sink in the template part, so there are no prompt layers to compare.")
+    lines = [
+        head + f"The same problems, decoding and seeds, generated again with an empty system message instead of "
+        f"\"{c['system_prompt']}\" (`circuits/data/traces/*.empty-system.jsonl`). Rule: {c['rule']}. {where}",
+        "", md_table(rows), "",
+    ]
+    if frame is not None:
+        lines += ["Per layer, both sides (primary-sink score; live counts of the prompt's sinks and of the model's own):", "", md_table(frame), ""]
+    return lines
+
+
+def section(res: Measured, model, obs: LongInputs, s: Settings, figure: Figure) -> str:
+    """Wong et al.'s section: the candidates, the heat map, and one figure per claim."""
+    meas, f, n, saved, fig = obs.sinks, res.frames, res.numbers, as_saved(res.numbers), FIGURES
+    table, every, att, n_layers = f["candidates"], f["attended"], f["counted"], meas.n_layers
+    th = anatomy.SecondaryThresholds.for_depth(n_layers)
+    n_att, name = len(att), meas.model
+    lines = [
+        "## Wong et al.: secondary attention sinks",
+        "",
+        f"{meas.n_sequences} {_inputs_phrase(meas)}, {int(meas.lengths.min())}-{int(meas.lengths.max())} tokens each, first token "
+        f"the tokenizer's BOS: **{meas.prepend_bos}**. Hidden-state rule |cos(h_t, h_0)| > {th.cos}; classes scaled to {n_layers} layers "
+        f"(secondary when {th.min_lifetime} < lifetime < {n_layers - th.primary_margin}). Per session and in every part of the "
+        f"inputs, the rule flags **{len(table)}** tokens ({int((table['kind'] == 'secondary').sum())} secondary-class, "
+        f"{int((table['kind'] == 'primary-like').sum())} primary-like), and **{len(every)}** secondary-class tokens also receive "
+        f"≥ {s.min_score_ratio:g} × the median token's attention at their peak layer (*attended secondary sinks*), "
+        f"{n['n_attended_distinct']} of them in distinct contexts. "
+        f"Positions 0-{n['skip_first'] - 1} are excluded from detection"
+        + (" (a chat template opens the input; Wong et al.'s code excludes 0-2 then)." if n["skip_first"] == 3 else "."),
+        "",
+        counting_paragraph(n),
+        "",
+    ]
+    if n.get("by_part"):
+        lines += [parts_table(n["by_part"]), ""]
+    if n.get("control"):
+        lines += control_section(n["control"], f.get("control"))
+    lines += [their_findings_paragraph(n["their_findings"], n_layers), ""]
+    local, window = sliding_layers(model)
+    if local and window and int(meas.lengths.max()) > window:
+        lines += [
+            f"Note: layers {anatomy.layer_ranges(local, 'none')} use sliding-window attention over {window} tokens, so on these "
+            f"{int(meas.lengths.max())}-token inputs queries beyond position {window - 1} cannot see position 0 there; "
+            "the first token's sink score in those layers is lowered by construction, not only by the model's choice.",
+            "",
+        ]
+    if n_att:
+        top = att.groupby("token").agg(count=("token", "size"), creation_layer=("start_layer", "median"), lifetime=("lifetime", "median"),
+                                       peak_score=("peak_score", "median"), score_ratio=("score_ratio", "median"))
+        top = top.sort_values("count", ascending=False).head(10).reset_index()
+        top["token"] = [f"`{plots.token_label(t, 16)}`" for t in top["token"]]
+        lines += ["Most frequent counted attended secondary sinks (medians):", "", md_table(top), ""]
+    lines.append(figure(fig["wong_heatmap"], res, obs))
+    lines.append(figure(fig["wong_primary_per_layer"], saved, name))
+    lines += [md_table(f["layers"]), ""]
+    lines.append(figure(fig["wong_sink_levels"], res, obs))
+    lines.append(figure(fig["wong_sink_levels_log"], saved, name))
+    lines += ["Detection with the sink-clipper window off and on (`circuits.anatomy.secondary_sinks(use_window=...)`; |cos|, "
+              "lifetime counts flagged layers, not necessarily contiguous):", "", md_table(f["detection_settings"]), ""]
+    sweep = f["norm_sweep"]
+    lines += [f"Norm intervention as in the authors' code: at layer {int(sweep['layer'].iloc[0])} (22 of 48 scaled to depth), every MLP "
+              "output with cos > 0.98 to the first token's MLP output (first token excluded) gets L2 norm `target_norm` "
+              "(`rescale-sink:scope=whole,min_cos=0.98,reference=mlp_out`), on the first "
+              f"{s.dose_traces} trace(s); detection (window off) re-run on the intervened pass (target – = clean):", "",
+              md_table(sweep), ""]
+    lines.append(figure(fig["wong_mlp_sites"], res, obs))
+    lines += [md_table(f["sites"]), "", f"Median |cos(written MLP output, h_0)| at the creation layer: **{res.numbers['median_abs_cos_sink']:.3f}**.", ""]
+    lines.append(figure(fig["wong_norm_scatter"], res, obs))
+    if f["dose"] is not None:
+        lines += [
+            f"Dose response: the {res.numbers['dose_n_sinks']} counted attended secondary sinks of the first {s.dose_traces} traces, each one's "
+            "writing MLP output rescaled at exactly its token (`interventions.recipes.rescale_dose_response`, `edit-token-mlp` "
+            "with `mode=rescale,scope=whole`); score = mean sink score over the sink's clean lifetime layers.",
+            "",
+            figure(fig["wong_dose_response"], saved, name),
+            md_table(f["dose"]), "",
+        ]
+    return "\n".join(lines)
+
+
+def _token_count(doc: dict) -> str:
+    """A run's sequences × tokens, from its ``numbers.json``."""
+    lengths = doc.get("tokens")
+    if lengths:  # runs since the long size; earlier ones store only the settings
+        return f"{len(lengths)} × {min(lengths):,}" + (f"-{max(lengths):,}" if max(lengths) != min(lengths) else "")
+    return f"{doc['wong']['n_sequences']} × ≤ {doc['settings']['max_tokens']:,}"
+
+
+def _fmt(x, digits: int = 2) -> str:
+    """A number of a ``numbers.json``: NaN is stored as null; both print as "–"."""
+    return number(x, digits)
+
+
+def length_comparison(short: dict, long: dict) -> str:
+    """What changes in Wong et al.'s claims between two runs of one model on inputs of two
+    lengths: each shared claim's verdict and evidence side by side, then the numbers behind them."""
+    a, b = short["settings"]["max_tokens"], long["settings"]["max_tokens"]
+    if a > b:
+        short, long, a, b = long, short, b, a
+    claims = [{c["id"]: c for c in doc["claims"]} for doc in (short, long)]
+    shared = [cid for cid in claims[1] if cid in claims[0]]
+    rows = []
+    for cid in shared:
+        c0, c1 = claims[0][cid], claims[1][cid]
+        moved = "" if c0["verdict"] == c1["verdict"] else " (changed)"
+        rows.append({"claim": f"{cid} {c1['claim']}", f"{a:,} tokens": f"**{c0['verdict']}**: {c0['evidence']}",
+                     f"{b:,} tokens": f"**{c1['verdict']}**{moved}: {c1['evidence']}"})
+
+    def numbers(doc: dict) -> dict:
+        w = doc["wong"]
+        found = w.get("their_findings", {})
+        sinks = w.get("n_attended_counted", w["n_attended"])  # what the verdicts count (before the rule: every sink per session)
+        if doc.get("tokens"):
+            rate = f"{1000 * sinks / sum(doc['tokens']):.2f}"
+        else:  # an earlier run stored no lengths: at most max_tokens each, so the rate is a lower bound
+            rate = f"≥ {1000 * sinks / (w['n_sequences'] * doc['settings']['max_tokens']):.2f}"
+        counting = w.get("counting", {}).get("scope")
+        return {
+            "verdicts count": ("every attended sink, per session, every part (an earlier rule)" if counting is None
+                               else f"attended sinks in {'the model’s own tokens' if counting == 'generated' else counting}, each context once"),
+            "sequences × tokens": _token_count(doc),
+            "counted attended secondary sinks (the verdicts')": w.get("n_attended_counted", "not counted (an earlier rule)"),
+            "attended secondary sinks per session, every part": w["n_attended"],
+            "of them in distinct contexts": w.get("n_attended_distinct", "not stored"),
+            "the verdicts' sinks per 1,000 tokens": rate,
+            "creation layers holding them (levels)": ", ".join(map(str, w["levels"])) or "none",
+            "mode creation layer (share)": (f"{found['mode_creation_layer']} ({found['mode_creation_share']:.0%})" if found.get("n") else "–"),
+            "median lifetime (layers)": (f"{found['lifetime_median']:.0f}" if found.get("n") else "–"),
+            "share on the single-space token": (f"{found['single_space_share']:.0%}" if found.get("n") else "–"),
+            "primary sink score, live layers / others": _fmt(w["primary_ratio_live_vs_other"]),
+            "Spearman ρ, written norm vs peak score": _fmt(w["corr_norm_score"].get("spearman")),
+            "dose response: sinks rescaled": w["dose_n_sinks"],
+        }
+
+    n0, n1 = numbers(short), numbers(long)
+    table = pd.DataFrame({"": list(n0), f"{a:,} tokens": list(n0.values()), f"{b:,} tokens": [n1[k] for k in n0]})
+    changed = sum(claims[0][cid]["verdict"] != claims[1][cid]["verdict"] for cid in shared)
+    return "\n".join([
+        f"## What changes between {a:,} and {b:,} tokens",
+        "",
+        f"The same claims and rules on the same model's long inputs: the {a:,}-token run ({_token_count(short)} tokens, "
+        f"{short['size']} size) against this run at {b:,} tokens ({_token_count(long)}). {changed} of {len(shared)} verdicts "
+        "change. A session is the same conversation at both lengths only as far as the shorter run reads it; the longer run "
+        "may read other sessions (only the longest sessions reach it).",
+        "",
+        md_table(pd.DataFrame(rows)),
+        "",
+        md_table(table),
+        "",
+    ])
+
+
 __all__ = [
-    "CLAIMS", "CONTROL_RULE", "COUNTING", "FIGURES", "W1", "W2", "W3", "W4", "W5", "W6", "counted", "detection_settings", "dose_response",
-    "live_layers", "measure", "norm_layer", "norm_sweep", "sink_counts", "skip_first", "system_prompt_control", "their_findings",
+    "CLAIMS", "CONTROL_RULE", "COUNTING", "FIGURES", "W1", "W2", "W3", "W4", "W5", "W6", "control_section", "counted", "counting_paragraph",
+    "detection_settings", "dose_response", "length_comparison", "live_layers", "measure", "norm_layer", "norm_sweep", "parts_table", "section",
+    "sink_counts", "skip_first", "system_prompt_control", "their_findings", "their_findings_paragraph",
 ]
