@@ -137,7 +137,7 @@ def _auto_mode(iv: Intervention) -> str:
 
 
 def check_control(intervention: Intervention, mode: str) -> str:
-    """The control mode ``mode`` resolves to for ``intervention``; raises :class:`EffectError`
+    """The control mode ``mode`` resolves to for ``intervention``; raises :class:`~interventions.settings.EffectError`
     before any forward pass when the intervention has nothing that mode could move."""
     if mode not in CONTROL_MODES:
         raise EffectError(f"unknown control {mode!r}; choose one of {', '.join(CONTROL_MODES)}")
