@@ -73,7 +73,7 @@ def first_affected_layer(hook_names: Iterable[str]) -> int:
 
 @dataclass(frozen=True)
 class Reach:
-    """Where the hooks named ``names`` act on ``model`` (:meth:`of`).
+    """Where the hooks named ``names`` act on ``model`` (:meth:`Reach.of`).
 
     Attributes:
         names: the hook names, in registration order, without repeats.

@@ -3,9 +3,10 @@
 Why this module exists. A sweep varies one intervention over a grid (:func:`vary`), and a
 causal claim needs an equal-budget control: the same kind and strength, moved to a random
 non-sink position, a random other layer, or a random unit direction (:func:`random_control`,
-seeded; :func:`relocated` does the move). All three read *where* an intervention acts from its
-declared sites (:class:`~interventions.base.Sites`), so a new kind with its own field names is
-moved without an edit here. A control that cannot be placed raises
+seeded; :func:`relocated` does the move). All three read *which fields* to set from the
+intervention's declared sites (:class:`~interventions.base.Sites`: the fields that hold its layers
+and positions), so a new kind with its own field names is moved without an edit here; where it
+acts is read from its hooks (:mod:`interventions.hookpoints`). A control that cannot be placed raises
 :class:`~interventions.settings.EffectError` before any forward pass (:func:`check_control`).
 """
 
