@@ -282,3 +282,23 @@ def test_the_control_is_not_run_where_there_is_no_system_message(gemma3):
     assert c == {"run": False, "reason": "the model has no chat template, so its sessions have no system message to leave out"}
     off = wong.system_prompt_control(gemma3, obs, dataclasses.replace(SIZES["ci"], control=False), {}, {}, th, 1)
     assert off == {"run": False, "reason": "switched off (Settings.control)"}
+
+
+@pytest.mark.real
+def test_a_control_that_does_not_match_the_reports_inputs_is_not_compared(smollm2):
+    """The control must hold as many sessions as the report, each at least as long: otherwise it
+    would compare other lengths, not other prompts (SmolLM2's control at the CI size is 2 x 192
+    tokens; a report said to hold 2 x 300 and one of 3 sessions are not compared with it)."""
+    from types import SimpleNamespace
+
+    from sinkscope.reproduce import SIZES, wong
+
+    class Batch(list):
+        parts = [["template"]]
+
+    th = anatomy.SecondaryThresholds.for_depth(30)
+    for lengths in ([300, 300], [192, 192, 192]):
+        obs = SimpleNamespace(sinks=SimpleNamespace(metadata={"inputs": "generated"}, lengths=np.array(lengths)), batch=Batch(lengths))
+        c = wong.system_prompt_control(smollm2, obs, SIZES["ci"], {}, {}, th, 3)
+        assert c["run"] is False and c["reason"] == (
+            f"the control sessions (2, 192-192 tokens) do not match the report's ({len(lengths)}, at least {min(lengths)} tokens each)")

@@ -389,6 +389,11 @@ def system_prompt_control(model, obs: LongInputs, s: Settings, counts: dict, fra
     if reason:
         return {"run": False, "reason": reason}
     batch = trace_batch(model, s.n_traces, s.max_tokens, system="empty")
+    short = int(obs.sinks.lengths.min())
+    if len(batch) < len(obs.batch) or int(batch.lengths.min()) < short:
+        # a control of fewer or shorter sessions would compare other lengths, not other prompts
+        return {"run": False, "reason": f"the control sessions ({len(batch)}, {int(batch.lengths.min())}-{int(batch.lengths.max())} tokens) "
+                                        f"do not match the report's ({len(obs.batch)}, at least {short} tokens each)"}
     meas = measure_sinks(model, batch, batch_size=s.batch_size, progress=False)
     ctrl, ctrl_frames = sink_counts(meas, batch.parts, min_score_ratio=s.min_score_ratio, skip=skip, thresholds=th, form=batch.parts_form)
     every = frames["attended"]
