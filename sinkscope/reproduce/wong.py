@@ -346,7 +346,7 @@ def sink_counts(meas, parts: list[list[str]] | None, *, min_score_ratio: float, 
     return numbers, frames
 
 
-def _control_side(counts: dict, frames: dict, parts: list[list[str]], meas) -> dict:
+def _control_side(counts: dict, parts: list[list[str]], meas) -> dict:
     """One side of the system-prompt control: the model's own sinks and the prompt's."""
     own = counts["by_part"][OWN]
     generated = sum(sum(1 for part in p[: int(n)] if part == OWN) for p, n in zip(parts, meas.lengths))
@@ -398,19 +398,20 @@ def system_prompt_control(model, obs: LongInputs, s: Settings, counts: dict, fra
     ctrl, ctrl_frames = sink_counts(meas, batch.parts, min_score_ratio=s.min_score_ratio, skip=skip, thresholds=th, form=batch.parts_form)
     every = frames["attended"]
     prompt_sinks = anatomy.once_per_context(obs.sinks, every[every["part"] == "template"])
-    prompt_layers = live_layers(anatomy.live_per_layer(obs.sinks, prompt_sinks, th.cos), W2.thresholds["live_share"])
+    prompt_live = anatomy.live_per_layer(obs.sinks, prompt_sinks, th.cos)
+    prompt_layers = live_layers(prompt_live, W2.thresholds["live_share"])
     with_score = frames["layers"]["primary_sink_score"].to_numpy()
     without_score = ctrl_frames["layers"]["primary_sink_score"].to_numpy()
     layers = pd.DataFrame({
         "layer": np.arange(meas.n_layers), "primary_with_prompt": with_score, "primary_empty_prompt": without_score,
-        "live_prompt_sinks": anatomy.live_per_layer(obs.sinks, prompt_sinks, th.cos),
+        "live_prompt_sinks": prompt_live,
         "live_own_with_prompt": frames["layers"]["live_secondary"].to_numpy(), "live_own_empty_prompt": ctrl_frames["layers"]["live_secondary"].to_numpy(),
     })
     mean = (lambda x: float(np.mean(x[prompt_layers]))) if len(prompt_layers) else (lambda x: float("nan"))
     return {
         "run": True, "rule": CONTROL_RULE, "system_prompt": model_traces(name)[0].get("system_prompt"),
-        "with_prompt": _control_side(counts, frames, obs.batch.parts, obs.sinks),
-        "empty_prompt": _control_side(ctrl, ctrl_frames, batch.parts, meas),
+        "with_prompt": _control_side(counts, obs.batch.parts, obs.sinks),
+        "empty_prompt": _control_side(ctrl, batch.parts, meas),
         "prompt_layers": prompt_layers.tolist(),
         "primary_in_prompt_layers": {"with_prompt": mean(with_score), "empty_prompt": mean(without_score)},
         "layers": layers.to_dict(orient="records"),
